@@ -1,0 +1,611 @@
+"""MsPASSCluster: a database job and worker-node jobs on Slurm, the scheduler in this process.
+
+Bring-up order: choose the scheduler's address, start the scheduler here,
+submit the database job and the worker jobs together, then watch them with
+one batched ``squeue`` per poll until the database answers ``ping`` and every
+worker process has connected. A job that ends first, or an ``sbatch``
+refusal, cancels everything and raises with Slurm's words and the log.
+
+Teardown runs in reverse: workers retired and their jobs cancelled, the
+database sent SIGTERM and given time to shut down cleanly, then anything
+still listed by Slurm is cancelled. It is idempotent and also runs at
+interpreter exit.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import atexit
+import functools
+import logging
+import math
+import os
+import secrets
+import shutil
+import weakref
+
+from dask.utils import parse_bytes
+from distributed import Client, Scheduler
+from distributed.core import Status
+from distributed.deploy import Adaptive
+from distributed.deploy.cluster import Cluster
+from distributed.deploy.spec import ProcessInterface, SpecCluster
+from distributed.protocol.pickle import dumps
+
+from .commands import CommandRunner
+from .config import ClusterOptions, prepare_directories, resolve_options
+from .db import connection_string, get_db_client, ping
+from .errors import CommandError, ConfigError, MsPASSClusterError, StartupTimeoutError, SubmitError
+from .jobs import JobLauncher, SlurmClient, TrackedJob, server_exit_status
+from .network import scheduler_host
+from .roles import ROLES, SCHEDULER_PLACEHOLDER
+from .worker_env import EnvironmentPlugin
+
+__all__ = ["MsPASSCluster"]
+
+logger = logging.getLogger("mspass_cluster")
+
+#: Seconds the database server gets to shut down cleanly after SIGTERM.
+DB_STOP_TIMEOUT = 300.0
+#: Seconds to wait for cancelled worker jobs to leave the queue (Slurm's KillWait is 30 s by default).
+JOB_STOP_TIMEOUT = 90.0
+
+
+class WorkerJob(ProcessInterface):
+    """One worker node: one Slurm job running ``processes`` Dask workers.
+
+    The cluster's worker spec holds these; Dask's ``SpecCluster`` starts and
+    closes them as ``scale`` and ``adapt`` change the spec.
+    """
+
+    def __init__(self, scheduler=None, name=None, *, launcher: JobLauncher):
+        super().__init__(scheduler=scheduler, name=name)
+        self.name = name
+        self.launcher = launcher
+        self.job: TrackedJob | None = None
+
+    async def start(self):
+        try:
+            self.job = await self.launcher.submit("worker", self.name)
+        except BaseException:
+            self.status = Status.failed
+            raise
+        await super().start()
+
+    async def close(self):
+        if self.job is not None and not self.job.ended:
+            if not await self.launcher.cancel(self.job, timeout=JOB_STOP_TIMEOUT):
+                logger.warning("Worker job %s was still listed by Slurm %.0f s after scancel.", self.job.job_id, JOB_STOP_TIMEOUT)
+        await super().close()
+
+    def __repr__(self):
+        job = self.job.describe() if self.job else "not submitted"
+        return f"<WorkerJob {self.name}: {job}>"
+
+
+class _NodeAdaptive(Adaptive):
+    """Adaptive scaling whose decisions are carried out in whole worker nodes."""
+
+    async def scale_up(self, n):
+        self.cluster._set_worker_nodes(math.ceil(n / self.cluster.options.processes))
+
+
+class _hybridmethod:
+    """A method that works on the class (a preview) and on an instance."""
+
+    def __init__(self, func):
+        self.func = func
+        functools.update_wrapper(self, func)
+
+    def __get__(self, obj, cls):
+        return functools.partial(self.func, cls if obj is None else obj)
+
+
+class MsPASSCluster(SpecCluster):
+    """A MsPASS virtual cluster: MongoDB and Dask worker nodes as Slurm jobs.
+
+    The Dask scheduler runs in this process; the database runs in one Slurm
+    job and each worker node in another. The constructor returns once the
+    database answers and every worker has connected, or raises with the
+    reason (Slurm state, exit code, log lines) after cancelling every job
+    it submitted.
+
+    Parameters
+    ----------
+    nodes : int, optional
+        Worker nodes to start with (default 1).
+    asynchronous : bool
+        Use from ``async`` code (``async with MsPASSCluster(...)``).
+    command_runner : CommandRunner, optional
+        Runs Slurm's commands; pass one to count or redirect them.
+    **options
+        Any option of :data:`mspass_cluster.config.OPTIONS`: ``processes``,
+        ``cores``, ``memory``, ``partition``, ``account``, ``qos``,
+        ``walltime``, ``job_extra_directives``, ``job_script_prologue``,
+        ``work_dir``, ``interface``, ``db_command``, ``db_memory``, ...
+        Unset options come from dask config (section ``mspass_cluster``),
+        then the legacy ``MSPASS_*`` environment, then defaults.
+
+    Examples
+    --------
+    >>> with MsPASSCluster(nodes=4, partition="normal", walltime="02:00:00") as cluster:  # doctest: +SKIP
+    ...     client = cluster.get_client()
+    ...     db = cluster.get_db_client()
+    ...     cluster.scale(8)
+    """
+
+    def __init__(self, nodes=None, *, asynchronous=False, loop=None, command_runner=None, **options):
+        self.options: ClusterOptions = resolve_options(nodes=nodes, **options)
+        if shutil.which("sbatch") is None:
+            raise ConfigError(
+                "Slurm's sbatch is not on PATH, so no job can be submitted from here. Run on a Slurm "
+                "login node (perhaps after `module load slurm`), or start the test bed with `ci/testbed up`."
+            )
+        prepare_directories(self.options)
+        self.cluster_id = secrets.token_hex(4)
+        name = f"{self.options.job_name}-{self.cluster_id}"
+        self._slurm = SlurmClient(command_runner or CommandRunner(self.options.command_timeout))
+        self._launcher = JobLauncher(self.options, name, self._slurm)
+        self.db_job: TrackedJob | None = None
+        self._db_uri: str | None = None
+        self._client = None
+        self._db_client = None
+        self._saved_environ: dict[str, str | None] = {}
+        self._watcher: asyncio.Task | None = None
+        self._failures: list[MsPASSClusterError] = []
+        self._closing = False
+
+        try:
+            nodes_seen = self._slurm.node_addresses(self.options.partition)
+        except CommandError as exc:
+            raise ConfigError(f"Could not list the nodes of partition {self.options.partition!r}: {exc}") from exc
+        host, reason = scheduler_host(self.options.interface, nodes_seen)
+        logger.info("The Dask scheduler listens on %s, chosen from %s (set interface= to change it).", host, reason)
+
+        worker = {"cls": WorkerJob, "options": {"launcher": self._launcher}}
+        if self.options.processes > 1:
+            worker["group"] = [f"-{i}" for i in range(self.options.processes)]
+        scheduler = {
+            "cls": Scheduler,
+            "options": {"host": host, "port": self.options.scheduler_port, "dashboard_address": self.options.dashboard_address},
+        }
+        try:
+            super().__init__(
+                scheduler=scheduler, worker=worker, asynchronous=asynchronous, loop=loop, name=name,
+            )
+        except BaseException:
+            # Also reached on Ctrl-C while waiting: nothing may stay queued.
+            if getattr(self, "status", Status.closed) != Status.closed:
+                try:
+                    self.close(timeout=JOB_STOP_TIMEOUT)
+                except Exception as exc:
+                    logger.error("Clean shutdown after a failed start did not finish: %s", exc)
+            self._launcher.cancel_everything_now()
+            runner = getattr(self, "_loop_runner", None)
+            if runner is not None:
+                runner.stop()
+            raise
+        atexit.register(_close_at_exit, weakref.ref(self))
+
+    # ------------------------------------------------------------------ names
+    def _new_worker_name(self, worker_number):
+        return f"{self._name}-worker-{worker_number}"
+
+    @property
+    def db_job_name(self) -> str:
+        return f"{self._name}-db"
+
+    # --------------------------------------------------------------- bring-up
+    async def _start(self):
+        await super()._start()
+        try:
+            await self._bring_up()
+        except BaseException:
+            await self._close()
+            raise
+
+    async def _bring_up(self):
+        self._launcher.scheduler_address = self.scheduler.address
+        self._publish_environment(with_db=False)
+        for _ in range(self.options.nodes):
+            self.worker_spec.update(self.new_worker_spec())
+        results = await asyncio.gather(self._submit_db(), self._correct_state(), return_exceptions=True)
+        errors = [r for r in results if isinstance(r, BaseException)]
+        if errors:
+            raise errors[0]
+        await self._wait_ready()
+        await self._share_db_address()
+        self._watcher = asyncio.ensure_future(self._watch())
+        logger.info(
+            "MsPASS cluster %s ready: database %s, %d worker node(s), %d worker process(es); dashboard %s",
+            self._name, self._db_uri, len(self.worker_spec), len(self.scheduler.workers), self.dashboard_link,
+        )
+
+    async def _submit_db(self):
+        self.db_job = await self._launcher.submit("db", self.db_job_name)
+
+    def _connected_names(self) -> set:
+        return {ws.name for ws in self.scheduler.workers.values()}
+
+    def _job_worker_names(self, job_name: str) -> set:
+        spec = self.worker_spec.get(job_name) or self.new_spec
+        return {f"{job_name}{suffix}" for suffix in spec.get("group", [""])}
+
+    async def _wait_ready(self):
+        """Wait until the database answers and every requested worker connected; fail fast otherwise."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.options.startup_timeout
+        interval, next_poll, last_summary, last_logged = 0.25, 0.0, None, 0.0
+        db_error = "not started yet"
+        while True:
+            if self._closing:
+                raise MsPASSClusterError("The cluster was closed while it was starting.")
+            now = loop.time()
+            if now >= next_poll:
+                await self._launcher.poll()
+                self._raise_startup_failure()
+                next_poll, interval = now + interval, min(interval * 1.5, self.options.poll_interval)
+            if self._db_uri is None and self.db_job.state.kind == "running" and self.db_job.node:
+                uri = connection_string(self._db_host(self.db_job.node), self.options.db_port)
+                db_error = await asyncio.to_thread(ping, uri, 1.0)
+                if db_error is None:
+                    self._db_uri = uri
+                    self.db_job.ready = True
+                    logger.info("Database ready at %s (job %s on %s).", uri, self.db_job.job_id, self.db_job.node)
+            connected = self._connected_names()
+            for job in self._worker_jobs():
+                if self._job_worker_names(job.name) <= connected:
+                    job.ready = True
+            if self._db_uri and self.plan <= connected:
+                return
+            summary = self._pending_summary(connected, db_error)
+            if summary != last_summary or now - last_logged > 60:
+                logger.info("Waiting for %s", summary)
+                last_summary, last_logged = summary, now
+            if now >= deadline:
+                raise StartupTimeoutError(
+                    f"The cluster was not ready after startup_timeout={self.options.startup_timeout:g} s. Still waiting for "
+                    f"{summary}. Every job was cancelled. If the queue is busy, raise startup_timeout; "
+                    "if jobs ran but never connected, check the logs in " + self.options.log_dir + "."
+                )
+            await asyncio.sleep(0.1)
+
+    def _worker_jobs(self) -> list[TrackedJob]:
+        return [w.job for w in self.workers.values() if isinstance(w, WorkerJob) and w.job is not None]
+
+    def _db_host(self, node: str) -> str:
+        return f"{node}.{self.options.hostname_base}" if self.options.hostname_base else node
+
+    def _pending_summary(self, connected: set, db_error: str | None) -> str:
+        parts = []
+        if self._db_uri is None:
+            text = self.db_job.describe()
+            if self.db_job.state.kind == "running":
+                text += f", not answering yet ({db_error})"
+            parts.append(text)
+        for job in self._worker_jobs():
+            if not job.ready:
+                names = self._job_worker_names(job.name)
+                parts.append(f"{job.describe()}, {len(names & connected)}/{len(names)} workers connected")
+        return "; ".join(parts) or "nothing"
+
+    def _raise_startup_failure(self):
+        if self.db_job.ended:
+            raise self.db_job.failure(
+                "ended before the database answered",
+                "Every job of this cluster was cancelled. Check db_command and the log above; "
+                "print(cluster.job_script('db')) shows what ran.",
+            )
+        for job in self._worker_jobs():
+            if job.ended and not job.ready:
+                raise job.failure(
+                    "ended before its Dask workers connected",
+                    "Every job of this cluster was cancelled. Check python=, worker_extra_args and the log above; "
+                    "print(cluster.job_script('worker')) shows what ran.",
+                )
+
+    async def _share_db_address(self):
+        self._launcher.db_host = self._db_host(self.db_job.node)
+        self._publish_environment(with_db=True)
+        plugin = EnvironmentPlugin(self._job_environment())
+        await self.scheduler.register_worker_plugin(None, dumps(plugin), name=plugin.name, idempotent=False)
+
+    def _job_environment(self) -> dict:
+        env = {
+            "MSPASS_SCHEDULER": "dask",
+            "MSPASS_SCHEDULER_ADDRESS": self.scheduler_host,
+            "DASK_SCHEDULER_PORT": str(self.scheduler_port),
+            "DASK_SCHEDULER_ADDRESS": self.scheduler.address,
+            "MONGODB_PORT": str(self.options.db_port),
+        }
+        if self._launcher.db_host:
+            env["MSPASS_DB_ADDRESS"] = self._launcher.db_host
+        return env
+
+    def _publish_environment(self, with_db: bool):
+        for key, value in self._job_environment().items():
+            if key == "MSPASS_DB_ADDRESS" and not with_db:
+                continue
+            self._saved_environ.setdefault(key, os.environ.get(key))
+            os.environ[key] = value
+
+    def _restore_environment(self):
+        for key, value in self._saved_environ.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+        self._saved_environ.clear()
+
+    # ------------------------------------------------------------- watching
+    async def _watch(self):
+        """After start-up: keep watching the jobs, replace worker jobs lost after they had run."""
+        interval = self.options.poll_interval
+        while not self._closing:
+            await asyncio.sleep(interval)
+            if self._closing:
+                return
+            try:
+                changed = await self._launcher.poll()
+            except CommandError as exc:
+                logger.warning("Could not poll Slurm: %s", exc)
+                continue
+            connected = self._connected_names()
+            for job in self._worker_jobs():
+                if not job.ready and self._job_worker_names(job.name) <= connected:
+                    job.ready = True
+            for job in changed:
+                self._on_job_change(job)
+
+    def _on_job_change(self, job: TrackedJob):
+        logger.info("%s", job.describe())
+        if not job.ended or self._closing:
+            return
+        if job.role == "db":
+            error = job.failure("ended while the cluster was running", "The database is gone: close this cluster and start a new one.")
+            self._failures.append(error)
+            logger.error("%s", error)
+            return
+        worker = self.workers.get(job.name)
+        if not isinstance(worker, WorkerJob) or worker.job is not job or job.name not in self.worker_spec:
+            return
+        del self.workers[job.name]
+        worker.status = Status.closed
+        if job.ready:
+            logger.warning("%s; submitting a replacement to keep %d worker node(s).", job.describe(), len(self.worker_spec))
+            self._correct_state()
+        else:
+            del self.worker_spec[job.name]
+            error = job.failure("ended before its Dask workers connected", "It was not replaced; check the log above.")
+            self._failures.append(error)
+            logger.error("%s", error)
+
+    def _update_worker_status(self, op, msg):
+        # SpecCluster closes a job 15 s after a worker of the same name leaves;
+        # this cluster follows Slurm's job states instead (see _watch).
+        Cluster._update_worker_status(self, op, msg)
+
+    # --------------------------------------------------------------- scaling
+    def scale(self, n=None, jobs=None, memory=None, cores=None):
+        """Set the number of worker nodes.
+
+        Parameters
+        ----------
+        n, jobs : int
+            Worker nodes (one Slurm job each); ``jobs`` is a synonym.
+        memory : str
+            Enough worker nodes for this much memory in total (needs ``memory=``).
+        cores : int
+            Enough worker nodes for this many cores in total (needs ``cores=``).
+
+        New jobs are submitted before this returns, so an ``sbatch`` refusal
+        raises here; use :meth:`wait_for_workers` to wait for them.
+        """
+        target = self._nodes_for(n, jobs, memory, cores)
+        self._set_worker_nodes(target)
+        if self.asynchronous:
+            return self._submit_pending()
+        return self.sync(self._submit_pending)
+
+    def _nodes_for(self, n, jobs, memory, cores) -> int:
+        target = n if n is not None else (jobs or 0)
+        if isinstance(target, bool) or not isinstance(target, int) or target < 0:
+            raise ConfigError(f"scale({target!r}): give a whole number of worker nodes, 0 or more.")
+        if memory is not None:
+            if self.options.memory_bytes is None:
+                raise ConfigError("scale(memory=...) needs memory= per worker node, e.g. MsPASSCluster(memory='64GiB').")
+            target = max(target, math.ceil(parse_bytes(memory) / self.options.memory_bytes))
+        if cores is not None:
+            if self.options.cores is None:
+                raise ConfigError("scale(cores=...) needs cores= per worker node, e.g. MsPASSCluster(cores=32).")
+            target = max(target, math.ceil(cores / self.options.cores))
+        return target
+
+    def _set_worker_nodes(self, target: int):
+        """Edit the worker spec to ``target`` nodes; jobs are submitted or cancelled by ``_correct_state``.
+
+        Shrinking drops nodes whose workers have not connected first, then the newest.
+        """
+        if self.status in (Status.closing, Status.closed):
+            target = 0
+        if len(self.worker_spec) > target:
+            connected = self._connected_names()
+            newest_first = list(self.worker_spec)[::-1]
+            idle_first = sorted(newest_first, key=lambda name: bool(self._job_worker_names(name) & connected))
+            for name in idle_first[: len(self.worker_spec) - target]:
+                del self.worker_spec[name]
+        while len(self.worker_spec) < target:
+            self.worker_spec.update(self.new_worker_spec())
+        self.loop.add_callback(self._correct_state)
+
+    async def _submit_pending(self):
+        try:
+            await self._correct_state()
+        except SubmitError:
+            for name, worker in list(self.workers.items()):
+                if isinstance(worker, WorkerJob) and worker.job is None:
+                    del self.workers[name]
+                    self.worker_spec.pop(name, None)
+            raise
+
+    def adapt(self, minimum=0, maximum=math.inf, minimum_jobs=None, maximum_jobs=None, **kwargs):
+        """Scale between ``minimum`` and ``maximum`` worker nodes with the load.
+
+        ``minimum_jobs``/``maximum_jobs`` are synonyms; other keywords go to
+        :class:`distributed.deploy.Adaptive`. A node's workers are retired together.
+        """
+        minimum = minimum_jobs if minimum_jobs is not None else minimum
+        maximum = maximum_jobs if maximum_jobs is not None else maximum
+        per_node = self.options.processes
+        kwargs.setdefault("worker_key", self._job_of_worker)
+        return super().adapt(Adaptive=_NodeAdaptive, minimum=minimum * per_node, maximum=maximum * per_node, **kwargs)
+
+    def _job_of_worker(self, worker_state):
+        name = str(worker_state.name)
+        return name if name in self.worker_spec or self.options.processes == 1 else name.rsplit("-", 1)[0]
+
+    def wait_for_workers(self, n_workers=None, timeout=None):
+        """Wait until every worker process of every requested node has connected.
+
+        Raises the failure of any worker job that ended first, with its log.
+        """
+        async def _wait():
+            loop = asyncio.get_running_loop()
+            deadline = loop.time() + (timeout or self.options.startup_timeout)
+            while True:
+                if self._failures:
+                    raise self._failures.pop(0)
+                connected = self._connected_names()
+                wanted = n_workers if n_workers is not None else len(self.plan)
+                if len(connected & self.plan) >= wanted:
+                    return
+                if loop.time() >= deadline:
+                    raise StartupTimeoutError(
+                        f"Only {len(connected & self.plan)} of {wanted} workers connected within the timeout; "
+                        f"Slurm says: {self._pending_summary(connected, None)}."
+                    )
+                await asyncio.sleep(0.1)
+
+        return self.sync(_wait)
+
+    # ---------------------------------------------------------------- clients
+    def get_client(self) -> Client:
+        """The cluster's :class:`dask.distributed.Client` (one, cached)."""
+        if self._client is None or self._client.status in ("closed", "closing"):
+            self._client = Client(self)
+        return self._client
+
+    def get_db_client(self):
+        """A database client: ``mspasspy.db.client.DBClient`` if MsPASS is installed, else :class:`~mspass_cluster.db.DBClient`."""
+        if self._db_uri is None:
+            raise MsPASSClusterError("The database is not ready: this cluster is not started or is closed.")
+        if self._db_client is None:
+            self._db_client = get_db_client(self._db_uri)
+        return self._db_client
+
+    @property
+    def db_address(self) -> str | None:
+        """The database's connection string, ``mongodb://host:port/``."""
+        return self._db_uri
+
+    @property
+    def scheduler_host(self) -> str:
+        return self.scheduler.address.rpartition("://")[2].rpartition(":")[0]
+
+    @property
+    def scheduler_port(self) -> int:
+        return int(self.scheduler.address.rpartition(":")[2])
+
+    @property
+    def job_ids(self) -> dict:
+        """Every job this cluster submitted: ``{job_id: (role, name, state)}``."""
+        return {j.job_id: (j.role, j.name, j.state.value) for j in self._launcher.jobs.values()}
+
+    # ------------------------------------------------------------ job scripts
+    @_hybridmethod
+    def job_script(self_or_cls, role: str = "worker", **options) -> str:
+        """The exact job script for ``role`` (``"worker"`` or ``"db"``).
+
+        On a cluster it is the script the next job of that role gets. On the
+        class, ``MsPASSCluster.job_script("db", partition=...)``, it is a
+        preview from the options given, with a placeholder for the scheduler
+        address, and nothing is started.
+        """
+        if role not in ROLES:
+            raise ConfigError(f"role={role!r} is not a role; use one of {', '.join(ROLES)}.")
+        if isinstance(self_or_cls, type):
+            opts = resolve_options(**options)
+            launcher = JobLauncher(opts, f"{opts.job_name}-preview", SlurmClient(CommandRunner()))
+            name = launcher.cluster_name + ("-db" if role == "db" else "-worker-0")
+            return launcher.script(role, name, scheduler_address=SCHEDULER_PLACEHOLDER)[0]
+        if options:
+            raise ConfigError("cluster.job_script(role) takes no options; they were fixed when the cluster was made.")
+        self = self_or_cls
+        name = self.db_job_name if role == "db" else self._new_worker_name(self._i)
+        return self._launcher.script(role, name)[0]
+
+    # -------------------------------------------------------------- teardown
+    async def _close(self):
+        if self.status == Status.closed:
+            return
+        self._closing = True
+        if self._watcher is not None:
+            self._watcher.cancel()
+        try:
+            await super()._close()
+        finally:
+            await self._stop_db()
+            leftovers = self._launcher.active()
+            if leftovers:
+                await asyncio.gather(*(self._launcher.cancel(j, timeout=JOB_STOP_TIMEOUT) for j in leftovers))
+            self._restore_environment()
+            self._db_uri = None
+
+    async def _stop_db(self):
+        job = self.db_job
+        if job is None or job.ended:
+            return
+        # SIGTERM only: the server may take longer than Slurm's KillWait to
+        # flush, so it is given DB_STOP_TIMEOUT before a plain scancel.
+        stopped = await self._launcher.cancel(job, signal="TERM", timeout=DB_STOP_TIMEOUT)
+        if not stopped:
+            logger.error("The database job %s did not end %.0f s after SIGTERM; cancelling it.", job.job_id, DB_STOP_TIMEOUT)
+            await self._launcher.cancel(job, timeout=JOB_STOP_TIMEOUT)
+            return
+        status = server_exit_status(job.log_path)
+        if status is None:
+            logger.info("Database job %s ended before its server ran (%s).", job.job_id, job.state.value)
+        elif status == 0:
+            logger.info("Database stopped cleanly (job %s, server exit status 0).", job.job_id)
+        else:
+            logger.warning("Database job %s ended with server exit status %s; see %s.", job.job_id, status, job.log_path)
+
+    def close(self, timeout=None):
+        """Retire the workers, stop the database cleanly, and leave no job in the queue. Idempotent."""
+        for attr in ("_client", "_db_client"):
+            client = getattr(self, attr, None)
+            if client is not None:
+                client.close()
+                setattr(self, attr, None)
+        if self.status == Status.closed:
+            return None
+        try:
+            return super().close(timeout)
+        finally:
+            if not self.asynchronous:
+                left = self._launcher.cancel_everything_now()
+                if left:
+                    logger.warning("Cancelled jobs %s that were still listed after close().", ", ".join(left))
+
+    def __repr__(self):
+        db = self._db_uri or (self.db_job.describe() if self.db_job else "not started")
+        return (
+            f"<MsPASSCluster {self._name}: {len(self.worker_spec)} worker node(s), "
+            f"{len(getattr(self.scheduler, 'workers', {}) or {})} worker(s) connected, db {db}, status {self.status.name}>"
+        )
+
+
+def _close_at_exit(ref):
+    cluster = ref()
+    if cluster is not None and cluster.status != Status.closed:
+        cluster.close()

@@ -1,0 +1,371 @@
+"""The one place where options are resolved.
+
+Each option's value comes from the first of these that sets it:
+
+1. the keyword argument given to :class:`~mspass_cluster.MsPASSCluster`;
+2. dask configuration, section ``mspass_cluster`` (for instance
+   ``~/.config/dask/mspass_cluster.yaml``; keys use dashes, ``work-dir``);
+3. the legacy MsPASS environment that ``mspass_setup.sh`` exports
+   (``MSPASS_WORK_DIR``, ``MSPASS_DB_DIR``, ``MSPASS_LOG_DIR``,
+   ``MSPASS_WORKER_DIR``, ``HOSTNAME_BASE``);
+4. the default in :data:`OPTIONS`.
+
+Every option is declared once, in :data:`OPTIONS`, with its default, its
+legacy environment variable and its documentation; the README's option table
+and the packaged ``mspass_cluster.yaml`` follow this list.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+import sys
+from dataclasses import dataclass, field
+from typing import Any
+
+import dask.config
+from dask.utils import parse_bytes
+
+from .errors import ConfigError
+
+__all__ = ["ClusterOptions", "OPTIONS", "Option", "resolve_options", "parse_walltime"]
+
+CONFIG_SECTION = "mspass_cluster"
+
+
+@dataclass(frozen=True)
+class Option:
+    """Declaration of one option: its name, default, legacy variable and meaning."""
+
+    name: str
+    default: Any
+    doc: str
+    env: str | None = None
+    kind: str = "str"  # str, int, bool, list, path, memory, walltime, float
+
+
+def _default_python() -> str:
+    return sys.executable
+
+
+OPTIONS: tuple[Option, ...] = (
+    # --- the shape of the cluster
+    Option("nodes", 1, "Number of worker nodes: one Slurm job each.", kind="int"),
+    Option("processes", 1, "Dask worker processes per worker node; they share the node's cores and memory.", kind="int"),
+    Option("cores", None, "Cores per worker node (``--cpus-per-task``). Unset: the whole node, Dask picks threads.", kind="int"),
+    Option("memory", None, "Memory per worker node, e.g. ``'64GiB'`` (``--mem``). Unset: all of the node's memory (``--mem=0``).", kind="memory"),
+    Option("exclusive", True, "Worker jobs ask for whole nodes (``--exclusive``) so no two land on one node.", kind="bool"),
+    # --- Slurm's words
+    Option("partition", None, "Slurm partition (``--partition``) for every job."),
+    Option("account", None, "Slurm account (``--account``) charged for every job."),
+    Option("qos", None, "Slurm quality of service (``--qos``)."),
+    Option("walltime", "01:00:00", "Wall-clock limit of each job (``--time``), Slurm's formats: ``MM``, ``HH:MM:SS``, ``D-HH:MM``...", kind="walltime"),
+    Option("job_extra_directives", [], "Extra ``#SBATCH`` options for every job, e.g. ``['--constraint=ib']``.", kind="list"),
+    Option("job_script_prologue", [], "Shell lines run first in every job, e.g. ``['module load mongodb']``.", kind="list"),
+    Option("job_name", "mspass", "Prefix of job names; each cluster adds a unique id: ``mspass-<id>-db``, ``mspass-<id>-worker-<n>``."),
+    # --- directories (legacy MsPASS environment)
+    Option("work_dir", None, "Run directory, on a file system every node sees. Default: the current directory.", env="MSPASS_WORK_DIR", kind="path"),
+    Option("db_dir", None, "Database files; the server uses ``<db_dir>/data``. Default ``<work_dir>/db``.", env="MSPASS_DB_DIR", kind="path"),
+    Option("log_dir", None, "Job scripts and logs. Default ``<work_dir>/logs``.", env="MSPASS_LOG_DIR", kind="path"),
+    Option("worker_dir", None, "Dask workers' local directory (spill files). Default ``<work_dir>/work``.", env="MSPASS_WORKER_DIR", kind="path"),
+    Option("hostname_base", None, "Domain appended to Slurm node names to reach them, as in MsPASS's ``HOSTNAME_BASE``.", env="HOSTNAME_BASE"),
+    # --- network
+    Option("interface", None, "Network interface (e.g. ``ib0``) whose address the compute nodes use to reach the scheduler. Default: the address this machine uses to reach the partition's nodes, logged at start."),
+    Option("scheduler_port", 0, "Dask scheduler port; 0 picks a free one (published as ``DASK_SCHEDULER_PORT``).", kind="int"),
+    Option("dashboard_address", ":8787", "Dask dashboard address; Dask picks another port when this one is taken."),
+    # --- worker role
+    Option("python", None, "Python that runs ``dask worker`` on the nodes. Default: this notebook's Python."),
+    Option("worker_extra_args", [], "Extra arguments for ``dask worker``, e.g. ``['--resources', 'GPU=1']``.", kind="list"),
+    Option("death_timeout", 60, "Seconds a worker keeps trying to reach a lost scheduler before it exits.", kind="int"),
+    # --- database role
+    Option("db_command", ["mongod"], "The database server program and leading arguments (a list); the cluster adds ``--port``, ``--dbpath``, ``--bind_ip_all``, cache size.", kind="list"),
+    Option("db_port", 27017, "Database port (published as ``MONGODB_PORT``).", kind="int"),
+    Option("db_cores", 1, "Cores for the database job.", kind="int"),
+    Option("db_memory", "2GiB", "Memory for the database job; the WiredTiger cache is sized from it (raise it for large databases).", kind="memory"),
+    Option("db_partition", None, "Partition for the database job. Default: ``partition``."),
+    Option("db_walltime", None, "Wall-clock limit of the database job. Default: ``walltime``.", kind="walltime"),
+    Option("db_extra_directives", [], "Extra ``#SBATCH`` options for the database job only.", kind="list"),
+    # --- waiting and watching
+    Option("startup_timeout", 3600, "Seconds to wait for the database and all workers (queue wait included) before giving up.", kind="float"),
+    Option("poll_interval", 5.0, "Longest pause, in seconds, between two ``squeue`` calls; polls start at 0.25 s and back off to it.", kind="float"),
+    Option("command_timeout", 60.0, "Seconds any one Slurm command (sbatch, squeue, scancel) may take.", kind="float"),
+)
+
+_BY_NAME = {o.name: o for o in OPTIONS}
+
+
+@dataclass(frozen=True)
+class ClusterOptions:
+    """Resolved, validated options of one cluster (see :data:`OPTIONS`)."""
+
+    nodes: int
+    processes: int
+    cores: int | None
+    memory: str | None
+    exclusive: bool
+    partition: str | None
+    account: str | None
+    qos: str | None
+    walltime: str
+    job_extra_directives: list
+    job_script_prologue: list
+    job_name: str
+    work_dir: str
+    db_dir: str
+    log_dir: str
+    worker_dir: str
+    hostname_base: str | None
+    interface: str | None
+    scheduler_port: int
+    dashboard_address: str
+    python: str
+    worker_extra_args: list
+    death_timeout: int
+    db_command: list
+    db_port: int
+    db_cores: int
+    db_memory: str
+    db_partition: str | None
+    db_walltime: str
+    db_extra_directives: list
+    startup_timeout: float
+    poll_interval: float
+    command_timeout: float
+    sources: dict = field(default_factory=dict, compare=False, repr=False)
+
+    @property
+    def memory_bytes(self) -> int | None:
+        """Memory per worker node in bytes, or None for the whole node."""
+        return None if self.memory is None else parse_bytes(self.memory)
+
+    @property
+    def threads_per_process(self) -> int | None:
+        """Threads of each Dask worker process, or None to let Dask decide."""
+        return None if self.cores is None else self.cores // self.processes
+
+    def replace(self, **changes) -> "ClusterOptions":
+        """A copy with some fields changed (values are not re-validated)."""
+        return dataclasses.replace(self, **changes)
+
+
+_WALLTIME = re.compile(
+    r"^(?:(?P<days>\d+)-(?P<dh>\d+)(?::(?P<dm>\d+)(?::(?P<ds>\d+))?)?"
+    r"|(?P<h>\d+):(?P<m>\d+):(?P<s>\d+)"
+    r"|(?P<mm>\d+):(?P<ss>\d+)"
+    r"|(?P<minutes>\d+))$"
+)
+
+
+def parse_walltime(value: str) -> int:
+    """Seconds in a Slurm time limit.
+
+    Accepts Slurm's formats: ``minutes``, ``minutes:seconds``,
+    ``hours:minutes:seconds``, ``days-hours``, ``days-hours:minutes`` and
+    ``days-hours:minutes:seconds``.
+
+    Raises
+    ------
+    ConfigError
+        When ``value`` is in none of these formats or is zero.
+
+    Examples
+    --------
+    >>> parse_walltime("01:30:00")
+    5400
+    >>> parse_walltime("2-00")
+    172800
+    """
+    match = _WALLTIME.match(str(value).strip())
+    if not match:
+        raise ConfigError(
+            f"walltime={value!r} is not a Slurm time limit. Use one of Slurm's formats: "
+            "'MM', 'MM:SS', 'HH:MM:SS', 'D-HH', 'D-HH:MM' or 'D-HH:MM:SS', e.g. walltime='02:00:00'."
+        )
+    g = {k: int(v) for k, v in match.groupdict().items() if v is not None}
+    if "days" in g:
+        seconds = g["days"] * 86400 + g["dh"] * 3600 + g.get("dm", 0) * 60 + g.get("ds", 0)
+    elif "h" in g:
+        seconds = g["h"] * 3600 + g["m"] * 60 + g["s"]
+    elif "mm" in g:
+        seconds = g["mm"] * 60 + g["ss"]
+    else:
+        seconds = g["minutes"] * 60
+    if seconds <= 0:
+        raise ConfigError(f"walltime={value!r} is zero; give a positive limit, e.g. walltime='01:00:00'.")
+    return seconds
+
+
+def _kebab(name: str) -> str:
+    return name.replace("_", "-")
+
+
+def _from_config(option: Option):
+    return dask.config.get(f"{CONFIG_SECTION}.{_kebab(option.name)}", default=None)
+
+
+def _check_int(name, value, minimum):
+    if isinstance(value, bool) or not isinstance(value, int):
+        try:
+            as_int = int(str(value))
+        except ValueError:
+            raise ConfigError(f"{name}={value!r} is not a whole number; give e.g. {name}={max(minimum, 1)}.") from None
+        value = as_int
+    if value < minimum:
+        raise ConfigError(f"{name}={value!r} is below {minimum}; give {name}={max(minimum, 1)} or more.")
+    return value
+
+
+def _coerce(option: Option, value):
+    name = option.name
+    if option.kind == "int":
+        minimum = 0 if name == "scheduler_port" else 1
+        return _check_int(name, value, minimum)
+    if option.kind == "float":
+        try:
+            number = float(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{name}={value!r} is not a number of seconds; give e.g. {name}={option.default}.") from None
+        if number <= 0:
+            raise ConfigError(f"{name}={value!r} must be positive; give e.g. {name}={option.default}.")
+        return number
+    if option.kind == "bool":
+        if isinstance(value, bool):
+            return value
+        text = str(value).strip().lower()
+        if text in ("1", "true", "yes", "on"):
+            return True
+        if text in ("0", "false", "no", "off"):
+            return False
+        raise ConfigError(f"{name}={value!r} is not true or false.")
+    if option.kind == "list":
+        if isinstance(value, str):
+            return [value]
+        if not isinstance(value, (list, tuple)) or not all(isinstance(v, (str, int, float)) for v in value):
+            raise ConfigError(f"{name}={value!r} must be a list of strings, e.g. {name}={option.default or ['...']!r}.")
+        return [str(v) for v in value]
+    if option.kind == "memory":
+        try:
+            number = parse_bytes(str(value))
+        except (ValueError, TypeError):
+            raise ConfigError(
+                f"{name}={value!r} is not an amount of memory; give a number with a unit, e.g. {name}='16GiB' or '4000MB'."
+            ) from None
+        if number <= 0:
+            raise ConfigError(f"{name}={value!r} must be more than zero, e.g. {name}='16GiB'.")
+        return str(value)
+    if option.kind == "walltime":
+        parse_walltime(value)
+        return str(value).strip()
+    if option.kind == "path":
+        return os.path.abspath(os.path.expanduser(os.path.expandvars(str(value))))
+    if not isinstance(value, str):
+        raise ConfigError(f"{name}={value!r} must be a string.")
+    return value
+
+
+def valid_option_names() -> list[str]:
+    """Names accepted by :func:`resolve_options`, in declaration order."""
+    return [o.name for o in OPTIONS]
+
+
+def resolve_options(environ=None, **kwargs) -> ClusterOptions:
+    """Resolve every option: argument > dask config > legacy environment > default.
+
+    Parameters
+    ----------
+    environ : mapping, optional
+        The environment to read legacy ``MSPASS_*`` variables from
+        (default ``os.environ``).
+    **kwargs
+        Explicit options; ``None`` means "not given".
+
+    Returns
+    -------
+    ClusterOptions
+        Validated options. ``sources`` maps each option to where its value
+        came from (``argument``, ``dask config``, the variable name, or
+        ``default``).
+
+    Raises
+    ------
+    ConfigError
+        For an unknown option (the message lists the valid ones) or a bad value.
+    """
+    environ = os.environ if environ is None else environ
+    unknown = sorted(set(kwargs) - set(_BY_NAME))
+    if unknown:
+        raise ConfigError(
+            f"Unknown option(s) {', '.join(unknown)}. Valid options are: {', '.join(valid_option_names())}."
+        )
+    config_section = dask.config.get(CONFIG_SECTION, default={}) or {}
+    unknown_config = sorted(k for k in config_section if k.replace("-", "_") not in _BY_NAME)
+    if unknown_config:
+        raise ConfigError(
+            f"Unknown key(s) {', '.join(unknown_config)} in the dask config section '{CONFIG_SECTION}'. "
+            f"Valid keys are: {', '.join(_kebab(n) for n in valid_option_names())}."
+        )
+
+    values, sources = {}, {}
+    for option in OPTIONS:
+        if kwargs.get(option.name) is not None:
+            value, source = kwargs[option.name], "argument"
+        elif _from_config(option) is not None:
+            value, source = _from_config(option), "dask config"
+        elif option.env and environ.get(option.env):
+            value, source = environ[option.env], option.env
+        else:
+            value, source = option.default, "default"
+        if value is not None:
+            value = _coerce(option, value)
+        values[option.name], sources[option.name] = value, source
+
+    work_dir = values["work_dir"] or os.getcwd()
+    values["work_dir"] = work_dir
+    for name, sub in (("db_dir", "db"), ("log_dir", "logs"), ("worker_dir", "work")):
+        if values[name] is None:
+            values[name] = os.path.join(work_dir, sub)
+    values["python"] = values["python"] or _default_python()
+    values["db_partition"] = values["db_partition"] or values["partition"]
+    values["db_walltime"] = values["db_walltime"] or values["walltime"]
+    if not values["db_command"]:
+        raise ConfigError("db_command is empty; give the server program, e.g. db_command=['mongod'].")
+
+    if values["cores"] is not None and values["cores"] < values["processes"]:
+        raise ConfigError(
+            f"cores={values['cores']} is fewer than processes={values['processes']}: every Dask worker "
+            f"process needs at least one core. Use processes={values['cores']} or cores>={values['processes']}."
+        )
+    if values["cores"] is not None and values["cores"] % values["processes"]:
+        raise ConfigError(
+            f"cores={values['cores']} does not split evenly over processes={values['processes']}; "
+            "choose cores as a multiple of processes."
+        )
+    if not re.fullmatch(r"[A-Za-z0-9_.-]+", values["job_name"]):
+        raise ConfigError(
+            f"job_name={values['job_name']!r} may only hold letters, digits, '.', '_' and '-', e.g. job_name='mspass'."
+        )
+    return ClusterOptions(**values, sources=sources)
+
+
+def prepare_directories(options: ClusterOptions) -> None:
+    """Create the work, log, database and worker directories, or say why not.
+
+    Raises
+    ------
+    ConfigError
+        Naming the directory, the option it came from and the OS error.
+    """
+    for name in ("work_dir", "log_dir", "db_dir", "worker_dir"):
+        path = getattr(options, name)
+        try:
+            os.makedirs(path, exist_ok=True)
+            probe = os.path.join(path, f".mspass-cluster-write-test-{os.getpid()}")
+            with open(probe, "w"):
+                pass
+            os.unlink(probe)
+        except OSError as exc:
+            raise ConfigError(
+                f"{name}={path!r} cannot be created or written: {exc.strerror or exc}. "
+                f"Choose a writable directory on a file system all nodes share, e.g. {name}='$SCRATCH/mspass'."
+            ) from exc

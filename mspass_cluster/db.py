@@ -1,0 +1,77 @@
+"""Database clients and the readiness probe.
+
+:class:`DBClient` is a :class:`pymongo.MongoClient` that pickles to its
+connection string, as MsPASS's own ``mspasspy.db.client.DBClient`` does, so
+it can travel to Dask workers and reconnect there. :func:`get_db_client`
+prefers MsPASS's class when ``mspasspy`` is installed.
+"""
+
+from __future__ import annotations
+
+import pymongo
+from pymongo.errors import PyMongoError
+
+__all__ = ["DBClient", "get_db_client", "ping", "connection_string"]
+
+
+def connection_string(host: str, port: int) -> str:
+    """``mongodb://host:port/``; credentials will live here too, since MsPASS rebuilds clients from this string alone."""
+    return f"mongodb://{host}:{port}/"
+
+
+class DBClient(pymongo.MongoClient):
+    """A MongoClient that pickles to its connection string.
+
+    Parameters
+    ----------
+    host : str
+        A ``mongodb://`` connection string.
+    *args, **kwargs
+        Passed to :class:`pymongo.MongoClient` and kept for unpickling.
+    """
+
+    def __init__(self, host: str, *args, **kwargs):
+        self._mspass_host = host
+        self._mspass_args = args
+        self._mspass_kwargs = kwargs
+        super().__init__(host, *args, **kwargs)
+
+    def __reduce__(self):
+        return (_rebuild, (type(self), self._mspass_host, self._mspass_args, self._mspass_kwargs))
+
+    def __repr__(self):
+        return f"DBClient({self._mspass_host!r})"
+
+
+def _rebuild(cls, host, args, kwargs):
+    return cls(host, *args, **kwargs)
+
+
+def get_db_client(uri: str):
+    """A client for ``uri``: ``mspasspy.db.client.DBClient`` if MsPASS is installed, else :class:`DBClient`."""
+    try:
+        from mspasspy.db.client import DBClient as MsPASSDBClient
+    except ImportError:
+        return DBClient(uri)
+    return MsPASSDBClient(uri)
+
+
+def ping(uri: str, timeout: float = 1.0) -> str | None:
+    """Ask the server at ``uri`` for ``ping``.
+
+    Returns
+    -------
+    str or None
+        None when it answered; otherwise why not, in one line.
+    """
+    ms = max(int(timeout * 1000), 1)
+    client = pymongo.MongoClient(
+        uri, directConnection=True, serverSelectionTimeoutMS=ms, connectTimeoutMS=ms, socketTimeoutMS=ms * 5
+    )
+    try:
+        client.admin.command("ping")
+        return None
+    except PyMongoError as exc:
+        return f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
+    finally:
+        client.close()

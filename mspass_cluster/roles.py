@@ -1,0 +1,225 @@
+"""What each role runs: the server's argv, its environment and its job script (pure).
+
+Two roles run in Slurm jobs:
+
+``db``
+    The database server (``mongod`` by default) on ``<db_dir>/data``.
+``worker``
+    ``dask worker`` with ``processes`` worker processes sharing one node.
+
+The notebook process hosts the Dask scheduler (the ``scheduler`` and
+``frontend`` roles of MsPASS).
+"""
+
+from __future__ import annotations
+
+import os
+import shlex
+import string
+from importlib import resources
+
+from dask.utils import format_bytes, parse_bytes
+
+from ._version import __version__
+from .config import ClusterOptions
+from .slurm import build_directives
+
+__all__ = [
+    "ROLES",
+    "worker_argv",
+    "db_argv",
+    "db_data_path",
+    "role_environment",
+    "render_job_script",
+    "build_job_script",
+]
+
+ROLES = ("db", "worker")
+
+#: Placeholder used in scripts previewed before the scheduler exists.
+SCHEDULER_PLACEHOLDER = "tcp://<scheduler-address>:<port>"
+
+
+class _ScriptTemplate(string.Template):
+    # '@' keeps the template readable: '$' belongs to the shell.
+    delimiter = "@"
+
+
+def worker_argv(options: ClusterOptions, scheduler_address: str, name: str) -> list[str]:
+    """``dask worker`` command line for one worker node.
+
+    Dask names the processes ``<name>-0``, ``<name>-1``, ... when
+    ``processes > 1``, and ``<name>`` otherwise.
+    """
+    argv = [
+        options.python, "-m", "distributed.cli.dask_worker", scheduler_address,
+        "--name", name,
+        "--nworkers", str(options.processes),
+    ]
+    if options.threads_per_process is not None:
+        argv += ["--nthreads", str(options.threads_per_process)]
+    if options.memory_bytes is not None:
+        per_process = format_bytes(options.memory_bytes // options.processes).replace(" ", "")
+        argv += ["--memory-limit", per_process]
+    else:
+        argv += ["--memory-limit", "auto"]
+    argv += [
+        "--nanny",
+        "--death-timeout", str(options.death_timeout),
+        "--local-directory", options.worker_dir,
+    ]
+    return argv + list(options.worker_extra_args)
+
+
+def db_data_path(options: ClusterOptions) -> str:
+    """The server's data directory, ``<db_dir>/data`` as in MsPASS's scripts."""
+    return os.path.join(options.db_dir, "data")
+
+
+def db_cache_gb(memory: str) -> float:
+    """WiredTiger cache for a job with ``memory``: MongoDB's own rule, half of (memory - 1 GB), at least 0.25."""
+    gigabytes = parse_bytes(memory) / 2**30
+    return max(0.25, round(0.5 * (gigabytes - 1.0), 2))
+
+
+def db_argv(options: ClusterOptions) -> list[str]:
+    """Database server command line.
+
+    The server listens on every interface of its node (as MsPASS's scripts
+    do), never forks (so Slurm's signals reach it and its exit status is
+    known), keeps no Unix socket in ``/tmp`` (stale sockets of other users
+    block startup on shared nodes, MsPASS issue #690), and sizes its cache to
+    the job's memory rather than to the whole node's.
+    """
+    return [
+        *options.db_command,
+        "--port", str(options.db_port),
+        "--dbpath", db_data_path(options),
+        "--bind_ip_all",
+        "--nounixsocket",
+        "--wiredTigerCacheSizeGB", f"{db_cache_gb(options.db_memory):g}",
+    ]
+
+
+def role_environment(
+    options: ClusterOptions,
+    role: str,
+    *,
+    cluster_id: str,
+    scheduler_address: str,
+    db_host: str | None,
+) -> dict[str, str]:
+    """Variables every job exports, so unmodified MsPASS code finds both services.
+
+    ``MSPASS_DB_ADDRESS`` is present only once the database's node is known;
+    workers started before that receive it from the scheduler (see
+    :mod:`mspass_cluster.worker_env`).
+    """
+    host, _, port = scheduler_address.rpartition("://")[2].rpartition(":")
+    env = {
+        "MSPASS_ROLE": role,
+        "MSPASS_CLUSTER_ID": cluster_id,
+        "MSPASS_WORK_DIR": options.work_dir,
+        "MSPASS_DB_DIR": options.db_dir,
+        "MSPASS_LOG_DIR": options.log_dir,
+        "MSPASS_WORKER_DIR": options.worker_dir,
+        "MSPASS_SCHEDULER": "dask",
+        "MSPASS_SCHEDULER_ADDRESS": host,
+        "DASK_SCHEDULER_PORT": port,
+        "DASK_SCHEDULER_ADDRESS": scheduler_address,
+        "MONGODB_PORT": str(options.db_port),
+    }
+    if db_host:
+        env["MSPASS_DB_ADDRESS"] = db_host
+    return env
+
+
+def render_job_script(
+    *,
+    role: str,
+    cluster_id: str,
+    directives: list[str],
+    exports: dict[str, str],
+    prologue: list[str],
+    setup: list[str],
+    argv: list[str],
+) -> str:
+    """Fill the job-script template; every value is shell-quoted except prologue lines."""
+    template = _ScriptTemplate(resources.files(__package__).joinpath("templates/job.sh").read_text())
+    return template.substitute(
+        directives="\n".join(directives),
+        version=__version__,
+        role=role,
+        cluster_id=cluster_id,
+        prologue="\n".join(prologue) if prologue else ":",
+        exports="\n".join(f"export {k}={shlex.quote(v)}" for k, v in exports.items()),
+        setup="\n".join(setup),
+        command=shlex.join(argv),
+    )
+
+
+def build_job_script(
+    options: ClusterOptions,
+    role: str,
+    *,
+    cluster_id: str,
+    job_name: str,
+    scheduler_address: str,
+    db_host: str | None = None,
+) -> tuple[str, str]:
+    """The complete job script for ``role`` and its ``--output`` pattern.
+
+    Parameters
+    ----------
+    options : ClusterOptions
+    role : {"db", "worker"}
+    cluster_id : str
+        The cluster's unique id.
+    job_name : str
+        Slurm job name; for workers also the Dask worker name.
+    scheduler_address : str
+        ``tcp://host:port`` of the scheduler.
+    db_host : str, optional
+        The database's host when already known.
+
+    Returns
+    -------
+    script : str
+    output_pattern : str
+        The log path, with ``%j`` standing for the job id.
+    """
+    output = os.path.join(options.log_dir, f"{job_name}-%j.out")
+    cd = shlex.join(["cd", options.work_dir])
+    if role == "db":
+        directives = build_directives(
+            job_name=job_name, output=output, walltime=options.db_walltime,
+            cores=options.db_cores, memory=options.db_memory, exclusive=False,
+            partition=options.db_partition, account=options.account, qos=options.qos,
+            extra=[*options.job_extra_directives, *options.db_extra_directives],
+        )
+        setup = [
+            cd,
+            shlex.join(["mkdir", "-p", db_data_path(options)]),
+            "# MongoDB needs many open files (MsPASS issues #617, #532).",
+            'ulimit -n "$(ulimit -Hn)" 2>/dev/null || true',
+        ]
+        argv = db_argv(options)
+    elif role == "worker":
+        directives = build_directives(
+            job_name=job_name, output=output, walltime=options.walltime,
+            cores=options.cores, memory=options.memory, exclusive=options.exclusive,
+            partition=options.partition, account=options.account, qos=options.qos,
+            extra=options.job_extra_directives,
+        )
+        setup = [cd, shlex.join(["mkdir", "-p", options.worker_dir])]
+        argv = worker_argv(options, scheduler_address, job_name)
+    else:
+        raise ValueError(f"role={role!r} is not one of {ROLES}")
+    exports = role_environment(
+        options, role, cluster_id=cluster_id, scheduler_address=scheduler_address, db_host=db_host
+    )
+    script = render_job_script(
+        role=role, cluster_id=cluster_id, directives=directives, exports=exports,
+        prologue=options.job_script_prologue, setup=setup, argv=argv,
+    )
+    return script, output

@@ -1,0 +1,254 @@
+"""Slurm, as data: directives, command lines, output parsers and the job-state table.
+
+Nothing here runs a command; :mod:`mspass_cluster.jobs` does that.
+"""
+
+from __future__ import annotations
+
+import enum
+import re
+from dataclasses import dataclass
+
+from dask.utils import parse_bytes
+from dask_jobqueue.slurm import slurm_format_bytes_ceil
+
+__all__ = [
+    "JobState",
+    "JobStatus",
+    "build_directives",
+    "build_sbatch_argv",
+    "build_squeue_argv",
+    "build_scontrol_job_argv",
+    "build_sacct_argv",
+    "build_scancel_argv",
+    "parse_sbatch_job_id",
+    "parse_squeue",
+    "parse_scontrol_job",
+    "parse_sacct",
+]
+
+
+class JobState(enum.Enum):
+    """Slurm job states (``squeue %T`` / ``scontrol JobState`` / ``sacct State``).
+
+    Each member's value is Slurm's word; :attr:`kind` sorts them into
+    ``pending`` (not started), ``running`` (processes on a node) and
+    ``ended`` (will never run again).
+    """
+
+    PENDING = "PENDING"
+    CONFIGURING = "CONFIGURING"  #: nodes are booting; the job has not started
+    REQUEUED = "REQUEUED"
+    REQUEUE_HOLD = "REQUEUE_HOLD"
+    REQUEUE_FED = "REQUEUE_FED"
+    RESV_DEL_HOLD = "RESV_DEL_HOLD"
+    SUSPENDED = "SUSPENDED"
+    RUNNING = "RUNNING"
+    COMPLETING = "COMPLETING"  #: ending; processes may still be cleaning up
+    RESIZING = "RESIZING"
+    SIGNALING = "SIGNALING"
+    STAGE_OUT = "STAGE_OUT"
+    STOPPED = "STOPPED"
+    COMPLETED = "COMPLETED"
+    CANCELLED = "CANCELLED"
+    FAILED = "FAILED"
+    TIMEOUT = "TIMEOUT"  #: hit its walltime
+    NODE_FAIL = "NODE_FAIL"
+    PREEMPTED = "PREEMPTED"
+    BOOT_FAIL = "BOOT_FAIL"
+    DEADLINE = "DEADLINE"
+    OUT_OF_MEMORY = "OUT_OF_MEMORY"
+    REVOKED = "REVOKED"
+    SPECIAL_EXIT = "SPECIAL_EXIT"
+    UNKNOWN = "UNKNOWN"  #: Slurm no longer knows the job (purged after MinJobAge)
+
+    @classmethod
+    def parse(cls, word: str) -> "JobState":
+        """The state named by ``word`` (``"CANCELLED by 0"`` gives CANCELLED)."""
+        word = word.strip().split()[0].upper() if word.strip() else "UNKNOWN"
+        try:
+            return cls(word)
+        except ValueError:
+            return cls.UNKNOWN
+
+    @property
+    def kind(self) -> str:
+        """``"pending"``, ``"running"`` or ``"ended"``."""
+        if self in _PENDING:
+            return "pending"
+        if self in _RUNNING:
+            return "running"
+        return "ended"
+
+
+_PENDING = {
+    JobState.PENDING, JobState.CONFIGURING, JobState.REQUEUED, JobState.REQUEUE_HOLD,
+    JobState.REQUEUE_FED, JobState.RESV_DEL_HOLD, JobState.SUSPENDED,
+}
+_RUNNING = {
+    JobState.RUNNING, JobState.COMPLETING, JobState.RESIZING, JobState.SIGNALING,
+    JobState.STAGE_OUT, JobState.STOPPED,
+}
+
+
+@dataclass(frozen=True)
+class JobStatus:
+    """What Slurm says about one job."""
+
+    job_id: str
+    state: JobState
+    reason: str = ""
+    nodes: str = ""
+    exit_code: str | None = None
+
+    @property
+    def kind(self) -> str:
+        return self.state.kind
+
+
+def format_memory(value: str) -> str:
+    """Memory for ``--mem``, rounded up to a whole unit Slurm accepts (``'4GiB'`` gives ``'4G'``)."""
+    return slurm_format_bytes_ceil(parse_bytes(value))
+
+
+def build_directives(
+    *,
+    job_name: str,
+    output: str,
+    walltime: str,
+    cores: int | None = None,
+    memory: str | None = None,
+    exclusive: bool = False,
+    partition: str | None = None,
+    account: str | None = None,
+    qos: str | None = None,
+    extra: list | tuple = (),
+) -> list[str]:
+    """``#SBATCH`` lines for a one-node, one-task job.
+
+    Parameters
+    ----------
+    job_name, output, walltime
+        ``--job-name``, ``--output`` (stdout and stderr together; may use
+        ``%j``) and ``--time``.
+    cores, memory
+        ``--cpus-per-task`` and ``--mem``; ``None`` leaves them out, except
+        that an exclusive job without ``memory`` asks for ``--mem=0``
+        (all of the node's memory).
+    exclusive, partition, account, qos
+        As Slurm names them.
+    extra
+        More options, written as given, last so they win.
+
+    Examples
+    --------
+    >>> build_directives(job_name="j", output="/l/j-%j.out", walltime="10", cores=2, memory="1GiB")
+    ['#SBATCH --job-name=j', '#SBATCH --output=/l/j-%j.out', '#SBATCH --nodes=1', '#SBATCH --ntasks=1', '#SBATCH --cpus-per-task=2', '#SBATCH --mem=1G', '#SBATCH --time=10']
+    """
+    options = [f"--job-name={job_name}", f"--output={output}", "--nodes=1", "--ntasks=1"]
+    if cores is not None:
+        options.append(f"--cpus-per-task={cores}")
+    if memory is not None:
+        options.append(f"--mem={format_memory(memory)}")
+    elif exclusive:
+        options.append("--mem=0")
+    if exclusive:
+        options.append("--exclusive")
+    options.append(f"--time={walltime}")
+    for flag, value in (("--partition", partition), ("--account", account), ("--qos", qos)):
+        if value:
+            options.append(f"{flag}={value}")
+    options.extend(str(e) for e in extra)
+    return [f"#SBATCH {o}" for o in options]
+
+
+def build_sbatch_argv(script_path: str) -> list[str]:
+    """``sbatch --parsable`` prints just ``jobid[;cluster]``."""
+    return ["sbatch", "--parsable", script_path]
+
+
+def parse_sbatch_job_id(stdout: str) -> str:
+    """The job id in ``sbatch --parsable`` output.
+
+    Raises
+    ------
+    ValueError
+        When there is no job id in ``stdout``.
+    """
+    for line in reversed(stdout.strip().splitlines()):
+        match = re.fullmatch(r"\s*(\d+)(?:;\S+)?\s*", line)
+        if match:
+            return match.group(1)
+    raise ValueError(f"no job id in sbatch output {stdout!r}")
+
+
+_SQUEUE_FORMAT = "%i|%T|%r|%N"
+
+
+def build_squeue_argv(job_ids) -> list[str]:
+    """One ``squeue`` call for all ``job_ids``, including recently ended jobs."""
+    return [
+        "squeue", "--noheader", "--states=all",
+        f"--jobs={','.join(str(j) for j in job_ids)}", f"--format={_SQUEUE_FORMAT}",
+    ]
+
+
+def parse_squeue(stdout: str) -> dict[str, JobStatus]:
+    """Statuses from :func:`build_squeue_argv` output, keyed by job id."""
+    statuses = {}
+    for line in stdout.splitlines():
+        parts = line.strip().split("|")
+        if len(parts) != 4 or not parts[0]:
+            continue
+        job_id, state, reason, nodes = parts
+        reason = "" if reason in ("None", "(null)") else reason
+        statuses[job_id] = JobStatus(job_id, JobState.parse(state), reason, nodes)
+    return statuses
+
+
+def build_scontrol_job_argv(job_id) -> list[str]:
+    return ["scontrol", "--oneliner", "show", "job", str(job_id)]
+
+
+def parse_scontrol_job(stdout: str) -> JobStatus | None:
+    """The status in ``scontrol --oneliner show job`` output, or None if absent."""
+    fields = dict(re.findall(r"(\w+)=(\S*)", stdout))
+    if "JobId" not in fields:
+        return None
+    reason = fields.get("Reason", "")
+    nodes = fields.get("NodeList", "")
+    return JobStatus(
+        job_id=fields["JobId"],
+        state=JobState.parse(fields.get("JobState", "UNKNOWN")),
+        reason="" if reason == "None" else reason,
+        nodes="" if nodes == "(null)" else nodes,
+        exit_code=fields.get("ExitCode"),
+    )
+
+
+def build_sacct_argv(job_ids) -> list[str]:
+    return [
+        "sacct", "--noheader", "--parsable2", "--allocations",
+        f"--jobs={','.join(str(j) for j in job_ids)}", "--format=JobID,State,ExitCode,NodeList",
+    ]
+
+
+def parse_sacct(stdout: str) -> dict[str, JobStatus]:
+    """Statuses from :func:`build_sacct_argv` output, keyed by job id."""
+    statuses = {}
+    for line in stdout.splitlines():
+        parts = line.strip().split("|")
+        if len(parts) != 4 or not parts[0].isdigit():
+            continue
+        job_id, state, exit_code, nodes = parts
+        nodes = "" if nodes in ("None assigned", "(null)") else nodes
+        statuses[job_id] = JobStatus(job_id, JobState.parse(state), "", nodes, exit_code or None)
+    return statuses
+
+
+def build_scancel_argv(job_ids, signal: str | None = None) -> list[str]:
+    """``scancel`` for ``job_ids``; with ``signal``, send it to every process of the job."""
+    argv = ["scancel"]
+    if signal:
+        argv += [f"--signal={signal}", "--full"]
+    return argv + [str(j) for j in job_ids]

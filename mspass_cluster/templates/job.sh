@@ -1,0 +1,38 @@
+#!/usr/bin/env bash
+@{directives}
+#
+# mspass_cluster @{version}: role "@{role}" of cluster @{cluster_id}.
+# Runs as a Slurm job (sbatch) or by hand (bash this-file); stdout and stderr
+# go to the --output file above. The server runs in the background so that
+# this script can forward Slurm's signals to it, wait for a clean exit and
+# report the server's own exit status.
+set -u
+
+# --- prologue (job_script_prologue)
+@{prologue}
+
+# --- environment read by MsPASS and Dask
+@{exports}
+
+@{setup}
+
+echo "mspass_cluster: @{role} starting on $(hostname) at $(date '+%Y-%m-%dT%H:%M:%S')"
+@{command} &
+server_pid=$!
+forward_signal() { kill -TERM "$server_pid" 2>/dev/null; }
+trap forward_signal TERM INT USR1
+
+# wait returns early when a trapped signal arrives; keep waiting until the
+# server itself has exited, then take its exit status.
+while :; do
+    wait "$server_pid"
+    status=$?
+    kill -0 "$server_pid" 2>/dev/null || break
+done
+# If a signal interrupted the last wait just as the server exited, bash still
+# holds the server's real status; a pid already waited for gives 127.
+wait "$server_pid" 2>/dev/null
+last=$?
+[ "$last" -ne 127 ] && status=$last
+echo "mspass_cluster: @{role} exited with status $status at $(date '+%Y-%m-%dT%H:%M:%S')"
+exit "$status"

@@ -1,0 +1,103 @@
+"""Option resolution: argument > dask config > legacy MsPASS environment > default, and bad input."""
+
+import os
+
+import dask.config
+import pytest
+
+from mspass_cluster.config import OPTIONS, parse_walltime, prepare_directories, resolve_options
+from mspass_cluster.errors import ConfigError
+
+
+def test_defaults_follow_the_work_dir(tmp_path):
+    opts = resolve_options(environ={}, work_dir=str(tmp_path))
+    assert opts.nodes == 1
+    assert opts.db_dir == str(tmp_path / "db")
+    assert opts.log_dir == str(tmp_path / "logs")
+    assert opts.worker_dir == str(tmp_path / "work")
+    assert opts.db_partition is None and opts.db_walltime == opts.walltime
+
+
+def test_argument_beats_dask_config_beats_legacy_environment_beats_default(tmp_path):
+    env = {"MSPASS_WORK_DIR": str(tmp_path / "env"), "MSPASS_LOG_DIR": str(tmp_path / "envlogs"),
+           "MSPASS_DB_DIR": str(tmp_path / "envdb")}
+    with dask.config.set({"mspass_cluster.work-dir": str(tmp_path / "cfg"), "mspass_cluster.db-dir": str(tmp_path / "cfgdb")}):
+        opts = resolve_options(environ=env, work_dir=str(tmp_path / "arg"))
+    assert opts.work_dir == str(tmp_path / "arg")
+    assert opts.sources["work_dir"] == "argument"
+    assert opts.db_dir == str(tmp_path / "cfgdb") and opts.sources["db_dir"] == "dask config"
+    assert opts.log_dir == str(tmp_path / "envlogs") and opts.sources["log_dir"] == "MSPASS_LOG_DIR"
+    assert opts.sources["walltime"] == "default"
+
+
+def test_legacy_hostname_base_and_worker_dir_are_read():
+    opts = resolve_options(environ={"HOSTNAME_BASE": "cluster.example.edu", "MSPASS_WORKER_DIR": "/scratch/w"})
+    assert opts.hostname_base == "cluster.example.edu"
+    assert opts.worker_dir == "/scratch/w"
+
+
+@pytest.mark.parametrize("nodes", [0, -2, "three", 1.5])
+def test_bad_node_counts_are_refused_with_the_value(nodes):
+    with pytest.raises(ConfigError, match="nodes="):
+        resolve_options(environ={}, nodes=nodes)
+
+
+def test_unknown_option_lists_the_valid_ones():
+    with pytest.raises(ConfigError) as info:
+        resolve_options(environ={}, nodez=3)
+    assert "nodez" in str(info.value) and "partition" in str(info.value) and "walltime" in str(info.value)
+
+
+def test_unknown_key_in_dask_config_is_refused():
+    with dask.config.set({"mspass_cluster.partion": "x"}):
+        with pytest.raises(ConfigError, match="partion"):
+            resolve_options(environ={})
+
+
+@pytest.mark.parametrize("memory", ["lots", "-1GB", "0"])
+def test_bad_memory_says_how_to_write_it(memory):
+    with pytest.raises(ConfigError, match="memory="):
+        resolve_options(environ={}, memory=memory)
+
+
+@pytest.mark.parametrize("text, seconds", [
+    ("30", 1800), ("10:30", 630), ("01:00:00", 3600), ("2-00", 172800), ("1-02:03", 93780), ("1-00:00:05", 86405),
+])
+def test_slurm_walltime_formats(text, seconds):
+    assert parse_walltime(text) == seconds
+
+
+@pytest.mark.parametrize("text", ["1h", "25:00:00:00", "", "00:00:00", "ab:cd"])
+def test_malformed_walltime_is_refused_with_the_formats(text):
+    with pytest.raises(ConfigError, match="walltime"):
+        resolve_options(environ={}, walltime=text)
+
+
+def test_cores_must_cover_processes():
+    with pytest.raises(ConfigError, match="processes"):
+        resolve_options(environ={}, cores=2, processes=4)
+    with pytest.raises(ConfigError, match="evenly"):
+        resolve_options(environ={}, cores=6, processes=4)
+
+
+def test_a_single_string_list_option_becomes_a_list():
+    opts = resolve_options(environ={}, job_script_prologue="module load mongodb")
+    assert opts.job_script_prologue == ["module load mongodb"]
+
+
+def test_uncreatable_work_dir_is_named_with_the_fix(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")
+    opts = resolve_options(environ={}, work_dir=str(blocker / "sub"))
+    with pytest.raises(ConfigError) as info:
+        prepare_directories(opts)
+    assert str(blocker / "sub") in str(info.value) and "work_dir" in str(info.value)
+    assert not os.path.exists(blocker / "sub")
+
+
+def test_packaged_config_file_declares_every_option_and_only_those():
+    import yaml
+    from importlib import resources
+    text = resources.files("mspass_cluster").joinpath("mspass_cluster.yaml").read_text()
+    keys = set(yaml.safe_load(text)["mspass_cluster"])
+    assert keys == {o.name.replace("_", "-") for o in OPTIONS}

@@ -1,0 +1,69 @@
+"""Pure Slurm builders and parsers."""
+
+import pytest
+
+from mspass_cluster.slurm import (
+    JobState, build_directives, build_scancel_argv, build_squeue_argv, parse_sacct,
+    parse_sbatch_job_id, parse_scontrol_job, parse_squeue,
+)
+
+
+def test_directives_for_a_whole_exclusive_node():
+    assert build_directives(job_name="w", output="/l/w-%j.out", walltime="01:00:00", exclusive=True,
+                            partition="normal", account="proj", qos="debug", extra=["--constraint=ib"]) == [
+        "#SBATCH --job-name=w", "#SBATCH --output=/l/w-%j.out", "#SBATCH --nodes=1", "#SBATCH --ntasks=1",
+        "#SBATCH --mem=0", "#SBATCH --exclusive", "#SBATCH --time=01:00:00", "#SBATCH --partition=normal",
+        "#SBATCH --account=proj", "#SBATCH --qos=debug", "#SBATCH --constraint=ib",
+    ]
+
+
+def test_memory_is_rounded_up_to_a_unit_slurm_accepts():
+    lines = build_directives(job_name="d", output="o", walltime="5", cores=1, memory="1.5GiB")
+    assert "#SBATCH --mem=2G" in lines and "#SBATCH --cpus-per-task=1" in lines
+
+
+@pytest.mark.parametrize("out, job_id", [("123\n", "123"), ("4567;cluster\n", "4567"),
+                                         ("sbatch: warning: x\n89\n", "89")])
+def test_parsable_sbatch_output(out, job_id):
+    assert parse_sbatch_job_id(out) == job_id
+
+
+def test_sbatch_output_without_id_is_an_error():
+    with pytest.raises(ValueError):
+        parse_sbatch_job_id("Submitted nothing")
+
+
+def test_one_squeue_call_for_all_jobs():
+    argv = build_squeue_argv(["1", "2", "3"])
+    assert argv[0] == "squeue" and "--jobs=1,2,3" in argv and "--states=all" in argv
+
+
+def test_squeue_parsing_keeps_state_reason_and_node():
+    out = "12|PENDING|Resources|\n13|RUNNING|None|n2\n14|FAILED|NonZeroExitCode|n3\n"
+    statuses = parse_squeue(out)
+    assert statuses["12"].state is JobState.PENDING and statuses["12"].reason == "Resources"
+    assert statuses["13"].kind == "running" and statuses["13"].nodes == "n2" and statuses["13"].reason == ""
+    assert statuses["14"].kind == "ended"
+
+
+def test_scontrol_parsing_gives_exit_code():
+    out = ("JobId=30 JobName=w UserId=root(0) JobState=FAILED Reason=NonZeroExitCode Dependency=(null) "
+           "ExitCode=127:0 NodeList=n1 StdOut=/l/w-30.out\n")
+    status = parse_scontrol_job(out)
+    assert (status.job_id, status.state, status.exit_code, status.nodes) == ("30", JobState.FAILED, "127:0", "n1")
+    assert parse_scontrol_job("slurm_load_jobs error: Invalid job id specified") is None
+
+
+def test_sacct_parsing_and_cancelled_by_user():
+    status = parse_sacct("40|CANCELLED by 0|0:15|n4\n40.batch|CANCELLED|0:15|n4\n")["40"]
+    assert status.state is JobState.CANCELLED and status.exit_code == "0:15"
+
+
+def test_every_state_has_a_kind():
+    assert {s.kind for s in JobState} == {"pending", "running", "ended"}
+    assert JobState.parse("NOT_A_STATE") is JobState.UNKNOWN
+
+
+def test_scancel_with_signal_reaches_every_process():
+    assert build_scancel_argv(["5"], "TERM") == ["scancel", "--signal=TERM", "--full", "5"]
+    assert build_scancel_argv(["5", "6"]) == ["scancel", "5", "6"]
