@@ -565,6 +565,9 @@ class MsPASSCluster(SpecCluster):
         job = self.db_job
         if job is None or job.ended:
             return
+        if job.state.kind != "running":
+            await self._launcher.cancel(job, timeout=JOB_STOP_TIMEOUT)
+            return
         # SIGTERM only: the server may take longer than Slurm's KillWait to
         # flush, so it is given DB_STOP_TIMEOUT before a plain scancel.
         stopped = await self._launcher.cancel(job, signal="TERM", timeout=DB_STOP_TIMEOUT)

@@ -281,7 +281,12 @@ class JobLauncher:
             await asyncio.sleep(0)  # let callers in the same tick join this batch
             batch, self._cancel_queue = self._cancel_queue, []
             for signal in {s for _, s in batch}:
-                await self.slurm.cancel([j for j, s in batch if s == signal], signal=signal)
+                ids = [j for j, s in batch if s == signal]
+                try:
+                    await self.slurm.cancel(ids, signal=signal)
+                except CommandError as exc:
+                    logger.warning("%s; cancelling jobs %s outright.", exc, ", ".join(ids))
+                    await self.slurm.cancel(ids)
             waiting = [j for j, f in self._gone.items() if not f.done()]
             if not waiting:
                 return

@@ -1,0 +1,126 @@
+"""nx_mongod: a STAND-IN for MongoDB's ``mongod``, used only by the tests.
+
+Runs the ``nx-27017`` server (the MongoDB wire protocol over SQLite, from
+PyPI) behind mongod's command line, so that the data-path tests of
+``mspass_cluster`` can start it exactly as they would start ``mongod``
+(``python nx_mongod.py --port P --dbpath D --bind_ip_all ...``) and then
+store and read documents and GridFS files with pymongo.
+
+Faithful to ``mongod``: the command line and its errors (exit 2, see
+``_mongod_cli.py``, shared with ``fake_mongod.py``); a missing ``--dbpath``
+(``NonExistentPath``, exit 100) and an unresolvable ``--bind_ip`` (exit 48);
+mongod's first log lines, to stdout or ``--logpath``; one process whose PID
+is the one the launcher started (the adapter ``exec``\\ s nx-27017), so
+SIGTERM reaches the server itself; data written through pymongo (CRUD,
+GridFS) persists in ``--dbpath`` across restarts.
+
+Not faithful -- never use it to test administrative behaviour:
+
+* Administrative commands only pretend (nx-27017's answers, not mongod's).
+* After the first lines the log is nx-27017's own text log, to stderr and to
+  ``--logpath`` (default ``<dbpath>/nx-27017.log``): there is no
+  ``Waiting for connections`` line; readiness is an answered ``ping``.
+* nx-27017 listens on one address: ``0.0.0.0`` when ``--bind_ip_all`` is
+  given or any ``--bind_ip`` address is not loopback, else ``127.0.0.1``.
+  No Unix domain socket.
+* No ``mongod.lock``: a second server on the same data directory is refused
+  only through nx-27017's pid file (``--pidfilepath``, default
+  ``<dbpath>/nx-27017.pid``), with status 1; nx-27017 removes that file when
+  it stops. A busy port also ends it with status 1 and a traceback, not 48.
+* SIGTERM and SIGINT stop it with status 0; there is no ``shutdown``
+  command and nothing like mongod's clean-shutdown bookkeeping.
+* ``--wiredTigerCacheSizeGB``, ``--quiet``, ``--auth``, ``--keyFile``,
+  ``--replSet``, ``--configsvr``, ``--shardsvr``, ``--setParameter``,
+  ``--nounixsocket`` and ``--unixSocketPrefix`` are accepted and ignored.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import sys
+from importlib import metadata
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import _mongod_cli as cli  # noqa: E402  (located through the line above)
+
+NX_DISTRIBUTION = "nx-27017"
+NX_CONSOLE_SCRIPT = "nx-27017"
+
+# Run in the exec'd interpreter: resolve "module:function" (argv[1]) and call
+# it with nx-27017's own arguments, as its console script would.
+_BOOTSTRAP = ("import pkgutil, sys; main = pkgutil.resolve_name(sys.argv.pop(1)); "
+              f"sys.argv[0] = {NX_CONSOLE_SCRIPT!r}; sys.exit(main())")
+
+
+def nx_entry_point() -> metadata.EntryPoint:
+    """nx-27017's console-script entry point (``nx_27017.nx_27017:main`` in 0.8.1).
+
+    The package has no ``__main__`` module, so ``python -m nx_27017`` does
+    not work; the entry point is the supported way in.
+    """
+    (entry_point,) = metadata.entry_points(group="console_scripts", name=NX_CONSOLE_SCRIPT)
+    return entry_point
+
+
+def listen_host(addresses: list[tuple[object, str]], bind_all: bool) -> str:
+    """The single address nx-27017 can listen on for mongod's bind list.
+
+    Parameters
+    ----------
+    addresses : list of (family, address)
+        From :func:`cli.resolve_bind_addresses`.
+    bind_all : bool
+        ``--bind_ip_all`` was given.
+
+    Returns
+    -------
+    str
+        ``0.0.0.0`` if mongod would be reachable from other hosts, else
+        ``127.0.0.1``.
+    """
+    # nx-27017 binds exactly one address, so "several specific addresses"
+    # can only be approximated by all of them.
+    if bind_all or any(not ipaddress.ip_address(address).is_loopback for _, address in addresses):
+        return "0.0.0.0"
+    return "127.0.0.1"
+
+
+def main() -> int:
+    """Check the command line and ``exec`` nx-27017; returns only on failure."""
+    nx_version = metadata.version(NX_DISTRIBUTION)
+    build_info = {"version": cli.MONGODB_VERSION, "standIn": f"nx-27017 {nx_version}, MongoDB wire protocol over SQLite"}
+    opts = cli.parse_or_exit(
+        sys.argv[1:],
+        version_banner=f"db version v{cli.MONGODB_VERSION}\nstand-in: nx-27017 {nx_version} (MongoDB wire protocol over SQLite)")
+    log = cli.open_log_or_exit(opts)
+    cli.log_starting(log, opts, build_info=build_info)
+    try:
+        addresses = cli.resolve_bind_addresses(opts)
+    except cli.BindError as exc:
+        cli.log_listener_error(log, str(exc))
+        cli.log_exit(log, cli.EXIT_NET_ERROR)
+        return cli.EXIT_NET_ERROR
+    if not os.path.exists(opts.dbpath):
+        cli.log_initandlisten_failure(log, cli.nonexistent_path_error(opts.dbpath))
+        cli.log_exit(log, cli.EXIT_UNCAUGHT)
+        return cli.EXIT_UNCAUGHT
+    nx_args = [
+        "--host", listen_host(addresses, opts.bind_ip_all),
+        "--port", str(opts.effective_port),
+        "--data-dir", opts.dbpath,
+        "--log-file", opts.logpath or os.path.join(opts.dbpath, "nx-27017.log"),
+        "--pid-file", opts.pidfilepath or os.path.join(opts.dbpath, "nx-27017.pid"),
+    ]
+    entry_point = nx_entry_point()
+    log.write("I", "CONTROL", 0, "initandlisten", "Handing over to the nx-27017 stand-in",
+              {"entryPoint": entry_point.value, "args": nx_args})
+    # exec does not flush Python's buffers: whatever is not written now is lost.
+    log.close()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execv(sys.executable, [sys.executable, "-c", _BOOTSTRAP, entry_point.value, *nx_args])
+
+
+if __name__ == "__main__":
+    sys.exit(main())

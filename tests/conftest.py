@@ -1,0 +1,89 @@
+"""Shared fixtures: the Slurm test bed, the mongod stand-ins, and leftover checks.
+
+Stand-ins used here (no mongod exists on this machine):
+
+* ``fake_mongod.py`` - a fake mongod program for process handling
+  (start, readiness, clean stop on SIGTERM, failure on bad options).
+* ``nx_mongod.py`` - the nx-27017 server (MongoDB wire protocol over SQLite)
+  behind mongod's command line, for the data path (pymongo, GridFS).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+BIN = Path(__file__).parent / "bin"
+FAKE_MONGOD = [sys.executable, str(BIN / "fake_mongod.py")]
+NX_MONGOD = [sys.executable, str(BIN / "nx_mongod.py")]
+
+
+def _testbed_problem() -> str | None:
+    if shutil.which("sinfo") is None:
+        return "Slurm is not installed"
+    try:
+        out = subprocess.run(["sinfo", "--noheader", "--Node", "--format=%N %t"], capture_output=True, text=True, timeout=20)
+    except subprocess.TimeoutExpired:
+        return "sinfo did not answer"
+    nodes = [line.split() for line in out.stdout.splitlines() if line.strip()]
+    usable = [n for n, state in nodes if state.rstrip("*") in ("idle", "mix", "alloc")]
+    if out.returncode != 0 or len(usable) < 4:
+        return f"the Slurm test bed is not up with 4 nodes (sinfo: {out.stdout.strip() or out.stderr.strip()})"
+    return None
+
+
+@pytest.fixture(scope="session")
+def slurm_testbed():
+    """The 4-node test bed of `ci/testbed up`; missing under CI=true is a failure, not a skip."""
+    problem = _testbed_problem()
+    if problem:
+        message = f"{problem}; start it with `ci/testbed up` (as root)."
+        if os.environ.get("CI", "").lower() == "true":
+            pytest.fail(message)
+        pytest.skip(message)
+    return True
+
+
+@pytest.fixture
+def shared_dir(tmp_path):
+    """A work directory every test-bed node sees (the nodes share this machine's file system)."""
+    return tmp_path
+
+
+def queued(job_ids) -> list[str]:
+    """Which of ``job_ids`` squeue still lists (pending, running or completing)."""
+    if not job_ids:
+        return []
+    out = subprocess.run(["squeue", "--noheader", "--format=%i", f"--jobs={','.join(job_ids)}"],
+                         capture_output=True, text=True, timeout=20)
+    return [line.strip() for line in out.stdout.splitlines() if line.strip()]
+
+
+def cluster_processes(cluster_id: str) -> list[int]:
+    """PIDs of live processes started by a cluster's jobs (they carry MSPASS_CLUSTER_ID)."""
+    needle = f"MSPASS_CLUSTER_ID={cluster_id}".encode()
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            environ = (entry / "environ").read_bytes()
+            state = (entry / "stat").read_text().split(") ", 1)[1].split()[0]
+        except OSError:
+            continue
+        if needle in environ.split(b"\0") and state != "Z":
+            pids.append(int(entry.name))
+    return pids
+
+
+def assert_nothing_left(cluster):
+    """No job of ``cluster`` in squeue and no process it started still alive."""
+    ids = list(cluster.job_ids)
+    assert ids, "the cluster submitted no job"
+    assert queued(ids) == [], f"jobs still queued: {queued(ids)}"
+    assert cluster_processes(cluster.cluster_id) == []

@@ -1,0 +1,170 @@
+"""MsPASSCluster end to end on the real Slurm test bed (ci/testbed up).
+
+The database server is a stand-in (no mongod exists on this machine): the
+nx-27017 adapter where data must really be stored, the fake mongod where the
+process handling is checked. Every test leaves nothing in squeue and no
+process of its cluster behind.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import socket
+import sys
+
+import pymongo
+import pytest
+
+from conftest import FAKE_MONGOD, NX_MONGOD, assert_nothing_left, cluster_processes, queued
+from mspass_cluster import JobFailedError, MsPASSCluster, StartupTimeoutError, SubmitError
+
+pytestmark = pytest.mark.slurm
+
+# Workers import this module's task functions, as users' jobs import their own modules.
+TESTS_ON_PYTHONPATH = [f"export PYTHONPATH={os.path.dirname(os.path.abspath(__file__))}"]
+PUBLISHED = ("MSPASS_SCHEDULER_ADDRESS", "DASK_SCHEDULER_PORT", "MSPASS_DB_ADDRESS", "MONGODB_PORT")
+
+
+def store_documents(db_client, worker_index, count):
+    """Runs on a worker: write documents through the pickled DB client and through MSPASS_* variables."""
+    host = socket.gethostname()
+    db_client.mspass_test.wf.insert_many([{"worker": worker_index, "i": i, "host": host} for i in range(count)])
+    by_env = pymongo.MongoClient(f"mongodb://{os.environ['MSPASS_DB_ADDRESS']}:{os.environ['MONGODB_PORT']}/")
+    by_env.mspass_test.env.insert_one({"worker": worker_index, "host": host})
+    by_env.close()
+    return host
+
+
+def test_three_worker_nodes_store_data_scale_and_leave_nothing(slurm_testbed, shared_dir):
+    before = {k: os.environ.get(k) for k in PUBLISHED}
+    with MsPASSCluster(nodes=3, work_dir=str(shared_dir), db_command=NX_MONGOD, walltime="15",
+                       job_script_prologue=TESTS_ON_PYTHONPATH) as cluster:
+        client = cluster.get_client()
+        assert client is cluster.get_client()
+        hosts = set(client.run(socket.gethostname).values())
+        assert len(hosts) == 3, f"3 workers should be on 3 nodes, got {hosts}"
+        assert cluster.db_job.node in {"n1", "n2", "n3", "n4"}
+
+        # MsPASS code finds both services from the environment, as mspasspy.client.Client does.
+        assert os.environ["MSPASS_DB_ADDRESS"] == cluster.db_job.node
+        from distributed import Client
+        with Client(f"{os.environ['MSPASS_SCHEDULER_ADDRESS']}:{os.environ['DASK_SCHEDULER_PORT']}") as by_env:
+            assert len(by_env.scheduler_info()["workers"]) == 3
+
+        db = cluster.get_db_client()
+        futures = [client.submit(store_documents, db, i, 50, pure=False) for i in range(6)]
+        task_hosts = set(client.gather(futures))
+        del futures  # held results of side-effect tasks would be recomputed when their workers retire
+        assert task_hosts <= hosts
+        docs = list(db.mspass_test.wf.find({}, {"_id": 0, "worker": 1, "i": 1}))
+        assert sorted((d["worker"], d["i"]) for d in docs) == [(w, i) for w in range(6) for i in range(50)]
+        assert db.mspass_test.env.count_documents({}) == 6
+
+        cluster.scale(1)
+        cluster.wait_for_workers(1)
+        assert len(client.scheduler_info()["workers"]) == 1
+        cluster.scale(3)
+        cluster.wait_for_workers()
+        assert len(set(client.run(socket.gethostname).values())) == 3
+        assert db.mspass_test.wf.count_documents({}) == 300
+    assert_nothing_left(cluster)
+    assert {k: os.environ.get(k) for k in PUBLISHED} == before
+
+
+def test_database_gets_a_clean_shutdown(slurm_testbed, shared_dir):
+    with MsPASSCluster(nodes=1, work_dir=str(shared_dir), db_command=FAKE_MONGOD, walltime="10") as cluster:
+        data = os.path.join(cluster.options.db_dir, "data")
+        assert os.path.exists(os.path.join(data, "mongod.lock"))
+    marker = json.loads(open(os.path.join(data, "fake_mongod.clean_shutdown")).read())
+    assert marker["signal"] == "SIGTERM"
+    # Like mongod, the fake empties its lock file on a clean shutdown and leaves its PID there otherwise.
+    assert os.path.getsize(os.path.join(data, "mongod.lock")) == 0, "the server did not shut down cleanly"
+    assert "db exited with status 0" in open(cluster.db_job.log_path).read()
+    assert_nothing_left(cluster)
+
+
+def test_broken_worker_command_fails_fast_with_slurms_words(slurm_testbed, shared_dir):
+    with pytest.raises(JobFailedError) as info:
+        MsPASSCluster(nodes=2, work_dir=str(shared_dir), db_command=FAKE_MONGOD, python="/nonexistent/python",
+                      walltime="10", startup_timeout=600)
+    error = info.value
+    assert error.role == "worker" and error.state == "FAILED" and error.exit_code.startswith("127")
+    assert error.log_path.startswith(str(shared_dir / "logs"))
+    assert "/nonexistent/python" in error.log_tail and "No such file or directory" in error.log_tail
+    for word in (error.job_id, "FAILED", "127", error.log_path, "job_script('worker')"):
+        assert word in str(error)
+    assert queued([error.job_id]) == []
+    assert_no_job_named(shared_dir)
+
+
+def test_broken_database_command_fails_fast_with_its_log(slurm_testbed, shared_dir):
+    with pytest.raises(JobFailedError) as info:
+        MsPASSCluster(nodes=1, work_dir=str(shared_dir), db_command=[*FAKE_MONGOD, "--no-such-option"],
+                      walltime="10", startup_timeout=600)
+    error = info.value
+    assert error.role == "db" and error.state == "FAILED" and error.exit_code.startswith("2")
+    assert "unrecognised option '--no-such-option'" in error.log_tail
+    assert "job_script('db')" in str(error)
+    assert_no_job_named(shared_dir)
+
+
+@pytest.mark.parametrize("options, words", [
+    ({"partition": "no-such-partition"}, "invalid partition"),
+    ({"memory": "100GB"}, "Memory specification can not be satisfied"),
+])
+def test_sbatch_rejection_raises_at_once_with_sbatchs_message(slurm_testbed, shared_dir, options, words):
+    with pytest.raises(SubmitError) as info:
+        MsPASSCluster(nodes=2, work_dir=str(shared_dir), db_command=FAKE_MONGOD, walltime="10", **options)
+    assert words in str(info.value) and "sbatch" in str(info.value)
+    assert_no_job_named(shared_dir)
+
+
+def test_pending_jobs_are_reported_with_slurms_reason_and_cancelled_at_the_deadline(slurm_testbed, shared_dir, caplog):
+    caplog.set_level(logging.INFO, logger="mspass_cluster")
+    with pytest.raises(StartupTimeoutError) as info:
+        MsPASSCluster(nodes=1, work_dir=str(shared_dir), db_command=FAKE_MONGOD, walltime="10",
+                      job_extra_directives=["--hold"], startup_timeout=4)
+    assert "JobHeldUser" in str(info.value) and "startup_timeout=4" in str(info.value)
+    assert any("JobHeldUser" in r.getMessage() for r in caplog.records if r.name == "mspass_cluster")
+    assert_no_job_named(shared_dir)
+
+
+def test_two_clusters_never_touch_each_others_jobs(slurm_testbed, shared_dir):
+    first = MsPASSCluster(nodes=1, work_dir=str(shared_dir / "a"), db_command=FAKE_MONGOD, walltime="10")
+    try:
+        with MsPASSCluster(nodes=1, work_dir=str(shared_dir / "b"), db_command=FAKE_MONGOD, walltime="10") as second:
+            assert first.cluster_id != second.cluster_id
+            assert not set(first.job_ids) & set(second.job_ids)
+        assert_nothing_left(second)
+        assert sorted(queued(list(first.job_ids))) == sorted(first.job_ids)
+        first.wait_for_workers(1)
+    finally:
+        first.close()
+    first.close()  # idempotent
+    assert_nothing_left(first)
+
+
+def test_interpreter_exit_without_close_cancels_every_job(slurm_testbed, shared_dir):
+    script = (
+        "import sys\n"
+        "from mspass_cluster import MsPASSCluster\n"
+        f"c = MsPASSCluster(nodes=1, work_dir={str(shared_dir)!r}, db_command={FAKE_MONGOD!r}, walltime='10')\n"
+        "print(','.join(c.job_ids), c.cluster_id, flush=True)\n"
+    )
+    import subprocess
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=240)
+    assert out.returncode == 0, out.stderr
+    ids, cluster_id = out.stdout.split()
+    assert queued(ids.split(",")) == []
+    assert cluster_processes(cluster_id) == []
+
+
+def assert_no_job_named(shared_dir):
+    """No job whose script lives in this test's log directory is still queued."""
+    logs = shared_dir / "logs"
+    names = [p.stem for p in logs.glob("*.sh")] if logs.exists() else []
+    assert names, "no job script was written"
+    out = os.popen("squeue --noheader --format=%j").read().split()
+    assert not set(names) & set(out), f"still queued: {set(names) & set(out)}"
