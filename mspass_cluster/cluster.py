@@ -465,7 +465,7 @@ class MsPASSCluster(SpecCluster):
         return name if name in self.worker_spec or self.options.processes == 1 else name.rsplit("-", 1)[0]
 
     def wait_for_workers(self, n_workers=None, timeout=None):
-        """Wait until every worker process of every requested node has connected.
+        """Wait until every worker process of every requested node has connected, or ``n_workers`` workers.
 
         Raises the failure of any worker job that ended first, with its log.
         """
@@ -476,12 +476,15 @@ class MsPASSCluster(SpecCluster):
                 if self._failures:
                     raise self._failures.pop(0)
                 connected = self._connected_names()
-                wanted = n_workers if n_workers is not None else len(self.plan)
-                if len(connected & self.plan) >= wanted:
+                if n_workers is None:
+                    have, wanted = len(connected & self.plan), len(self.plan)
+                else:
+                    have, wanted = len(connected), n_workers
+                if have >= wanted:
                     return
                 if loop.time() >= deadline:
                     raise StartupTimeoutError(
-                        f"Only {len(connected & self.plan)} of {wanted} workers connected within the timeout; "
+                        f"Only {have} of {wanted} workers connected within the timeout; "
                         f"Slurm says: {self._pending_summary(connected, None)}."
                     )
                 await asyncio.sleep(0.1)
@@ -541,7 +544,7 @@ class MsPASSCluster(SpecCluster):
         if options:
             raise ConfigError("cluster.job_script(role) takes no options; they were fixed when the cluster was made.")
         self = self_or_cls
-        name = self.db_job_name if role == "db" else self._new_worker_name(self._i)
+        name = self.db_job_name if role == "db" else next(iter(self.new_worker_spec()))
         return self._launcher.script(role, name)[0]
 
     # -------------------------------------------------------------- teardown

@@ -168,3 +168,57 @@ def assert_no_job_named(shared_dir):
     assert names, "no job script was written"
     out = os.popen("squeue --noheader --format=%j").read().split()
     assert not set(names) & set(out), f"still queued: {set(names) & set(out)}"
+
+
+def test_worker_job_script_runs_by_hand_and_joins_the_cluster(slurm_testbed, shared_dir):
+    import signal
+    import subprocess
+    import time
+    with MsPASSCluster(nodes=1, work_dir=str(shared_dir), db_command=FAKE_MONGOD, walltime="10") as cluster:
+        path = shared_dir / "by-hand.sh"
+        path.write_text(cluster.job_script("worker"))
+        proc = subprocess.Popen(["bash", str(path)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        try:
+            cluster.wait_for_workers(2, timeout=60)
+            names = {w["name"] for w in cluster.get_client().scheduler_info()["workers"].values()}
+            assert len(names) == 2
+        finally:
+            proc.send_signal(signal.SIGTERM)
+            out, _ = proc.communicate(timeout=60)
+        assert "worker exited with status 0" in out, out[-2000:]
+        deadline = time.monotonic() + 30
+        while len(cluster.get_client().scheduler_info()["workers"]) != 1 and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert len(cluster.get_client().scheduler_info()["workers"]) == 1
+    assert_nothing_left(cluster)
+
+
+def test_previewed_db_script_runs_under_sbatch_as_is(slurm_testbed, shared_dir):
+    import subprocess
+    import time
+    from mspass_cluster.db import ping
+    script = MsPASSCluster.job_script("db", work_dir=str(shared_dir), db_command=FAKE_MONGOD, walltime="5")
+    path = shared_dir / "db.sh"
+    path.write_text(script)
+    (shared_dir / "logs").mkdir()  # the script says so: sbatch needs the --output directory
+    job_id = subprocess.run(["sbatch", "--parsable", str(path)], capture_output=True, text=True, check=True).stdout.strip()
+    try:
+        deadline, node, answer = time.monotonic() + 60, "", "not tried"
+        while time.monotonic() < deadline:
+            node = subprocess.run(["squeue", "--noheader", "--format=%N", f"--jobs={job_id}"],
+                                  capture_output=True, text=True).stdout.strip()
+            if node:
+                answer = ping(f"mongodb://{node}:27017/", 1.0)
+                if answer is None:
+                    break
+            time.sleep(0.2)
+        assert answer is None, f"the database never answered: {answer}"
+    finally:
+        subprocess.run(["scancel", "--signal=TERM", "--full", job_id], check=False)
+        deadline = time.monotonic() + 60
+        while queued([job_id]) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        subprocess.run(["scancel", job_id], check=False)
+    assert queued([job_id]) == []
+    logs = list((shared_dir / "logs").glob(f"*-{job_id}.out"))
+    assert logs and "db exited with status 0" in logs[0].read_text()

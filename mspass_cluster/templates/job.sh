@@ -2,8 +2,9 @@
 @{directives}
 #
 # mspass_cluster @{version}: role "@{role}" of cluster @{cluster_id}.
-# Runs as a Slurm job (sbatch) or by hand (bash this-file); stdout and stderr
-# go to the --output file above. The server runs in the background so that
+# Runs as a Slurm job (sbatch) or by hand (bash this-file). Under sbatch,
+# stdout and stderr go to the --output file above, whose directory must
+# already exist (Slurm drops the job's output otherwise). The server runs in the background so that
 # this script can forward Slurm's signals to it, wait for a clean exit and
 # report the server's own exit status.
 set -u

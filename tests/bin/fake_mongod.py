@@ -116,9 +116,9 @@ class RecordingLog:
         self._log = log
         self._lock = threading.Lock()
         self._closed = False
-        self.recent: collections.deque[str] = collections.deque(maxlen=_RAMLOG_LINES)
-        self.startup_warnings: list[str] = []
-        self.lines_written = 0
+        self._recent: collections.deque[str] = collections.deque(maxlen=_RAMLOG_LINES)
+        self._startup_warnings: list[str] = []
+        self._lines_written = 0
 
     def write(self, severity: str, component: str, log_id: int, ctx: str, msg: str,
               attr: dict[str, Any] | None = None) -> None:
@@ -127,17 +127,17 @@ class RecordingLog:
             if self._closed:
                 return
             line = self._log.write(severity, component, log_id, ctx, msg, attr)
-            self.recent.append(line)
-            self.lines_written += 1
+            self._recent.append(line)
+            self._lines_written += 1
             if severity == "W" and ctx == "initandlisten":
-                self.startup_warnings.append(line)
+                self._startup_warnings.append(line)
 
     def snapshot(self, which: str) -> tuple[int, list[str]]:
         """(total lines, lines kept) of the ``global`` or ``startupWarnings`` log."""
         with self._lock:
             if which == "startupWarnings":
-                return len(self.startup_warnings), list(self.startup_warnings)
-            return self.lines_written, list(self.recent)
+                return len(self._startup_warnings), list(self._startup_warnings)
+            return self._lines_written, list(self._recent)
 
     def close(self) -> None:
         """Close the underlying log; later lines (from closing connections) are dropped."""
