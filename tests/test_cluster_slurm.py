@@ -222,3 +222,21 @@ def test_previewed_db_script_runs_under_sbatch_as_is(slurm_testbed, shared_dir):
     assert queued([job_id]) == []
     logs = list((shared_dir / "logs").glob(f"*-{job_id}.out"))
     assert logs and "db exited with status 0" in logs[0].read_text()
+
+
+def test_adapt_and_scale_count_worker_nodes_not_processes(slurm_testbed, shared_dir):
+    with MsPASSCluster(nodes=1, processes=2, cores=2, memory="1GiB", work_dir=str(shared_dir),
+                       db_command=FAKE_MONGOD, walltime="10") as cluster:
+        assert len(cluster.scheduler_info["workers"]) == 2  # one node, two processes
+        cluster.scale(cores=4)  # two nodes of 2 cores
+        cluster.wait_for_workers()
+        assert len(cluster.worker_spec) == 2 and len(cluster.get_client().scheduler_info()["workers"]) == 4
+        cluster.scale(memory="3GiB")  # three nodes of 1 GiB
+        cluster.wait_for_workers()
+        assert len(cluster.worker_spec) == 3
+        cluster.scale(1)
+        cluster.adapt(minimum=2, maximum=3, interval="200ms")
+        cluster.wait_for_workers(4, timeout=120)
+        hosts = set(cluster.get_client().run(socket.gethostname).values())
+        assert len(hosts) == 2 and len(cluster.worker_spec) == 2
+    assert_nothing_left(cluster)

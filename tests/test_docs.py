@@ -1,0 +1,26 @@
+"""The README documents every option, and CI runs the README's test command."""
+
+from pathlib import Path
+
+import mspass_cluster
+from mspass_cluster.config import OPTIONS
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_readme_table_lists_every_option():
+    readme = (ROOT / "README.md").read_text()
+    missing = [o.name for o in OPTIONS if f"| `{o.name}` |" not in readme]
+    assert missing == []
+
+
+def test_ci_runs_the_readme_test_command():
+    readme = (ROOT / "README.md").read_text()
+    assert "| `ci/test` |" in readme
+    assert "exec ci/test" in (ROOT / ".ci" / "run").read_text()
+
+
+def test_public_names_are_exactly_all():
+    public = {n for n in dir(mspass_cluster) if not n.startswith("_")} - {
+        "cluster", "commands", "config", "db", "errors", "jobs", "network", "roles", "slurm", "worker_env"}
+    assert public == set(mspass_cluster.__all__) - {"__version__"}
