@@ -7,7 +7,8 @@ Each option's value comes from the first of these that sets it:
    ``~/.config/dask/mspass_cluster.yaml``; keys use dashes, ``work-dir``);
 3. the legacy MsPASS environment that ``mspass_setup.sh`` exports
    (``MSPASS_WORK_DIR``, ``MSPASS_DB_DIR``, ``MSPASS_LOG_DIR``,
-   ``MSPASS_WORKER_DIR``, ``HOSTNAME_BASE``);
+   ``MSPASS_WORKER_DIR``, ``MSPASS_CONTAINER``, ``SINGULARITY_BIND`` /
+   ``APPTAINER_BIND``, ``HOSTNAME_BASE``);
 4. the default in :data:`OPTIONS`.
 
 Every option is declared once, in :data:`OPTIONS`, with its default, its
@@ -18,15 +19,18 @@ and the packaged ``mspass_cluster.yaml`` follow this list.
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import re
 import sys
+import textwrap
 from dataclasses import dataclass, field
 from typing import Any
 
 import dask.config
 from dask.utils import parse_bytes
 
+from .containers import RUNTIMES, check_container, container_active
 from .errors import ConfigError
 
 __all__ = ["ClusterOptions", "OPTIONS", "Option", "resolve_options", "parse_walltime"]
@@ -41,8 +45,13 @@ class Option:
     name: str
     default: Any
     doc: str
-    env: str | None = None
-    kind: str = "str"  # str, int, bool, list, path, memory, walltime, float
+    env: str | tuple | None = None
+    kind: str = "str"  # str, choice, int, bool, list, path, memory, walltime, float
+
+    @property
+    def env_names(self) -> tuple:
+        """Legacy environment variables read for this option, first match wins."""
+        return (self.env,) if isinstance(self.env, str) else tuple(self.env or ())
 
 
 def _default_python() -> str:
@@ -70,6 +79,13 @@ OPTIONS: tuple[Option, ...] = (
     Option("log_dir", None, "Job scripts and logs. Default ``<work_dir>/logs``.", env="MSPASS_LOG_DIR", kind="path"),
     Option("worker_dir", None, "Dask workers' local directory (spill files). Default ``<work_dir>/work``.", env="MSPASS_WORKER_DIR", kind="path"),
     Option("hostname_base", None, "Domain appended to Slurm node names to reach them, as in MsPASS's ``HOSTNAME_BASE``.", env="HOSTNAME_BASE"),
+    # --- containers (Apptainer / Singularity)
+    Option("container", None, "Apptainer/Singularity image (`.sif` file or sandbox directory) every role runs in, e.g. the MsPASS image. Unset: programs on the host.", env="MSPASS_CONTAINER", kind="path"),
+    Option("container_runtime", "auto", "`auto` (apptainer, else singularity, looked up on the node), `apptainer`, `singularity`, or `none` (ignore `container`).", kind="choice"),
+    Option("binds", [], "Host paths to bind into the container, `src[:dst[:opts]]`; the work, database, log and worker directories are added when not covered.", env=("APPTAINER_BIND", "SINGULARITY_BIND"), kind="list"),
+    Option("container_args", [], "Extra arguments for `<runtime> exec`, e.g. `['--contain']`.", kind="list"),
+    Option("gpu", False, "Give the container the node's NVIDIA GPUs (`--nv`).", kind="bool"),
+    Option("container_cleanenv", True, "Start containers with `--cleanenv`: only the cluster's variables enter, not the job's whole environment.", kind="bool"),
     # --- network
     Option("interface", None, "Network interface (e.g. ``ib0``) whose address the compute nodes use to reach the scheduler. Default: the address this machine uses to reach the partition's nodes, logged at start."),
     Option("scheduler_port", 0, "Dask scheduler port; 0 picks a free one (published as ``DASK_SCHEDULER_PORT``).", kind="int"),
@@ -93,6 +109,7 @@ OPTIONS: tuple[Option, ...] = (
 )
 
 _BY_NAME = {o.name: o for o in OPTIONS}
+CHOICES = {"container_runtime": RUNTIMES}
 
 
 @dataclass(frozen=True)
@@ -116,6 +133,12 @@ class ClusterOptions:
     log_dir: str
     worker_dir: str
     hostname_base: str | None
+    container: str | None
+    container_runtime: str
+    binds: list
+    container_args: list
+    gpu: bool
+    container_cleanenv: bool
     interface: str | None
     scheduler_port: int
     dashboard_address: str
@@ -138,6 +161,11 @@ class ClusterOptions:
     def memory_bytes(self) -> int | None:
         """Memory per worker node in bytes, or None for the whole node."""
         return None if self.memory is None else parse_bytes(self.memory)
+
+    @property
+    def in_container(self) -> bool:
+        """True when roles run inside ``container``."""
+        return container_active(self.container, self.container_runtime)
 
     @property
     def threads_per_process(self) -> int | None:
@@ -254,6 +282,10 @@ def _coerce(option: Option, value):
         if number <= 0:
             raise ConfigError(f"{name}={value!r} must be more than zero, e.g. {name}='16GiB'.")
         return str(value)
+    if option.kind == "choice":
+        if value not in CHOICES[name]:
+            raise ConfigError(f"{name}={value!r} is not one of {', '.join(map(repr, CHOICES[name]))}.")
+        return value
     if option.kind == "walltime":
         parse_walltime(value)
         return str(value).strip()
@@ -312,8 +344,11 @@ def resolve_options(environ=None, **kwargs) -> ClusterOptions:
             value, source = kwargs[option.name], "argument"
         elif _from_config(option) is not None:
             value, source = _from_config(option), "dask config"
-        elif option.env and environ.get(option.env):
-            value, source = environ[option.env], option.env
+        elif any(environ.get(name) for name in option.env_names):
+            source = next(name for name in option.env_names if environ.get(name))
+            value = environ[source]
+            if option.kind == "list":
+                value = [v.strip() for v in value.split(",") if v.strip()]
         else:
             value, source = option.default, "default"
         if value is not None:
@@ -325,7 +360,11 @@ def resolve_options(environ=None, **kwargs) -> ClusterOptions:
     for name, sub in (("db_dir", "db"), ("log_dir", "logs"), ("worker_dir", "work")):
         if values[name] is None:
             values[name] = os.path.join(work_dir, sub)
-    values["python"] = values["python"] or _default_python()
+    in_container = container_active(values["container"], values["container_runtime"])
+    if in_container:
+        check_container(values["container"], values["binds"])
+    # In a container the image's Python runs the workers; on the host, this one.
+    values["python"] = values["python"] or ("python" if in_container else _default_python())
     values["db_partition"] = values["db_partition"] or values["partition"]
     values["db_walltime"] = values["db_walltime"] or values["walltime"]
     if not values["db_command"]:
@@ -369,3 +408,46 @@ def prepare_directories(options: ClusterOptions) -> None:
                 f"{name}={path!r} cannot be created or written: {exc.strerror or exc}. "
                 f"Choose a writable directory on a file system all nodes share, e.g. {name}='$SCRATCH/mspass'."
             ) from exc
+
+
+def _default_text(option: Option) -> str:
+    if option.default is None:
+        return "—"
+    if option.default == []:
+        return "[]"
+    return json.dumps(option.default)
+
+
+def render_options_table() -> str:
+    """The README's option table (Markdown), from :data:`OPTIONS`."""
+    rows = ["| option | default | legacy variable | meaning |", "|---|---|---|---|"]
+    for o in OPTIONS:
+        env = " / ".join(f"`{e}`" for e in o.env_names)
+        rows.append(f"| `{o.name}` | `{_default_text(o)}` | {env} | {o.doc.replace('``', '`')} |")
+    return "\n".join(rows) + "\n"
+
+
+def render_config_yaml() -> str:
+    """The packaged ``mspass_cluster.yaml``: every key, documented, set to null."""
+    lines = [
+        "# mspass_cluster configuration: copy to ~/.config/dask/mspass_cluster.yaml and fill in what you need.",
+        "# Each key is an option of MsPASSCluster (dashes here, underscores in Python). A value here is used",
+        "# when the option is not given as an argument; null means 'not set' (the legacy MSPASS_* environment",
+        "# variable, then the default in brackets, applies).",
+        f"{CONFIG_SECTION}:",
+    ]
+    for o in OPTIONS:
+        env = f" Legacy variable: {' or '.join(o.env_names)}." if o.env_names else ""
+        text = f"{o.doc.replace('``', '`')}{env} [default: {_default_text(o)}]"
+        lines += ["  # " + line for line in textwrap.wrap(text, 100)]
+        lines.append(f"  {_kebab(o.name)}: null")
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    # Regenerate the packaged YAML after editing OPTIONS: python -m mspass_cluster.config
+    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "mspass_cluster.yaml")
+    with open(path, "w") as f:
+        f.write(render_config_yaml())
+    print(f"wrote {path}; paste this table into README.md:\n")
+    print(render_options_table())

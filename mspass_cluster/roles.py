@@ -21,6 +21,7 @@ from importlib import resources
 from dask.utils import format_bytes, parse_bytes
 
 from ._version import __version__
+from . import containers
 from .config import ClusterOptions
 from .slurm import build_directives
 
@@ -154,7 +155,7 @@ def render_job_script(
         prologue="\n".join(prologue) if prologue else ":",
         exports="\n".join(f"export {k}={shlex.quote(v)}" for k, v in exports.items()),
         setup="\n".join(setup),
-        command=shlex.join(argv),
+        command=containers.join(argv),
     )
 
 
@@ -218,6 +219,15 @@ def build_job_script(
     exports = role_environment(
         options, role, cluster_id=cluster_id, scheduler_address=scheduler_address, db_host=db_host
     )
+    if options.in_container:
+        container_setup, argv = containers.wrap(
+            argv, container=options.container, runtime=options.container_runtime,
+            user_binds=options.binds,
+            directories=[options.work_dir, options.db_dir, options.log_dir, options.worker_dir],
+            env_names=list(exports), extra_args=options.container_args, gpu=options.gpu,
+            cleanenv=options.container_cleanenv,
+        )
+        setup = setup + container_setup
     script = render_job_script(
         role=role, cluster_id=cluster_id, directives=directives, exports=exports,
         prologue=options.job_script_prologue, setup=setup, argv=argv,

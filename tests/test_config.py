@@ -5,7 +5,7 @@ import os
 import dask.config
 import pytest
 
-from mspass_cluster.config import OPTIONS, parse_walltime, prepare_directories, resolve_options
+from mspass_cluster.config import OPTIONS, parse_walltime, prepare_directories, render_config_yaml, resolve_options
 from mspass_cluster.errors import ConfigError
 
 
@@ -101,3 +101,4 @@ def test_packaged_config_file_declares_every_option_and_only_those():
     text = resources.files("mspass_cluster").joinpath("mspass_cluster.yaml").read_text()
     keys = set(yaml.safe_load(text)["mspass_cluster"])
     assert keys == {o.name.replace("_", "-") for o in OPTIONS}
+    assert text == render_config_yaml()  # regenerate with: python -m mspass_cluster.config
