@@ -17,13 +17,14 @@ import sys
 import pymongo
 import pytest
 
-from conftest import FAKE_MONGOD, NX_MONGOD, assert_nothing_left, cluster_processes, queued
+from conftest import BIN, FAKE_MONGOD, NX_MONGOD, assert_nothing_left, cluster_processes, queued
 from mspass_cluster import JobFailedError, MsPASSCluster, StartupTimeoutError, SubmitError
 
 pytestmark = pytest.mark.slurm
 
 # Workers import this module's task functions, as users' jobs import their own modules.
-TESTS_ON_PYTHONPATH = [f"export PYTHONPATH={os.path.dirname(os.path.abspath(__file__))}"]
+TESTS_DIR = os.path.dirname(os.path.abspath(__file__))
+TESTS_ON_PYTHONPATH = [f"export PYTHONPATH={TESTS_DIR}"]
 PUBLISHED = ("MSPASS_SCHEDULER_ADDRESS", "DASK_SCHEDULER_PORT", "MSPASS_DB_ADDRESS", "MONGODB_PORT")
 
 
@@ -37,10 +38,35 @@ def store_documents(db_client, worker_index, count):
     return host
 
 
-def test_three_worker_nodes_store_data_scale_and_leave_nothing(slurm_testbed, shared_dir):
+def environ_of(pid: int) -> dict:
+    raw = open(f"/proc/{pid}/environ", "rb").read().split(b"\0")
+    return dict(item.decode().split("=", 1) for item in raw if b"=" in item)
+
+
+def stand_in_image(directory) -> str:
+    """A .sif for the Apptainer/Singularity stand-in, with the image ENV the MsPASS Dockerfile sets."""
+    image = directory / "mspass_latest.sif"
+    image.write_text("stand-in image (tests/bin/container_standin.py)\n")
+    venv_bin = os.path.dirname(sys.executable)
+    (directory / "mspass_latest.sif.env").write_text(
+        f"PATH={venv_bin}:/usr/local/bin:/usr/bin:/bin\n"      # the image's python and dask
+        f"PYTHONPATH={TESTS_DIR}\n"                              # the image's Python finds this module's tasks
+        "MONGODB_PORT=27017\nDASK_SCHEDULER_PORT=8786\nMSPASS_HOME=/mspass\n"
+    )
+    return str(image)
+
+
+@pytest.mark.parametrize("runtime", ["none", "apptainer", "singularity"])
+def test_three_worker_nodes_store_data_scale_and_leave_nothing(slurm_testbed, shared_dir, runtime):
     before = {k: os.environ.get(k) for k in PUBLISHED}
-    with MsPASSCluster(nodes=3, work_dir=str(shared_dir), db_command=NX_MONGOD, walltime="15",
-                       job_script_prologue=TESTS_ON_PYTHONPATH) as cluster:
+    options = dict(nodes=3, work_dir=str(shared_dir), db_command=NX_MONGOD, walltime="15")
+    if runtime == "none":
+        options["job_script_prologue"] = TESTS_ON_PYTHONPATH
+    else:
+        # The image sets MONGODB_PORT=27017; the cluster's value must win inside the container.
+        options.update(container=stand_in_image(shared_dir), container_runtime=runtime, db_port=27311,
+                       job_script_prologue=[f"export PATH={BIN}:$PATH", "export HOST_ONLY=leak"])
+    with MsPASSCluster(**options) as cluster:
         client = cluster.get_client()
         assert client is cluster.get_client()
         hosts = set(client.run(socket.gethostname).values())
@@ -61,6 +87,14 @@ def test_three_worker_nodes_store_data_scale_and_leave_nothing(slurm_testbed, sh
         docs = list(db.mspass_test.wf.find({}, {"_id": 0, "worker": 1, "i": 1}))
         assert sorted((d["worker"], d["i"]) for d in docs) == [(w, i) for w in range(6) for i in range(50)]
         assert db.mspass_test.env.count_documents({}) == 6
+
+        if runtime != "none":
+            inside = client.run(lambda: {k: os.environ.get(k) for k in ("MONGODB_PORT", "HOST_ONLY", "MSPASS_HOME")})
+            assert all(v == {"MONGODB_PORT": "27311", "HOST_ONLY": None, "MSPASS_HOME": "/mspass"} for v in inside.values())
+            servers = [environ_of(pid) for pid in cluster_processes(cluster.cluster_id)
+                       if environ_of(pid).get("MSPASS_ROLE") == "db" and "MSPASS_CLUSTER_ID" in environ_of(pid)]
+            in_image = [e for e in servers if e.get(f"{runtime.upper()}_CONTAINER") == options["container"]]
+            assert in_image and all("HOST_ONLY" not in e for e in in_image)
 
         cluster.scale(1)
         cluster.wait_for_workers(1)
@@ -240,3 +274,22 @@ def test_adapt_and_scale_count_worker_nodes_not_processes(slurm_testbed, shared_
         hosts = set(cluster.get_client().run(socket.gethostname).values())
         assert len(hosts) == 2 and len(cluster.worker_spec) == 2
     assert_nothing_left(cluster)
+
+
+def test_container_runtime_missing_on_the_node_fails_fast_with_the_fix(slurm_testbed, shared_dir):
+    with pytest.raises(JobFailedError) as info:
+        MsPASSCluster(nodes=1, work_dir=str(shared_dir), db_command=FAKE_MONGOD, walltime="10",
+                      container=stand_in_image(shared_dir), job_script_prologue=["export PATH=/usr/bin:/bin"])
+    assert info.value.exit_code.startswith("127")
+    assert "apptainer or singularity is not on PATH" in info.value.log_tail and "module load" in info.value.log_tail
+    assert_no_job_named(shared_dir)
+
+
+def test_container_that_fails_to_start_surfaces_the_runtimes_message(slurm_testbed, shared_dir):
+    with pytest.raises(JobFailedError) as info:
+        MsPASSCluster(nodes=1, work_dir=str(shared_dir), db_command=FAKE_MONGOD, walltime="10",
+                      container=stand_in_image(shared_dir), container_runtime="apptainer",
+                      container_args=["--no-such-flag"], job_script_prologue=[f"export PATH={BIN}:$PATH"])
+    assert info.value.exit_code.startswith("255")
+    assert "unknown flag: --no-such-flag" in info.value.log_tail
+    assert_no_job_named(shared_dir)
