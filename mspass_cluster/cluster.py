@@ -22,6 +22,7 @@ import math
 import os
 import secrets
 import shutil
+import sys
 import weakref
 
 from dask.utils import parse_bytes
@@ -37,6 +38,7 @@ from .config import ClusterOptions, prepare_directories, resolve_options
 from .db import connection_string, get_db_client, ping
 from .errors import CommandError, ConfigError, MsPASSClusterError, StartupTimeoutError, SubmitError
 from .jobs import JobLauncher, SlurmClient, TrackedJob, server_exit_status
+from .local import LOCAL_HOST, LocalProcesses
 from .network import scheduler_host
 from .roles import ROLES, SCHEDULER_PLACEHOLDER
 from .worker_env import EnvironmentPlugin
@@ -45,6 +47,21 @@ __all__ = ["MsPASSCluster"]
 
 logger = logging.getLogger("mspass_cluster")
 
+
+def _make_progress_visible():
+    # Users must see what start-up waits for; a notebook has no logging set up.
+    if not logger.handlers and not logging.getLogger().handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(asctime)s mspass_cluster %(levelname)s %(message)s", "%H:%M:%S"))
+        logger.addHandler(handler)
+        if logger.level == logging.NOTSET:
+            logger.setLevel(logging.INFO)
+
+
+_make_progress_visible()
+
+#: The database server used by the local backend when there is no mongod: nx-27017 behind mongod's command line.
+EMBEDDED_DB_COMMAND = (sys.executable, "-m", "mspass_cluster.embedded_db")
 #: Seconds the database server gets to shut down cleanly after SIGTERM.
 DB_STOP_TIMEOUT = 300.0
 #: Seconds to wait for cancelled worker jobs to leave the queue (Slurm's KillWait is 30 s by default).
@@ -136,16 +153,17 @@ class MsPASSCluster(SpecCluster):
 
     def __init__(self, nodes=None, *, asynchronous=False, loop=None, command_runner=None, **options):
         self.options: ClusterOptions = resolve_options(nodes=nodes, **options)
-        if shutil.which("sbatch") is None:
-            raise ConfigError(
-                "Slurm's sbatch is not on PATH, so no job can be submitted from here. Run on a Slurm "
-                "login node (perhaps after `module load slurm`), or start the test bed with `ci/testbed up`."
-            )
+        self.backend = self._choose_backend()
+        if self.backend == "local":
+            self._use_embedded_db_if_needed()
         prepare_directories(self.options)
         self.cluster_id = secrets.token_hex(4)
         name = f"{self.options.job_name}-{self.cluster_id}"
-        self._slurm = SlurmClient(command_runner or CommandRunner(self.options.command_timeout))
-        self._launcher = JobLauncher(self.options, name, self._slurm)
+        if self.backend == "local":
+            self._slurm = LocalProcesses()
+        else:
+            self._slurm = SlurmClient(command_runner or CommandRunner(self.options.command_timeout))
+        self._launcher = JobLauncher(self.options, name, self._slurm, local=self.backend == "local")
         self.db_job: TrackedJob | None = None
         self._db_uri: str | None = None
         self._client = None
@@ -155,11 +173,14 @@ class MsPASSCluster(SpecCluster):
         self._failures: list[MsPASSClusterError] = []
         self._closing = False
 
-        try:
-            nodes_seen = self._slurm.node_addresses(self.options.partition)
-        except CommandError as exc:
-            raise ConfigError(f"Could not list the nodes of partition {self.options.partition!r}: {exc}") from exc
-        host, reason = scheduler_host(self.options.interface, nodes_seen)
+        if self.backend == "local":
+            host, reason = LOCAL_HOST, "the local backend (loopback only)"
+        else:
+            try:
+                nodes_seen = self._slurm.node_addresses(self.options.partition)
+            except CommandError as exc:
+                raise ConfigError(f"Could not list the nodes of partition {self.options.partition!r}: {exc}") from exc
+            host, reason = scheduler_host(self.options.interface, nodes_seen)
         logger.info("The Dask scheduler listens on %s, chosen from %s (set interface= to change it).", host, reason)
 
         worker = {"cls": WorkerJob, "options": {"launcher": self._launcher}}
@@ -186,6 +207,30 @@ class MsPASSCluster(SpecCluster):
                 runner.stop()
             raise
         atexit.register(_close_at_exit, weakref.ref(self))
+
+    def _choose_backend(self) -> str:
+        backend, has_sbatch = self.options.backend, shutil.which("sbatch") is not None
+        if backend == "auto":
+            backend = "slurm" if has_sbatch else "local"
+            logger.info("backend='auto': %s (sbatch %s on PATH).", backend, "is" if has_sbatch else "is not")
+        if backend == "slurm" and not has_sbatch:
+            raise ConfigError(
+                "backend='slurm' but Slurm's sbatch is not on PATH, so no job can be submitted from here. Run on a "
+                "Slurm login node (perhaps after `module load slurm`), start the test bed with `ci/testbed up`, "
+                "or use backend='local' to run everything on this machine."
+            )
+        return backend
+
+    def _use_embedded_db_if_needed(self):
+        if self.options.sources["db_command"] != "default" or self.options.in_container or shutil.which("mongod"):
+            return
+        self.options = self.options.replace(db_command=list(EMBEDDED_DB_COMMAND))
+        logger.warning(
+            "No mongod on PATH: the database is the embedded nx-27017 server, a stand-in for trying MsPASS on a "
+            "desktop. It stores documents and GridFS files, but has no authentication, replication or sharding, "
+            "serves one request at a time, and only pretends to run admin commands. Install MongoDB (mongod on "
+            "PATH), or set container= or db_command=, for real work."
+        )
 
     # ------------------------------------------------------------------ names
     def _new_worker_name(self, worker_number):
@@ -274,7 +319,9 @@ class MsPASSCluster(SpecCluster):
         return [w.job for w in self.workers.values() if isinstance(w, WorkerJob) and w.job is not None]
 
     def _db_host(self, node: str) -> str:
-        return f"{node}.{self.options.hostname_base}" if self.options.hostname_base else node
+        if self.options.hostname_base and self.backend != "local":
+            return f"{node}.{self.options.hostname_base}"
+        return node
 
     def _pending_summary(self, connected: set, db_error: str | None) -> str:
         parts = []
@@ -538,7 +585,8 @@ class MsPASSCluster(SpecCluster):
             raise ConfigError(f"role={role!r} is not a role; use one of {', '.join(ROLES)}.")
         if isinstance(self_or_cls, type):
             opts = resolve_options(**options)
-            launcher = JobLauncher(opts, f"{opts.job_name}-preview", SlurmClient(CommandRunner()))
+            local = opts.backend == "local" or (opts.backend == "auto" and shutil.which("sbatch") is None)
+            launcher = JobLauncher(opts, f"{opts.job_name}-preview", SlurmClient(CommandRunner()), local=local)
             name = launcher.cluster_name + ("-db" if role == "db" else "-worker-0")
             return launcher.script(role, name, scheduler_address=SCHEDULER_PLACEHOLDER)[0]
         if options:

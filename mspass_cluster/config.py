@@ -59,6 +59,8 @@ def _default_python() -> str:
 
 
 OPTIONS: tuple[Option, ...] = (
+    # --- where the roles run
+    Option("backend", "auto", "`slurm` (a job per role), `local` (processes on this machine, the desktop mode), or `auto`: Slurm when `sbatch` is on PATH, else local.", env="MSPASS_CLUSTER_BACKEND", kind="choice"),
     # --- the shape of the cluster
     Option("nodes", 1, "Number of worker nodes: one Slurm job each.", kind="int"),
     Option("processes", 1, "Dask worker processes per worker node; they share the node's cores and memory.", kind="int"),
@@ -109,13 +111,14 @@ OPTIONS: tuple[Option, ...] = (
 )
 
 _BY_NAME = {o.name: o for o in OPTIONS}
-CHOICES = {"container_runtime": RUNTIMES}
+CHOICES = {"container_runtime": RUNTIMES, "backend": ("auto", "slurm", "local")}
 
 
 @dataclass(frozen=True)
 class ClusterOptions:
     """Resolved, validated options of one cluster (see :data:`OPTIONS`)."""
 
+    backend: str
     nodes: int
     processes: int
     cores: int | None
@@ -445,9 +448,14 @@ def render_config_yaml() -> str:
 
 
 if __name__ == "__main__":
-    # Regenerate the packaged YAML after editing OPTIONS: python -m mspass_cluster.config
-    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "mspass_cluster.yaml")
-    with open(path, "w") as f:
+    # After editing OPTIONS: python -m mspass_cluster.config  (rewrites the YAML and the README table)
+    here = os.path.dirname(os.path.abspath(__file__))
+    with open(os.path.join(here, "mspass_cluster.yaml"), "w") as f:
         f.write(render_config_yaml())
-    print(f"wrote {path}; paste this table into README.md:\n")
-    print(render_options_table())
+    readme_path = os.path.join(os.path.dirname(here), "README.md")
+    with open(readme_path) as f:
+        readme = f.read()
+    start, end = "<!-- options table: python -m mspass_cluster.config -->\n", "<!-- end of options table -->"
+    head, rest = readme.split(start, 1)
+    with open(readme_path, "w") as f:
+        f.write(head + start + render_options_table() + end + rest.split(end, 1)[1])

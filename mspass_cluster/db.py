@@ -72,6 +72,7 @@ def ping(uri: str, timeout: float = 1.0) -> str | None:
         client.admin.command("ping")
         return None
     except PyMongoError as exc:
-        return f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
+        # pymongo appends its timeouts and topology to the message; the first clause says why.
+        return f"{type(exc).__name__}: {str(exc).splitlines()[0].split(' (configured timeouts')[0][:160]}"
     finally:
         client.close()

@@ -54,8 +54,8 @@ class SlurmClient:
         self.runner = runner
         self._sacct_works: bool | None = None
 
-    async def submit(self, script_path: str, what: str) -> str:
-        """Submit a script; return its job id.
+    async def submit(self, script_path: str, what: str, output: str = "") -> str:
+        """Submit a script; return its job id (``output`` is already in the script's directives).
 
         Raises
         ------
@@ -197,13 +197,17 @@ class JobLauncher:
     options : ClusterOptions
     cluster_name : str
         Unique prefix of every job name, ``<job_name>-<id>``.
-    slurm_client : SlurmClient
+    slurm_client : SlurmClient or LocalProcesses
+        Where jobs run: Slurm, or local processes for the desktop backend.
+    local : bool
+        Build scripts for the desktop backend (loopback addresses only).
     """
 
-    def __init__(self, options: ClusterOptions, cluster_name: str, slurm_client: SlurmClient):
+    def __init__(self, options: ClusterOptions, cluster_name: str, slurm_client, local: bool = False):
         self.options = options
         self.cluster_name = cluster_name
         self.slurm = slurm_client
+        self.local = local
         self.scheduler_address: str | None = None
         self.db_host: str | None = None
         self.jobs: dict[str, TrackedJob] = {}
@@ -220,7 +224,7 @@ class JobLauncher:
         return build_job_script(
             self.options, role, cluster_id=self.cluster_id, job_name=name,
             scheduler_address=scheduler_address or self.scheduler_address,
-            db_host=self.db_host,
+            db_host=self.db_host, local=self.local,
         )
 
     async def submit(self, role: str, name: str) -> TrackedJob:
@@ -229,7 +233,7 @@ class JobLauncher:
         path = os.path.join(self.options.log_dir, f"{name}.sh")
         with open(path, "w") as f:
             f.write(script)
-        job_id = await self.slurm.submit(path, f"{role} job {name}")
+        job_id = await self.slurm.submit(path, f"{role} job {name}", output)
         job = TrackedJob(role, name, job_id, output.replace("%j", job_id), path)
         self.jobs[job_id] = job
         logger.info("Submitted %s job %s (%s); log: %s", role, job_id, name, job.log_path)

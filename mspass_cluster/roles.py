@@ -83,11 +83,11 @@ def db_cache_gb(memory: str) -> float:
     return max(0.25, round(0.5 * (gigabytes - 1.0), 2))
 
 
-def db_argv(options: ClusterOptions) -> list[str]:
+def db_argv(options: ClusterOptions, local: bool = False) -> list[str]:
     """Database server command line.
 
     The server listens on every interface of its node (as MsPASS's scripts
-    do), never forks (so Slurm's signals reach it and its exit status is
+    do), or only on loopback for the desktop backend (``local``), never forks (so Slurm's signals reach it and its exit status is
     known), keeps no Unix socket in ``/tmp`` (stale sockets of other users
     block startup on shared nodes, MsPASS issue #690), and sizes its cache to
     the job's memory rather than to the whole node's.
@@ -96,7 +96,7 @@ def db_argv(options: ClusterOptions) -> list[str]:
         *options.db_command,
         "--port", str(options.db_port),
         "--dbpath", db_data_path(options),
-        "--bind_ip_all",
+        *(["--bind_ip", "127.0.0.1"] if local else ["--bind_ip_all"]),
         "--nounixsocket",
         "--wiredTigerCacheSizeGB", f"{db_cache_gb(options.db_memory):g}",
     ]
@@ -167,6 +167,7 @@ def build_job_script(
     job_name: str,
     scheduler_address: str,
     db_host: str | None = None,
+    local: bool = False,
 ) -> tuple[str, str]:
     """The complete job script for ``role`` and its ``--output`` pattern.
 
@@ -182,6 +183,8 @@ def build_job_script(
         ``tcp://host:port`` of the scheduler.
     db_host : str, optional
         The database's host when already known.
+    local : bool
+        For the desktop backend: the database listens on loopback only.
 
     Returns
     -------
@@ -204,7 +207,7 @@ def build_job_script(
             "# MongoDB needs many open files (MsPASS issues #617, #532).",
             'ulimit -n "$(ulimit -Hn)" 2>/dev/null || true',
         ]
-        argv = db_argv(options)
+        argv = db_argv(options, local)
     elif role == "worker":
         directives = build_directives(
             job_name=job_name, output=output, walltime=options.walltime,

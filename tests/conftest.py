@@ -4,8 +4,9 @@ Stand-ins used here (no mongod exists on this machine):
 
 * ``fake_mongod.py`` - a fake mongod program for process handling
   (start, readiness, clean stop on SIGTERM, failure on bad options).
-* ``nx_mongod.py`` - the nx-27017 server (MongoDB wire protocol over SQLite)
-  behind mongod's command line, for the data path (pymongo, GridFS).
+* ``mspass_cluster.embedded_db`` - the nx-27017 server (MongoDB wire protocol
+  over SQLite) behind mongod's command line, for the data path (pymongo,
+  GridFS); the local backend uses it too when no mongod is installed.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import pytest
 
 BIN = Path(__file__).parent / "bin"
 FAKE_MONGOD = [sys.executable, str(BIN / "fake_mongod.py")]
-NX_MONGOD = [sys.executable, str(BIN / "nx_mongod.py")]
+NX_MONGOD = [sys.executable, "-m", "mspass_cluster.embedded_db"]
 
 
 def _testbed_problem() -> str | None:

@@ -21,5 +21,5 @@ def test_ci_runs_the_readme_test_command():
 
 def test_public_names_are_exactly_all():
     public = {n for n in dir(mspass_cluster) if not n.startswith("_")} - {
-        "cluster", "commands", "config", "containers", "db", "errors", "jobs", "network", "roles", "slurm", "worker_env"}
+        "cluster", "commands", "config", "containers", "db", "errors", "jobs", "local", "network", "roles", "slurm", "worker_env"}
     assert public == set(mspass_cluster.__all__) - {"__version__"}

@@ -1,7 +1,7 @@
 """Pin the behaviour of the mongod stand-ins in ``tests/bin``.
 
 The package's tests start ``tests/bin/fake_mongod.py`` (process handling) and
-``tests/bin/nx_mongod.py`` (data path) in place of ``mongod``; these tests
+``mspass_cluster.embedded_db`` (nx-27017, data path) in place of ``mongod``; these tests
 check that the stand-ins behave as ``mongod`` 7.0 does where the package
 relies on it, so that a green suite elsewhere means something.
 """
@@ -28,8 +28,9 @@ import pytest
 from pymongo.errors import ConnectionFailure, OperationFailure, PyMongoError, ServerSelectionTimeoutError
 
 BIN = Path(__file__).resolve().parent / "bin"
-FAKE = BIN / "fake_mongod.py"
-NX = BIN / "nx_mongod.py"
+FAKE = (str(BIN / "fake_mongod.py"),)
+# The nx-27017 adapter ships in the package: it is also the local backend's embedded database.
+NX = ("-m", "mspass_cluster.embedded_db")
 DEADLINE = 20.0
 
 
@@ -108,11 +109,11 @@ def launch(tmp_path: Path):
     """Start a stand-in script; every process started is killed by its PID at teardown."""
     started: list[subprocess.Popen] = []
 
-    def _launch(script: Path, *args: str, port: int | None = None, env: dict[str, str] | None = None) -> Server:
-        name = f"{script.stem}-{len(started)}"
+    def _launch(script: tuple, *args: str, port: int | None = None, env: dict[str, str] | None = None) -> Server:
+        name = f"{'fake' if script == FAKE else 'nx'}-{len(started)}"
         stdout, stderr = tmp_path / f"{name}.out", tmp_path / f"{name}.err"
         with open(stdout, "wb") as out, open(stderr, "wb") as err:
-            proc = subprocess.Popen([sys.executable, str(script), *args], stdout=out, stderr=err,
+            proc = subprocess.Popen([sys.executable, *script, *args], stdout=out, stderr=err,
                                     stdin=subprocess.DEVNULL, env={**os.environ, **(env or {})})
         started.append(proc)
         return Server(proc, port, stdout, stderr)
@@ -138,9 +139,9 @@ def start_fake(launch, dbpath: Path, *extra: str, port: int | None = None, env=N
                   "--nounixsocket", *extra, port=port, env=env)
 
 
-def run_once(script: Path, *args: str) -> subprocess.CompletedProcess:
+def run_once(script: tuple, *args: str) -> subprocess.CompletedProcess:
     """Run a stand-in that is expected to exit on its own."""
-    return subprocess.run([sys.executable, str(script), *args], capture_output=True, text=True,
+    return subprocess.run([sys.executable, *script, *args], capture_output=True, text=True,
                           timeout=DEADLINE, stdin=subprocess.DEVNULL)
 
 

@@ -4,11 +4,11 @@ No ``mongod`` binary exists on the test machines, so the process-handling
 tests of ``mspass_cluster`` start this program exactly as they would start
 ``mongod`` (``python fake_mongod.py --port P --dbpath D --bind_ip_all ...``).
 It is not a database: it stores nothing and answers only the handful of
-administrative commands listed below. Data-path tests use ``nx_mongod.py``.
+administrative commands listed below. Data-path tests use ``mspass_cluster.embedded_db``.
 
 Faithful to ``mongod`` 7.0 on what process management relies on:
 
-* the command line, its errors and exit status 2 (see ``_mongod_cli.py``);
+* the command line, its errors and exit status 2 (see ``mspass_cluster/_mongod_cli.py``);
 * the startup order: log, pid file, listening sockets (a busy port: exit 48),
   then the data directory (missing: ``NonExistentPath``, exit 100) and its
   ``mongod.lock``, held with ``flock`` as mongod holds it (a second instance
@@ -66,8 +66,7 @@ import bson
 from bson.errors import BSONError
 from bson.int64 import Int64
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import _mongod_cli as cli  # noqa: E402  (located through the line above)
+from mspass_cluster import _mongod_cli as cli
 
 VERSION = f"{cli.MONGODB_VERSION}-fake"
 BUILD_INFO = {"version": VERSION, "gitVersion": "fake", "modules": []}

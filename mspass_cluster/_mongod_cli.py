@@ -1,9 +1,9 @@
-"""The ``mongod`` command line and startup log, shared by the test STAND-INs.
+"""The ``mongod`` command line and startup log, shared by the stand-ins for mongod.
 
-Used only by ``fake_mongod.py`` and ``nx_mongod.py`` beside this file, two
-stand-ins for MongoDB's ``mongod`` used by the tests of ``mspass_cluster``
-(no ``mongod`` binary exists on the test machines). Neither is a database
-server for real use.
+Used by :mod:`mspass_cluster.embedded_db` (nx-27017 behind mongod's command
+line: the local backend's database when no mongod is installed, and the
+tests' data-path stand-in) and by the tests' ``tests/bin/fake_mongod.py``
+(process handling). Neither is a MongoDB server.
 
 What is faithful to ``mongod`` 7.0: the option names the package and its
 users pass (both ``--opt value`` and ``--opt=value``, and the single-dash

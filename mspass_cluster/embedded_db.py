@@ -1,22 +1,27 @@
-"""nx_mongod: a STAND-IN for MongoDB's ``mongod``, used only by the tests.
+"""The embedded database: nx-27017 behind mongod's command line.
 
-Runs the ``nx-27017`` server (the MongoDB wire protocol over SQLite, from
-PyPI) behind mongod's command line, so that the data-path tests of
-``mspass_cluster`` can start it exactly as they would start ``mongod``
-(``python nx_mongod.py --port P --dbpath D --bind_ip_all ...``) and then
-store and read documents and GridFS files with pymongo.
+nx-27017 (from PyPI) serves the MongoDB wire protocol over SQLite. This
+module runs it as ``python -m mspass_cluster.embedded_db --port P --dbpath D
+...``, accepting mongod's options, so the cluster starts it exactly as it
+starts ``mongod``. Two users:
+
+* the local (desktop) backend, when no ``mongod`` is installed: a stand-in
+  for trying MsPASS, announced with a warning;
+* the tests, as the data-path stand-in for mongod (pymongo CRUD and GridFS
+  really work).
 
 Faithful to ``mongod``: the command line and its errors (exit 2, see
-``_mongod_cli.py``, shared with ``fake_mongod.py``); a missing ``--dbpath``
-(``NonExistentPath``, exit 100) and an unresolvable ``--bind_ip`` (exit 48);
-mongod's first log lines, to stdout or ``--logpath``; one process whose PID
-is the one the launcher started (the adapter ``exec``\\ s nx-27017), so
-SIGTERM reaches the server itself; data written through pymongo (CRUD,
-GridFS) persists in ``--dbpath`` across restarts.
+``_mongod_cli.py``, shared with the tests' fake mongod); a missing
+``--dbpath`` (``NonExistentPath``, exit 100) and an unresolvable
+``--bind_ip`` (exit 48); mongod's first log lines, to stdout or
+``--logpath``; one process whose PID is the one the launcher started (this
+module ``exec``\ s nx-27017), so SIGTERM reaches the server itself; data
+written through pymongo (CRUD, GridFS) persists in ``--dbpath`` across
+restarts.
 
 Not faithful -- never use it to test administrative behaviour:
 
-* Administrative commands only pretend (nx-27017's answers, not mongod's).
+* Administrative commands only pretend (nx-27017 answers ok to anything).
 * After the first lines the log is nx-27017's own text log, to stderr and to
   ``--logpath`` (default ``<dbpath>/nx-27017.log``): there is no
   ``Waiting for connections`` line; readiness is an answered ``ping``.
@@ -25,10 +30,10 @@ Not faithful -- never use it to test administrative behaviour:
   No Unix domain socket.
 * No ``mongod.lock``: a second server on the same data directory is refused
   only through nx-27017's pid file (``--pidfilepath``, default
-  ``<dbpath>/nx-27017.pid``), with status 1; nx-27017 removes that file when
-  it stops. A busy port also ends it with status 1 and a traceback, not 48.
-* SIGTERM and SIGINT stop it with status 0; there is no ``shutdown``
-  command and nothing like mongod's clean-shutdown bookkeeping.
+  ``<dbpath>/nx-27017.pid``), with status 1. A busy port also ends it with
+  status 1 and a traceback, not 48.
+* SIGTERM and SIGINT stop it with status 0; no authentication, replication
+  or sharding; one request at a time, so no performance conclusions.
 * ``--wiredTigerCacheSizeGB``, ``--quiet``, ``--auth``, ``--keyFile``,
   ``--replSet``, ``--configsvr``, ``--shardsvr``, ``--setParameter``,
   ``--nounixsocket`` and ``--unixSocketPrefix`` are accepted and ignored.
@@ -41,8 +46,7 @@ import os
 import sys
 from importlib import metadata
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import _mongod_cli as cli  # noqa: E402  (located through the line above)
+from . import _mongod_cli as cli
 
 NX_DISTRIBUTION = "nx-27017"
 NX_CONSOLE_SCRIPT = "nx-27017"

@@ -1,0 +1,108 @@
+"""The all-in-one desktop backend: the same job scripts, run as local processes.
+
+:class:`LocalProcesses` has the interface of :class:`~mspass_cluster.jobs.SlurmClient`
+(submit, statuses, cancel), so the cluster's readiness checks, fail-fast
+errors, scaling and teardown are the very ones used on Slurm; only where the
+scripts run differs. Each "job" is ``bash <script>`` in its own process
+group, its output in the log file the script names. Cancelling sends SIGTERM
+to that group (the script forwards it to the server and waits for a clean
+exit) and, as Slurm does after ``KillWait``, SIGKILL 30 seconds later.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import os
+import signal as signals
+import subprocess
+import time
+
+from .slurm import JobState, JobStatus
+
+__all__ = ["LocalProcesses", "LOCAL_HOST"]
+
+logger = logging.getLogger(__name__)
+
+#: Where every local role listens and is reached.
+LOCAL_HOST = "127.0.0.1"
+#: Seconds between SIGTERM and SIGKILL, like Slurm's default KillWait.
+KILL_WAIT = 30.0
+
+
+class LocalProcesses:
+    """Runs job scripts as local process groups; a drop-in for :class:`~mspass_cluster.jobs.SlurmClient`."""
+
+    def __init__(self):
+        self._ids = itertools.count(1)
+        self._procs: dict[str, subprocess.Popen] = {}
+        self._cancelled: dict[str, float] = {}  # job id -> when SIGKILL is due
+
+    async def submit(self, script_path: str, what: str, output: str = "") -> str:
+        job_id = f"{os.getpid()}{next(self._ids):03d}"
+        log_path = output.replace("%j", job_id) if output else os.devnull
+        with open(log_path, "ab") as log:
+            self._procs[job_id] = subprocess.Popen(
+                ["bash", script_path], stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                start_new_session=True,
+            )
+        return job_id
+
+    def _status(self, job_id: str) -> JobStatus:
+        proc = self._procs.get(job_id)
+        if proc is None:
+            return JobStatus(job_id, JobState.UNKNOWN, "not started here")
+        code = proc.poll()
+        if code is None:
+            due = self._cancelled.get(job_id)
+            if due is not None and time.monotonic() > due:
+                self._signal(job_id, signals.SIGKILL)
+            return JobStatus(job_id, JobState.RUNNING, "", LOCAL_HOST)
+        exit_code = f"{code}:0" if code >= 0 else f"0:{-code}"
+        if job_id in self._cancelled:
+            state = JobState.CANCELLED
+        else:
+            state = JobState.COMPLETED if code == 0 else JobState.FAILED
+        return JobStatus(job_id, state, "", LOCAL_HOST, exit_code)
+
+    async def statuses(self, job_ids) -> dict[str, JobStatus]:
+        return {j: self._status(j) for j in job_ids}
+
+    async def final_statuses(self, job_ids) -> dict[str, JobStatus]:
+        return await self.statuses(job_ids)
+
+    def _signal(self, job_id: str, signum: int) -> None:
+        proc = self._procs.get(job_id)
+        if proc is not None and proc.poll() is None:
+            try:
+                os.killpg(proc.pid, signum)  # the group this object started for the job
+            except ProcessLookupError:
+                pass
+
+    async def cancel(self, job_ids, signal: str | None = None) -> None:
+        """SIGTERM the jobs' process groups; without ``signal``, SIGKILL follows after ``KILL_WAIT``."""
+        self._terminate(job_ids, escalate=signal is None)
+
+    def _terminate(self, job_ids, escalate: bool) -> None:
+        for job_id in job_ids:
+            if escalate:
+                self._cancelled.setdefault(job_id, time.monotonic() + KILL_WAIT)
+            self._signal(job_id, signals.SIGTERM)
+
+    def cancel_now(self, job_ids) -> None:
+        """Synchronous: SIGTERM, up to ``KILL_WAIT`` for the processes to end, then SIGKILL."""
+        self._terminate(job_ids, escalate=True)
+        deadline = time.monotonic() + KILL_WAIT
+        for job_id in job_ids:
+            proc = self._procs.get(job_id)
+            if proc is None:
+                continue
+            try:
+                proc.wait(max(0.0, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                logger.error("Local job %s ignored SIGTERM for %.0f s; killing it.", job_id, KILL_WAIT)
+                self._signal(job_id, signals.SIGKILL)
+                proc.wait()
+
+    def node_addresses(self, partition: str | None) -> list[str]:
+        return [LOCAL_HOST]

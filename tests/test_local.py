@@ -1,0 +1,73 @@
+"""The desktop backend: same API, same guarantees, processes on this machine.
+
+The database is the embedded nx-27017 server (no mongod exists here), which
+is also what a desktop user without MongoDB gets.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import subprocess
+import sys
+
+import pytest
+
+from conftest import FAKE_MONGOD, cluster_processes
+from mspass_cluster import JobFailedError, MsPASSCluster
+
+PUBLISHED = ("MSPASS_SCHEDULER_ADDRESS", "DASK_SCHEDULER_PORT", "MSPASS_DB_ADDRESS", "MONGODB_PORT")
+
+
+def test_local_cluster_stores_data_scales_and_leaves_nothing(tmp_path, caplog):
+    caplog.set_level(logging.WARNING, logger="mspass_cluster")
+    with MsPASSCluster(backend="local", nodes=2, work_dir=str(tmp_path), db_port=27391) as cluster:
+        assert any("nx-27017" in r.getMessage() and "stand-in" in r.getMessage() for r in caplog.records)
+        assert cluster.backend == "local" and cluster.db_address == "mongodb://127.0.0.1:27391/"
+        assert os.environ["MSPASS_DB_ADDRESS"] == "127.0.0.1" and os.environ["MONGODB_PORT"] == "27391"
+        client = cluster.get_client()
+        db = cluster.get_db_client()
+        client.gather(client.map(lambda i, c: c.t.docs.insert_one({"i": i}).acknowledged, range(20), c=db))
+        assert sorted(d["i"] for d in db.t.docs.find()) == list(range(20))
+        envs = client.run(lambda: (os.environ.get("MSPASS_DB_ADDRESS"), os.environ.get("MONGODB_PORT")))
+        assert set(envs.values()) == {("127.0.0.1", "27391")}
+        cluster.scale(3)
+        cluster.wait_for_workers()
+        assert len(client.scheduler_info()["workers"]) == 3
+        cluster.scale(1)
+        cluster.wait_for_workers(1)
+        cluster.adapt(minimum=2, maximum=2, interval="200ms")
+        cluster.wait_for_workers(2, timeout=60)
+        pids = cluster_processes(cluster.cluster_id)
+        assert pids
+    assert cluster_processes(cluster.cluster_id) == []
+    assert all(state in ("COMPLETED", "CANCELLED") for _, _, state in cluster.job_ids.values())
+    assert all(os.environ.get(k) != "27391" for k in PUBLISHED)
+
+
+def test_local_worker_failure_is_reported_with_its_log(tmp_path):
+    with pytest.raises(JobFailedError) as info:
+        MsPASSCluster(backend="local", nodes=1, work_dir=str(tmp_path), db_command=FAKE_MONGOD, db_port=27392,
+                      python="/nonexistent/python")
+    assert info.value.role == "worker" and info.value.exit_code == "127:0"
+    assert "/nonexistent/python" in info.value.log_tail
+    assert not [p for p in cluster_processes_in(tmp_path)]
+
+
+def cluster_processes_in(tmp_path):
+    ids = {p.name.split("-")[1] for p in (tmp_path / "logs").glob("*.sh")}
+    return [pid for cid in ids for pid in cluster_processes(cid)]
+
+
+def test_backend_comes_from_the_environment(tmp_path, monkeypatch):
+    monkeypatch.setenv("MSPASS_CLUSTER_BACKEND", "local")
+    with MsPASSCluster(nodes=1, work_dir=str(tmp_path), db_command=FAKE_MONGOD, db_port=27393) as cluster:
+        assert cluster.backend == "local"
+
+
+def test_the_demo_round_trips_every_record_and_leaves_nothing(tmp_path):
+    out = subprocess.run([sys.executable, "-m", "mspass_cluster.demo", "--records", "12", "--work-dir", str(tmp_path)],
+                         capture_output=True, text=True, timeout=240)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    assert "12/12 records round-tripped intact" in out.stdout and "0 left running" in out.stdout
+    assert cluster_processes_in(tmp_path) == []
