@@ -15,7 +15,7 @@ def test_readme_option_table_is_generated_from_the_declarations():
 
 def test_ci_runs_the_readme_test_command():
     readme = (ROOT / "README.md").read_text()
-    assert "| `ci/test` |" in readme
+    assert "| `ci/test` |" in readme and "| `ci/demo` |" in readme
     assert "exec ci/test" in (ROOT / ".ci" / "run").read_text()
 
 
