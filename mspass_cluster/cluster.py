@@ -38,6 +38,7 @@ from .config import ClusterOptions, prepare_directories, resolve_options
 from .db import connection_string, get_db_client, ping
 from .errors import CommandError, ConfigError, MsPASSClusterError, StartupTimeoutError, SubmitError
 from .jobs import JobLauncher, SlurmClient, TrackedJob, server_exit_status
+from .allocation import AllocationSteps, allocation_nodes, in_allocation
 from .local import LOCAL_HOST, LocalProcesses
 from .network import scheduler_host
 from .roles import ROLES, SCHEDULER_PLACEHOLDER
@@ -159,10 +160,14 @@ class MsPASSCluster(SpecCluster):
         prepare_directories(self.options)
         self.cluster_id = secrets.token_hex(4)
         name = f"{self.options.job_name}-{self.cluster_id}"
+        runner = command_runner or CommandRunner(self.options.command_timeout)
         if self.backend == "local":
             self._slurm = LocalProcesses()
+        elif self.backend == "allocation":
+            self._slurm = AllocationSteps(allocation_nodes(runner), runner)
+            self._fit_allocation(nodes)
         else:
-            self._slurm = SlurmClient(command_runner or CommandRunner(self.options.command_timeout))
+            self._slurm = SlurmClient(runner)
         self._launcher = JobLauncher(self.options, name, self._slurm, local=self.backend == "local")
         self.db_job: TrackedJob | None = None
         self._db_uri: str | None = None
@@ -211,8 +216,16 @@ class MsPASSCluster(SpecCluster):
     def _choose_backend(self) -> str:
         backend, has_sbatch = self.options.backend, shutil.which("sbatch") is not None
         if backend == "auto":
-            backend = "slurm" if has_sbatch else "local"
-            logger.info("backend='auto': %s (sbatch %s on PATH).", backend, "is" if has_sbatch else "is not")
+            if in_allocation():
+                backend, why = "allocation", f"inside Slurm job {os.environ['SLURM_JOB_ID']}"
+            else:
+                backend, why = ("slurm", "sbatch is on PATH") if has_sbatch else ("local", "sbatch is not on PATH")
+            logger.info("backend='auto': %s (%s).", backend, why)
+        if backend == "allocation" and not in_allocation():
+            raise ConfigError(
+                "backend='allocation' needs a Slurm allocation (SLURM_JOB_ID and SLURM_JOB_NODELIST are not set): "
+                "run inside sbatch or salloc, or use backend='slurm'."
+            )
         if backend == "slurm" and not has_sbatch:
             raise ConfigError(
                 "backend='slurm' but Slurm's sbatch is not on PATH, so no job can be submitted from here. Run on a "
@@ -220,6 +233,18 @@ class MsPASSCluster(SpecCluster):
                 "or use backend='local' to run everything on this machine."
             )
         return backend
+
+    def _fit_allocation(self, nodes_given):
+        capacity = self._slurm.worker_capacity
+        if nodes_given is None and self.options.sources["nodes"] == "default":
+            self.options = self.options.replace(nodes=capacity)
+        elif self.options.nodes > capacity:
+            raise ConfigError(
+                f"nodes={self.options.nodes} but this allocation ({', '.join(self._slurm.nodes)}) holds at most "
+                f"{capacity} worker node(s) beside the database's; ask sbatch for --nodes={self.options.nodes + 1}."
+            )
+        logger.info("Allocation %s: database on %s, worker nodes on %s.", os.environ["SLURM_JOB_ID"],
+                    self._slurm.nodes[0], ", ".join(self._slurm.nodes[1:]) or self._slurm.nodes[0])
 
     def _use_embedded_db_if_needed(self):
         if self.options.sources["db_command"] != "default" or self.options.in_container or shutil.which("mongod"):
@@ -466,6 +491,12 @@ class MsPASSCluster(SpecCluster):
             if self.options.cores is None:
                 raise ConfigError("scale(cores=...) needs cores= per worker node, e.g. MsPASSCluster(cores=32).")
             target = max(target, math.ceil(cores / self.options.cores))
+        if self.backend == "allocation" and target > self._slurm.worker_capacity:
+            raise ConfigError(
+                f"scale({target}) is beyond this allocation: it holds {self._slurm.worker_capacity} worker node(s) "
+                f"({', '.join(self._slurm.nodes[1:]) or self._slurm.nodes[0]}). Submit with more nodes, or use "
+                "backend='slurm' to get worker nodes as separate jobs."
+            )
         return target
 
     def _set_worker_nodes(self, target: int):

@@ -54,7 +54,7 @@ class SlurmClient:
         self.runner = runner
         self._sacct_works: bool | None = None
 
-    async def submit(self, script_path: str, what: str, output: str = "") -> str:
+    async def submit(self, script_path: str, what: str, output: str = "", role: str = "") -> str:
         """Submit a script; return its job id (``output`` is already in the script's directives).
 
         Raises
@@ -233,7 +233,7 @@ class JobLauncher:
         path = os.path.join(self.options.log_dir, f"{name}.sh")
         with open(path, "w") as f:
             f.write(script)
-        job_id = await self.slurm.submit(path, f"{role} job {name}", output)
+        job_id = await self.slurm.submit(path, f"{role} job {name}", output, role)
         job = TrackedJob(role, name, job_id, output.replace("%j", job_id), path)
         self.jobs[job_id] = job
         logger.info("Submitted %s job %s (%s); log: %s", role, job_id, name, job.log_path)

@@ -33,20 +33,32 @@ KILL_WAIT = 30.0
 class LocalProcesses:
     """Runs job scripts as local process groups; a drop-in for :class:`~mspass_cluster.jobs.SlurmClient`."""
 
+    #: Asks a job to stop (its script forwards SIGTERM to the server and waits).
+    stop_signal = signals.SIGTERM
+    #: Ends a job that ignored :attr:`stop_signal` for ``KILL_WAIT`` seconds.
+    kill_signal = signals.SIGKILL
+    #: Signal the job's whole process group (False: only the process started).
+    signal_group = True
+
     def __init__(self):
         self._ids = itertools.count(1)
         self._procs: dict[str, subprocess.Popen] = {}
         self._cancelled: dict[str, float] = {}  # job id -> when SIGKILL is due
+        self._nodes: dict[str, str] = {}
 
-    async def submit(self, script_path: str, what: str, output: str = "") -> str:
+    async def submit(self, script_path: str, what: str, output: str = "", role: str = "worker") -> str:
         job_id = f"{os.getpid()}{next(self._ids):03d}"
         log_path = output.replace("%j", job_id) if output else os.devnull
+        argv, self._nodes[job_id] = self._placement(script_path, role)
         with open(log_path, "ab") as log:
             self._procs[job_id] = subprocess.Popen(
-                ["bash", script_path], stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                start_new_session=True,
+                argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True,
             )
         return job_id
+
+    def _placement(self, script_path: str, role: str) -> tuple[list[str], str]:
+        """The command that runs a script, and the node it runs on."""
+        return ["bash", script_path], LOCAL_HOST
 
     def _status(self, job_id: str) -> JobStatus:
         proc = self._procs.get(job_id)
@@ -56,14 +68,14 @@ class LocalProcesses:
         if code is None:
             due = self._cancelled.get(job_id)
             if due is not None and time.monotonic() > due:
-                self._signal(job_id, signals.SIGKILL)
-            return JobStatus(job_id, JobState.RUNNING, "", LOCAL_HOST)
+                self._signal(job_id, self.kill_signal)
+            return JobStatus(job_id, JobState.RUNNING, "", self._nodes[job_id])
         exit_code = f"{code}:0" if code >= 0 else f"0:{-code}"
         if job_id in self._cancelled:
             state = JobState.CANCELLED
         else:
             state = JobState.COMPLETED if code == 0 else JobState.FAILED
-        return JobStatus(job_id, state, "", LOCAL_HOST, exit_code)
+        return JobStatus(job_id, state, "", self._nodes[job_id], exit_code)
 
     async def statuses(self, job_ids) -> dict[str, JobStatus]:
         return {j: self._status(j) for j in job_ids}
@@ -75,7 +87,10 @@ class LocalProcesses:
         proc = self._procs.get(job_id)
         if proc is not None and proc.poll() is None:
             try:
-                os.killpg(proc.pid, signum)  # the group this object started for the job
+                if self.signal_group:
+                    os.killpg(proc.pid, signum)  # the group this object started for the job
+                else:
+                    proc.send_signal(signum)
             except ProcessLookupError:
                 pass
 
@@ -87,7 +102,7 @@ class LocalProcesses:
         for job_id in job_ids:
             if escalate:
                 self._cancelled.setdefault(job_id, time.monotonic() + KILL_WAIT)
-            self._signal(job_id, signals.SIGTERM)
+            self._signal(job_id, self.stop_signal)
 
     def cancel_now(self, job_ids) -> None:
         """Synchronous: SIGTERM, up to ``KILL_WAIT`` for the processes to end, then SIGKILL."""
@@ -100,8 +115,8 @@ class LocalProcesses:
             try:
                 proc.wait(max(0.0, deadline - time.monotonic()))
             except subprocess.TimeoutExpired:
-                logger.error("Local job %s ignored SIGTERM for %.0f s; killing it.", job_id, KILL_WAIT)
-                self._signal(job_id, signals.SIGKILL)
+                logger.error("Job %s did not stop within %.0f s; ending it.", job_id, KILL_WAIT)
+                self._signal(job_id, self.kill_signal)
                 proc.wait()
 
     def node_addresses(self, partition: str | None) -> list[str]:

@@ -1,0 +1,108 @@
+"""Running inside an existing Slurm allocation: roles as ``srun`` steps, no new jobs.
+
+When the notebook itself runs in a Slurm job (a batch notebook, or
+``salloc``), the cluster submits nothing: the database runs as a step on the
+allocation's first node, beside the notebook and the scheduler, and each
+worker node is a step on one of the other nodes, as MsPASS's
+``run_mspass.sh`` lays them out. Steps are started with ``srun --overlap``
+so that they never wait for each other's resources, and are tracked through
+their ``srun`` processes, whose exit status is the step's. The readiness,
+fail-fast and teardown logic is the cluster's own; only where scripts run
+differs (see :class:`~mspass_cluster.local.LocalProcesses`).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+
+from .commands import CommandRunner
+from .errors import ConfigError
+from .local import KILL_WAIT, LocalProcesses
+
+__all__ = ["AllocationSteps", "in_allocation", "allocation_nodes"]
+
+
+def in_allocation(environ=None) -> bool:
+    """True inside a Slurm job or ``salloc`` session."""
+    environ = os.environ if environ is None else environ
+    return bool(environ.get("SLURM_JOB_ID") and environ.get("SLURM_JOB_NODELIST"))
+
+
+def allocation_nodes(runner: CommandRunner, environ=None) -> list[str]:
+    """The allocation's node names, in Slurm's order (``scontrol show hostnames``)."""
+    environ = os.environ if environ is None else environ
+    result = runner.run(["scontrol", "show", "hostnames", environ["SLURM_JOB_NODELIST"]])
+    return [line.strip() for line in result.stdout.splitlines() if line.strip()]
+
+
+class AllocationSteps(LocalProcesses):
+    """Runs job scripts as ``srun`` steps on the allocation's nodes.
+
+    Parameters
+    ----------
+    nodes : list of str
+        The allocation's nodes; the first holds the database (and the
+        notebook), the others one worker node each. A one-node allocation
+        puts everything on that node.
+    """
+
+    # SIGTERM to srun makes Slurm end the step (SIGKILL soon after): the forceful way.
+    # Stopping cleanly is `scancel --signal=TERM <step>`, as on the Slurm backend.
+    kill_signal = signal.SIGTERM
+    signal_group = False
+
+    def __init__(self, nodes: list[str], runner: CommandRunner):
+        super().__init__()
+        self.nodes = list(nodes)
+        self.runner = runner
+        self._step_names: dict[str, str] = {}
+
+    def _terminate(self, job_ids, escalate: bool) -> None:
+        steps = self._running_steps()
+        for job_id in job_ids:
+            if escalate:
+                self._cancelled.setdefault(job_id, time.monotonic() + KILL_WAIT)
+            step = steps.get(self._step_names.get(job_id))
+            if step:
+                self.runner.run(["scancel", "--signal=TERM", step], check=False)
+            else:  # srun has not started the step yet: nothing runs that needs a clean stop
+                self._signal(job_id, self.kill_signal)
+
+    def _running_steps(self) -> dict[str, str]:
+        """Step ids of this allocation's running steps, by step name."""
+        result = self.runner.run(["squeue", "--steps", "--noheader", "--format=%i|%j",
+                                  f"--jobs={os.environ['SLURM_JOB_ID']}"], check=False)
+        pairs = (line.strip().split("|", 1) for line in result.stdout.splitlines() if "|" in line)
+        return {name: step for step, name in pairs}
+
+    @property
+    def worker_capacity(self) -> int:
+        """How many worker nodes fit: one per node after the first (one if there is only one node)."""
+        return max(1, len(self.nodes) - 1)
+
+    def _placement(self, script_path: str, role: str) -> tuple[list[str], str]:
+        if role == "db" or len(self.nodes) == 1:
+            node = self.nodes[0]
+        else:
+            busy = {self._nodes[j] for j, p in self._procs.items() if p.poll() is None}
+            free = [n for n in self.nodes[1:] if n not in busy]
+            if not free:
+                raise ConfigError(
+                    f"All {self.worker_capacity} worker nodes of this allocation ({', '.join(self.nodes[1:])}) are in "
+                    "use; ask sbatch for more nodes (--nodes) to scale further."
+                )
+            node = free[0]
+        name = os.path.basename(script_path)[: -len(".sh")]
+        argv = ["srun", "--nodes=1", "--ntasks=1", f"--nodelist={node}", "--overlap", "--kill-on-bad-exit=1",
+                f"--job-name={name}", "bash", script_path]
+        return argv, node
+
+    async def submit(self, script_path: str, what: str, output: str = "", role: str = "worker") -> str:
+        job_id = await super().submit(script_path, what, output, role)
+        self._step_names[job_id] = os.path.basename(script_path)[: -len(".sh")]
+        return job_id
+
+    def node_addresses(self, partition: str | None) -> list[str]:
+        return list(self.nodes)

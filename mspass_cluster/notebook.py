@@ -1,0 +1,98 @@
+"""Execute a notebook headless, keeping every output: the body of a batch notebook job.
+
+Parameters are injected papermill-style: a cell holding the assignments is
+inserted after the cell tagged ``parameters`` (or first, if there is none),
+tagged ``injected-parameters``. The executed notebook, with its outputs and
+any traceback, is written beside the input, never over it. The exit status
+is 0 only when every cell ran.
+
+Run: ``python -m mspass_cluster.notebook IN.ipynb [--output OUT.ipynb] [--param key=value ...]``
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import os
+import sys
+
+__all__ = ["parse_params", "inject_parameters", "execute", "default_output_path"]
+
+
+def parse_params(items: list[str]) -> dict:
+    """``["n=3", "name=TA"]`` gives ``{"n": 3, "name": "TA"}``: Python literals, else strings.
+
+    Raises
+    ------
+    ValueError
+        For an item without ``=`` or with a name that is not an identifier.
+    """
+    params = {}
+    for item in items:
+        key, sep, text = item.partition("=")
+        if not sep or not key.isidentifier():
+            raise ValueError(f"--param {item!r} is not name=value, e.g. --param nodes=4")
+        try:
+            params[key] = ast.literal_eval(text)
+        except (ValueError, SyntaxError):
+            params[key] = text
+    return params
+
+
+def inject_parameters(notebook, params: dict) -> None:
+    """Insert a cell assigning ``params`` after the ``parameters`` cell (in place)."""
+    import nbformat
+
+    if not params:
+        return
+    source = "# Parameters\n" + "\n".join(f"{k} = {v!r}" for k, v in params.items())
+    cell = nbformat.v4.new_code_cell(source, metadata={"tags": ["injected-parameters"]})
+    index = next((i + 1 for i, c in enumerate(notebook.cells) if "parameters" in c.metadata.get("tags", [])), 0)
+    notebook.cells.insert(index, cell)
+
+
+def default_output_path(input_path: str, job_id: str | None = None) -> str:
+    """``flow.ipynb`` gives ``flow-<job id>.ipynb`` (``flow-executed.ipynb`` outside Slurm)."""
+    root, _ = os.path.splitext(input_path)
+    return f"{root}-{job_id or os.environ.get('SLURM_JOB_ID') or 'executed'}.ipynb"
+
+
+def execute(input_path: str, output_path: str, params: dict, timeout: float | None = None) -> int:
+    """Run every cell; write the executed notebook; return 0 if all ran, 1 otherwise."""
+    import nbformat
+    from nbclient import NotebookClient
+    from nbclient.exceptions import CellExecutionError
+
+    notebook = nbformat.read(input_path, as_version=4)
+    inject_parameters(notebook, params)
+    client = NotebookClient(
+        notebook, timeout=timeout, kernel_name=notebook.metadata.get("kernelspec", {}).get("name", "python3"),
+        resources={"metadata": {"path": os.path.dirname(os.path.abspath(input_path))}},
+    )
+    status = 0
+    try:
+        client.execute()
+    except CellExecutionError as exc:
+        print(f"mspass_cluster: notebook {input_path} failed:\n{exc}", file=sys.stderr, flush=True)
+        status = 1
+    finally:
+        nbformat.write(notebook, output_path)
+        print(f"mspass_cluster: executed notebook written to {output_path}", flush=True)
+    return status
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m mspass_cluster.notebook", description=__doc__.split("\n\n")[0])
+    parser.add_argument("notebook")
+    parser.add_argument("--output", help="executed notebook (default: <name>-<job id>.ipynb beside the input)")
+    parser.add_argument("--param", action="append", default=[], metavar="KEY=VALUE")
+    args = parser.parse_args(argv)
+    try:
+        params = parse_params(args.param)
+    except ValueError as exc:
+        parser.error(str(exc))
+    return execute(args.notebook, args.output or default_output_path(args.notebook), params)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
