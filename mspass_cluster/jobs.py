@@ -24,7 +24,7 @@ from .errors import CommandError, JobFailedError, SubmitError
 from .roles import build_job_script
 from .slurm import JobState, JobStatus
 
-__all__ = ["SlurmClient", "JobLauncher", "TrackedJob", "tail"]
+__all__ = ["SlurmClient", "JobLauncher", "TrackedJob", "tail", "error_lines"]
 
 logger = logging.getLogger(__name__)
 
@@ -39,6 +39,15 @@ def tail(path: str, lines: int = 20) -> str:
     except OSError as exc:
         return f"(no log: {exc.strerror or exc})"
     return "\n".join(deque(text.splitlines(), maxlen=lines)) or "(the log is empty)"
+
+
+_ERROR_WORDS = re.compile(r"error|fatal|exception|not found|no such file|permission denied|refused|killed", re.I)
+
+
+def error_lines(path: str, most: int = 5) -> list[str]:
+    """The first lines of a log that look like errors (a usage text can push them out of the tail)."""
+    lines = tail(path, 2000).splitlines()
+    return [line for line in lines if _ERROR_WORDS.search(line) and not line.startswith("mspass_cluster:")][:most]
 
 
 class SlurmClient:
@@ -173,13 +182,16 @@ class TrackedJob:
         """A :class:`JobFailedError` for this ended job, with the log's last lines."""
         exit_code = self.status.exit_code if self.status else None
         log_tail = tail(self.log_path)
+        errors = [line for line in error_lines(self.log_path) if line not in log_tail.splitlines()]
         exit_text = f", exit code {exit_code}" if exit_code else ""
         node_text = f" on node {self.node}" if self.node else ""
         message = (
             f"The {self.role} job {self.job_id} ({self.name}) {what}.\n"
             f"  Slurm state: {self.state.value}{exit_text}{node_text}"
             + (f", reason: {self.status.reason}" if self.status and self.status.reason else "")
-            + f"\n  Log: {self.log_path}\n  Last lines of the log:\n"
+            + f"\n  Log: {self.log_path}\n"
+            + "".join(f"  Error in the log: {line}\n" for line in errors)
+            + "  Last lines of the log:\n"
             + "\n".join("    | " + line for line in log_tail.splitlines())
             + f"\n  {fix}"
         )

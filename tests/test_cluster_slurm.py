@@ -290,6 +290,6 @@ def test_container_that_fails_to_start_surfaces_the_runtimes_message(slurm_testb
         MsPASSCluster(nodes=1, work_dir=str(shared_dir), db_command=FAKE_MONGOD, walltime="10",
                       container=stand_in_image(shared_dir), container_runtime="apptainer",
                       container_args=["--no-such-flag"], job_script_prologue=[f"export PATH={BIN}:$PATH"])
-    assert info.value.exit_code.startswith("255")
-    assert "unknown flag: --no-such-flag" in info.value.log_tail
+    assert info.value.exit_code.startswith("1:")  # apptainer's exit status for a command-line error
+    assert "unknown flag: --no-such-flag" in str(info.value)  # above the usage text that fills the log's tail
     assert_no_job_named(shared_dir)
