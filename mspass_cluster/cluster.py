@@ -193,7 +193,11 @@ class MsPASSCluster(SpecCluster):
             worker["group"] = [f"-{i}" for i in range(self.options.processes)]
         scheduler = {
             "cls": Scheduler,
-            "options": {"host": host, "port": self.options.scheduler_port, "dashboard_address": self.options.dashboard_address},
+            "options": {
+                "host": host, "port": self.options.scheduler_port, "dashboard_address": self.options.dashboard_address,
+                # Its scratch space goes with the workers', not into /tmp.
+                "local_directory": self.options.worker_dir,
+            },
         }
         try:
             super().__init__(
