@@ -664,6 +664,8 @@ class MsPASSCluster(SpecCluster):
         status = server_exit_status(job.log_path)
         if status is None:
             logger.info("Database job %s ended before its server ran (%s).", job.job_id, job.state.value)
+        elif not job.ready:
+            logger.info("Database job %s stopped while its server was starting (exit status %s).", job.job_id, status)
         elif status == 0:
             logger.info("Database stopped cleanly (job %s, server exit status 0).", job.job_id)
         else:

@@ -314,6 +314,8 @@ class JobLauncher:
             if not self._cancel_queue:
                 await asyncio.sleep(interval)
                 interval = min(interval * 1.5, 2.0)
+            if self._cancel_queue:
+                interval = 0.2  # newly cancelled jobs usually end within a fraction of a second
 
     async def poll_ids(self, job_ids) -> None:
         statuses = await self.slurm.statuses(job_ids)

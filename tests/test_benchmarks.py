@@ -25,7 +25,6 @@ TOOLS = ("mspass", "jobqueue")
 @pytest.fixture(scope="module")
 def smoke_run(slurm_testbed, tmp_path_factory):
     """One ``python -m benchmarks.bench --smoke`` run; its output directory and results.json."""
-    pytest.importorskip("matplotlib", reason="the benchmarks' plot needs the bench extra: pip install -e '.[bench]'")
     out = tmp_path_factory.mktemp("bench")
     proc = subprocess.run(
         [sys.executable, "-m", "benchmarks.bench", "--smoke", "--out", str(out)],
