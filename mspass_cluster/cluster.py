@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import atexit
+import contextlib
 import functools
 import logging
 import math
@@ -169,6 +170,8 @@ class MsPASSCluster(SpecCluster):
         else:
             self._slurm = SlurmClient(runner)
         self._launcher = JobLauncher(self.options, name, self._slurm, local=self.backend == "local")
+        self._launcher.heartbeat = os.path.join(self.options.log_dir, f"{name}.heartbeat")
+        self._heartbeat_task: asyncio.Task | None = None
         self.db_job: TrackedJob | None = None
         self._db_uri: str | None = None
         self._client = None
@@ -278,7 +281,16 @@ class MsPASSCluster(SpecCluster):
             await self._close()
             raise
 
+    async def _beat(self):
+        """Refresh the heartbeat file the database job watches (see ``orphan_timeout``)."""
+        path = self._launcher.heartbeat
+        while True:
+            with open(path, "a"):
+                os.utime(path)
+            await asyncio.sleep(max(1.0, min(10.0, self.options.orphan_timeout / 10)))
+
     async def _bring_up(self):
+        self._heartbeat_task = asyncio.ensure_future(self._beat())
         self._launcher.scheduler_address = self.scheduler.address
         self._publish_environment(with_db=False)
         for _ in range(self.options.nodes):
@@ -635,8 +647,9 @@ class MsPASSCluster(SpecCluster):
         if self.status == Status.closed:
             return
         self._closing = True
-        if self._watcher is not None:
-            self._watcher.cancel()
+        for task in (self._watcher, self._heartbeat_task):
+            if task is not None:
+                task.cancel()
         try:
             await super()._close()
         finally:
@@ -646,6 +659,8 @@ class MsPASSCluster(SpecCluster):
                 await asyncio.gather(*(self._launcher.cancel(j, timeout=JOB_STOP_TIMEOUT) for j in leftovers))
             self._restore_environment()
             self._db_uri = None
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self._launcher.heartbeat)
 
     async def _stop_db(self):
         job = self.db_job

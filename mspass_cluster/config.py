@@ -96,6 +96,7 @@ OPTIONS: tuple[Option, ...] = (
     Option("python", None, "Python that runs ``dask worker`` on the nodes. Default: this notebook's Python."),
     Option("worker_extra_args", [], "Extra arguments for ``dask worker``, e.g. ``['--resources', 'GPU=1']``.", kind="list"),
     Option("death_timeout", 60, "Seconds a worker keeps trying to reach a lost scheduler before it exits.", kind="int"),
+    Option("orphan_timeout", 300, "Seconds the database keeps running after this notebook stopped refreshing its heartbeat file (a crashed kernel) before it shuts down cleanly.", kind="int"),
     # --- database role
     Option("db_command", ["mongod"], "The database server program and leading arguments (a list); the cluster adds ``--port``, ``--dbpath``, ``--bind_ip_all``, cache size.", kind="list"),
     Option("db_port", 27017, "Database port (published as ``MONGODB_PORT``).", kind="int"),
@@ -148,6 +149,7 @@ class ClusterOptions:
     python: str
     worker_extra_args: list
     death_timeout: int
+    orphan_timeout: int
     db_command: list
     db_port: int
     db_cores: int

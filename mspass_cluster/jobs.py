@@ -222,6 +222,7 @@ class JobLauncher:
         self.local = local
         self.scheduler_address: str | None = None
         self.db_host: str | None = None
+        self.heartbeat: str | None = None
         self.jobs: dict[str, TrackedJob] = {}
         self._gone: dict[str, asyncio.Future] = {}
         self._cancel_queue: list[tuple[str, str | None]] = []
@@ -236,7 +237,7 @@ class JobLauncher:
         return build_job_script(
             self.options, role, cluster_id=self.cluster_id, job_name=name,
             scheduler_address=scheduler_address or self.scheduler_address,
-            db_host=self.db_host, local=self.local,
+            db_host=self.db_host, local=self.local, heartbeat=self.heartbeat,
         )
 
     async def submit(self, role: str, name: str) -> TrackedJob:

@@ -135,6 +135,32 @@ def role_environment(
     return env
 
 
+def heartbeat_watchdog(heartbeat: str, limit: int) -> list[str]:
+    """Shell lines that stop the server when ``heartbeat`` is older than ``limit`` seconds.
+
+    The notebook owning the cluster refreshes the file; if its kernel dies,
+    the database shuts down cleanly instead of holding a node until walltime.
+    """
+    check = max(1, min(15, limit // 4))
+    return [
+        "# Stop the server cleanly if the notebook owning this cluster stops refreshing its",
+        "# heartbeat file (a crashed kernel) instead of holding the node until walltime.",
+        f"heartbeat={shlex.quote(heartbeat)}",
+        "(",
+        f"    while sleep {check}; do",
+        '        kill -0 "$server_pid" 2>/dev/null || exit 0',
+        f'        age={limit}',
+        '        [ -e "$heartbeat" ] && age=$(( $(date +%s) - $(date -r "$heartbeat" +%s) ))',
+        f'        if [ "$age" -ge {limit} ]; then',
+        '            echo "mspass_cluster: no heartbeat from the notebook for $age s ($heartbeat); stopping the server"',
+        '            kill -TERM "$server_pid"',
+        "            exit 0",
+        "        fi",
+        "    done",
+        ") &",
+    ]
+
+
 def render_job_script(
     *,
     role: str,
@@ -144,6 +170,7 @@ def render_job_script(
     prologue: list[str],
     setup: list[str],
     argv: list[str],
+    watchdog: list[str] = (),
 ) -> str:
     """Fill the job-script template; every value is shell-quoted except prologue lines."""
     template = _ScriptTemplate(resources.files(__package__).joinpath("templates/job.sh").read_text())
@@ -156,6 +183,7 @@ def render_job_script(
         exports="\n".join(f"export {k}={shlex.quote(v)}" for k, v in exports.items()),
         setup="\n".join(setup),
         command=containers.join(argv),
+        watchdog="\n".join(watchdog),
     )
 
 
@@ -168,6 +196,7 @@ def build_job_script(
     scheduler_address: str,
     db_host: str | None = None,
     local: bool = False,
+    heartbeat: str | None = None,
 ) -> tuple[str, str]:
     """The complete job script for ``role`` and its ``--output`` pattern.
 
@@ -185,6 +214,9 @@ def build_job_script(
         The database's host when already known.
     local : bool
         For the desktop backend: the database listens on loopback only.
+    heartbeat : str, optional
+        The notebook's heartbeat file; the database stops ``orphan_timeout``
+        seconds after it goes stale.
 
     Returns
     -------
@@ -231,8 +263,9 @@ def build_job_script(
             cleanenv=options.container_cleanenv,
         )
         setup = setup + container_setup
+    watchdog = heartbeat_watchdog(heartbeat, options.orphan_timeout) if role == "db" and heartbeat else []
     script = render_job_script(
         role=role, cluster_id=cluster_id, directives=directives, exports=exports,
-        prologue=options.job_script_prologue, setup=setup, argv=argv,
+        prologue=options.job_script_prologue, setup=setup, argv=argv, watchdog=watchdog,
     )
     return script, output

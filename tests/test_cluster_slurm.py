@@ -293,3 +293,29 @@ def test_container_that_fails_to_start_surfaces_the_runtimes_message(slurm_testb
     assert info.value.exit_code.startswith("1:")  # apptainer's exit status for a command-line error
     assert "unknown flag: --no-such-flag" in str(info.value)  # above the usage text that fills the log's tail
     assert_no_job_named(shared_dir)
+
+
+def test_a_killed_notebook_leaves_no_job_running(slurm_testbed, shared_dir):
+    """SIGKILL of the notebook's process: workers lose the scheduler, the database its heartbeat; both end."""
+    import signal
+    import subprocess
+    import time
+    script = (
+        "import os, signal\n"
+        "from mspass_cluster import MsPASSCluster\n"
+        f"c = MsPASSCluster(nodes=2, work_dir={str(shared_dir)!r}, db_command={FAKE_MONGOD!r}, walltime='10',\n"
+        "                   death_timeout=10, orphan_timeout=12)\n"
+        "print(','.join(c.job_ids), c.cluster_id, flush=True)\n"
+        "os.kill(os.getpid(), signal.SIGKILL)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=240)
+    assert out.returncode == -signal.SIGKILL, out.stderr
+    ids, cluster_id = out.stdout.split()
+    ids = ids.split(",")
+    deadline = time.monotonic() + 180
+    while queued(ids) and time.monotonic() < deadline:
+        time.sleep(1)
+    assert queued(ids) == [], "jobs of a dead notebook are still in the queue"
+    assert cluster_processes(cluster_id) == []
+    db_log = next((shared_dir / "logs").glob(f"mspass-{cluster_id}-db-*.out")).read_text()
+    assert "no heartbeat from the notebook" in db_log and "db exited with status 0" in db_log

@@ -22,6 +22,7 @@ echo "mspass_cluster: @{role} starting on $(hostname) at $(date '+%Y-%m-%dT%H:%M
 server_pid=$!
 forward_signal() { kill -TERM "$server_pid" 2>/dev/null; }
 trap forward_signal TERM INT USR1
+@{watchdog}
 
 # wait returns early when a trapped signal arrives; keep waiting until the
 # server itself has exited, then take its exit status.
