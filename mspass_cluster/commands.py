@@ -13,7 +13,6 @@ import collections
 import logging
 import os
 import subprocess
-import time
 from dataclasses import dataclass
 
 from .errors import CommandError
@@ -51,7 +50,6 @@ class CommandRunner:
     def __init__(self, timeout: float = 60.0):
         self.timeout = timeout
         self.calls: collections.Counter = collections.Counter()
-        self.started = time.monotonic()
 
     def _count(self, argv):
         self.calls[os.path.basename(argv[0])] += 1
@@ -109,11 +107,6 @@ class CommandRunner:
                 reason=f"{argv[0]} did not answer within {timeout:g} s (the Slurm controller may be overloaded).",
             ) from exc
         return self._check(argv, proc.returncode, out.decode(errors="replace"), err.decode(errors="replace"), check, error_cls)
-
-    def calls_per_minute(self) -> dict:
-        """Calls per program per minute since this runner was created."""
-        minutes = max((time.monotonic() - self.started) / 60.0, 1e-9)
-        return {name: count / minutes for name, count in self.calls.items()}
 
 
 def _text(data) -> str:
