@@ -319,3 +319,21 @@ def test_a_killed_notebook_leaves_no_job_running(slurm_testbed, shared_dir):
     assert cluster_processes(cluster_id) == []
     db_log = next((shared_dir / "logs").glob(f"mspass-{cluster_id}-db-*.out")).read_text()
     assert "no heartbeat from the notebook" in db_log and "db exited with status 0" in db_log
+
+
+def test_a_worker_job_lost_after_it_ran_is_replaced(slurm_testbed, shared_dir, caplog):
+    import subprocess
+    import time
+    caplog.set_level(logging.WARNING, logger="mspass_cluster")
+    with MsPASSCluster(nodes=2, work_dir=str(shared_dir), db_command=FAKE_MONGOD, walltime="10",
+                       poll_interval=1) as cluster:
+        lost = next(j for j, (role, _, _) in cluster.job_ids.items() if role == "worker")
+        subprocess.run(["scancel", lost], check=True)  # as if its node failed or its walltime ran out
+        deadline = time.monotonic() + 120
+        while len(cluster.job_ids) < 4 and time.monotonic() < deadline:
+            time.sleep(0.5)
+        assert len(cluster.job_ids) == 4, "no replacement job was submitted"
+        cluster.wait_for_workers(timeout=120)
+        assert len(cluster.get_client().scheduler_info()["workers"]) == 2
+        assert any("submitting a replacement" in r.getMessage() for r in caplog.records)
+    assert_nothing_left(cluster)
