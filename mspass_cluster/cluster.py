@@ -42,7 +42,7 @@ from .jobs import JobLauncher, SlurmClient, TrackedJob, server_exit_status
 from .allocation import AllocationSteps, allocation_nodes, in_allocation
 from .local import LOCAL_HOST, LocalProcesses
 from .network import scheduler_host
-from .roles import ROLES, SCHEDULER_PLACEHOLDER
+from .roles import ROLES, SCHEDULER_PLACEHOLDER, service_environment
 from .worker_env import EnvironmentPlugin
 
 __all__ = ["MsPASSCluster"]
@@ -338,10 +338,7 @@ class MsPASSCluster(SpecCluster):
                     self._db_uri = uri
                     self.db_job.ready = True
                     logger.info("Database ready at %s (job %s on %s).", uri, self.db_job.job_id, self.db_job.node)
-            connected = self._connected_names()
-            for job in self._worker_jobs():
-                if self._job_worker_names(job.name) <= connected:
-                    job.ready = True
+            connected = self._mark_ready_workers()
             if self._db_uri and self.plan <= connected:
                 return
             summary = self._pending_summary(connected, db_error)
@@ -355,6 +352,14 @@ class MsPASSCluster(SpecCluster):
                     "if jobs ran but never connected, check the logs in " + self.options.log_dir + "."
                 )
             await asyncio.sleep(0.1)
+
+    def _mark_ready_workers(self) -> set:
+        """Mark worker jobs whose every process has connected; return the connected worker names."""
+        connected = self._connected_names()
+        for job in self._worker_jobs():
+            if self._job_worker_names(job.name) <= connected:
+                job.ready = True
+        return connected
 
     def _worker_jobs(self) -> list[TrackedJob]:
         return [w.job for w in self.workers.values() if isinstance(w, WorkerJob) and w.job is not None]
@@ -399,16 +404,7 @@ class MsPASSCluster(SpecCluster):
         await self.scheduler.register_worker_plugin(None, dumps(plugin), name=plugin.name, idempotent=False)
 
     def _job_environment(self) -> dict:
-        env = {
-            "MSPASS_SCHEDULER": "dask",
-            "MSPASS_SCHEDULER_ADDRESS": self.scheduler_host,
-            "DASK_SCHEDULER_PORT": str(self.scheduler_port),
-            "DASK_SCHEDULER_ADDRESS": self.scheduler.address,
-            "MONGODB_PORT": str(self.options.db_port),
-        }
-        if self._launcher.db_host:
-            env["MSPASS_DB_ADDRESS"] = self._launcher.db_host
-        return env
+        return service_environment(self.scheduler.address, self._launcher.db_host, self.options.db_port)
 
     def _publish_environment(self, with_db: bool):
         for key, value in self._job_environment().items():
@@ -438,10 +434,7 @@ class MsPASSCluster(SpecCluster):
             except CommandError as exc:
                 logger.warning("Could not poll Slurm: %s", exc)
                 continue
-            connected = self._connected_names()
-            for job in self._worker_jobs():
-                if not job.ready and self._job_worker_names(job.name) <= connected:
-                    job.ready = True
+            self._mark_ready_workers()
             for job in changed:
                 self._on_job_change(job)
 
@@ -604,14 +597,6 @@ class MsPASSCluster(SpecCluster):
     def db_address(self) -> str | None:
         """The database's connection string, ``mongodb://host:port/``."""
         return self._db_uri
-
-    @property
-    def scheduler_host(self) -> str:
-        return self.scheduler.address.rpartition("://")[2].rpartition(":")[0]
-
-    @property
-    def scheduler_port(self) -> int:
-        return int(self.scheduler.address.rpartition(":")[2])
 
     @property
     def job_ids(self) -> dict:

@@ -256,9 +256,12 @@ class JobLauncher:
         """Jobs that have not ended (as far as the last poll knows)."""
         return [j for j in self.jobs.values() if not j.ended]
 
-    async def poll(self) -> list[TrackedJob]:
-        """Refresh every active job's status with one batched query; return jobs whose state changed."""
-        active = self.active()
+    async def poll(self, job_ids=None) -> list[TrackedJob]:
+        """Refresh the status of ``job_ids`` (default: every active job) with one batched query.
+
+        Returns the jobs whose state changed.
+        """
+        active = self.active() if job_ids is None else [self.jobs[j] for j in job_ids if j in self.jobs]
         statuses = await self.slurm.statuses([j.job_id for j in active])
         changed = []
         for job in active:
@@ -307,7 +310,7 @@ class JobLauncher:
             waiting = [j for j, f in self._gone.items() if not f.done()]
             if not waiting:
                 return
-            await self.poll_ids(waiting)
+            await self.poll(waiting)
             for job_id in waiting:
                 job = self.jobs.get(job_id)
                 if job is None or job.ended:
@@ -317,12 +320,6 @@ class JobLauncher:
                 interval = min(interval * 1.5, 2.0)
             if self._cancel_queue:
                 interval = 0.2  # newly cancelled jobs usually end within a fraction of a second
-
-    async def poll_ids(self, job_ids) -> None:
-        statuses = await self.slurm.statuses(job_ids)
-        for job_id, status in statuses.items():
-            if job_id in self.jobs:
-                self.jobs[job_id].status = status
 
     def cancel_everything_now(self) -> list[str]:
         """Synchronous last resort: ``scancel`` every job not known to have ended."""

@@ -30,6 +30,7 @@ __all__ = [
     "worker_argv",
     "db_argv",
     "db_data_path",
+    "service_environment",
     "role_environment",
     "render_job_script",
     "build_job_script",
@@ -102,6 +103,26 @@ def db_argv(options: ClusterOptions, local: bool = False) -> list[str]:
     ]
 
 
+def service_environment(scheduler_address: str, db_host: str | None, db_port: int) -> dict[str, str]:
+    """The variables MsPASS code reads to find the scheduler and the database.
+
+    ``MSPASS_DB_ADDRESS`` is present only once the database's node is known;
+    workers started before that receive it from the scheduler (see
+    :mod:`mspass_cluster.worker_env`).
+    """
+    host, _, port = scheduler_address.rpartition("://")[2].rpartition(":")
+    env = {
+        "MSPASS_SCHEDULER": "dask",
+        "MSPASS_SCHEDULER_ADDRESS": host,
+        "DASK_SCHEDULER_PORT": port,
+        "DASK_SCHEDULER_ADDRESS": scheduler_address,
+        "MONGODB_PORT": str(db_port),
+    }
+    if db_host:
+        env["MSPASS_DB_ADDRESS"] = db_host
+    return env
+
+
 def role_environment(
     options: ClusterOptions,
     role: str,
@@ -110,29 +131,16 @@ def role_environment(
     scheduler_address: str,
     db_host: str | None,
 ) -> dict[str, str]:
-    """Variables every job exports, so unmodified MsPASS code finds both services.
-
-    ``MSPASS_DB_ADDRESS`` is present only once the database's node is known;
-    workers started before that receive it from the scheduler (see
-    :mod:`mspass_cluster.worker_env`).
-    """
-    host, _, port = scheduler_address.rpartition("://")[2].rpartition(":")
-    env = {
+    """Variables every job exports: its role and directories, and :func:`service_environment`."""
+    return {
         "MSPASS_ROLE": role,
         "MSPASS_CLUSTER_ID": cluster_id,
         "MSPASS_WORK_DIR": options.work_dir,
         "MSPASS_DB_DIR": options.db_dir,
         "MSPASS_LOG_DIR": options.log_dir,
         "MSPASS_WORKER_DIR": options.worker_dir,
-        "MSPASS_SCHEDULER": "dask",
-        "MSPASS_SCHEDULER_ADDRESS": host,
-        "DASK_SCHEDULER_PORT": port,
-        "DASK_SCHEDULER_ADDRESS": scheduler_address,
-        "MONGODB_PORT": str(options.db_port),
+        **service_environment(scheduler_address, db_host, options.db_port),
     }
-    if db_host:
-        env["MSPASS_DB_ADDRESS"] = db_host
-    return env
 
 
 def heartbeat_watchdog(heartbeat: str, limit: int) -> list[str]:
