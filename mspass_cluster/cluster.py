@@ -39,6 +39,7 @@ from .config import ClusterOptions, prepare_directories, resolve_options
 from .db import connection_string, get_db_client, ping
 from .errors import CommandError, ConfigError, MsPASSClusterError, StartupTimeoutError, SubmitError
 from .jobs import JobLauncher, SlurmClient, TrackedJob, server_exit_status
+from .slurm import JobState
 from .allocation import AllocationSteps, allocation_nodes, in_allocation
 from .local import LOCAL_HOST, LocalProcesses
 from .network import scheduler_host
@@ -156,6 +157,7 @@ class MsPASSCluster(SpecCluster):
     def __init__(self, nodes=None, *, asynchronous=False, loop=None, command_runner=None, **options):
         self.options: ClusterOptions = resolve_options(nodes=nodes, **options)
         self.backend = self._choose_backend()
+        self.options = _lifetime_for_backend(self.options, self.backend)
         if self.backend == "local":
             self._use_embedded_db_if_needed()
         prepare_directories(self.options)
@@ -453,7 +455,9 @@ class MsPASSCluster(SpecCluster):
         del self.workers[job.name]
         worker.status = Status.closed
         if job.ready:
-            logger.warning("%s; submitting a replacement to keep %d worker node(s).", job.describe(), len(self.worker_spec))
+            # COMPLETED: its workers reached worker_lifetime and left gracefully, as planned.
+            level = logging.INFO if job.state is JobState.COMPLETED else logging.WARNING
+            logger.log(level, "%s; submitting a replacement to keep %d worker node(s).", job.describe(), len(self.worker_spec))
             self._correct_state()
         else:
             del self.worker_spec[job.name]
@@ -618,6 +622,8 @@ class MsPASSCluster(SpecCluster):
         if isinstance(self_or_cls, type):
             opts = resolve_options(**options)
             local = opts.backend == "local" or (opts.backend == "auto" and shutil.which("sbatch") is None)
+            backend = "local" if local else ("allocation" if opts.backend == "auto" and in_allocation() else opts.backend)
+            opts = _lifetime_for_backend(opts, backend)
             launcher = JobLauncher(opts, f"{opts.job_name}-preview", SlurmClient(CommandRunner()), local=local)
             name = launcher.cluster_name + ("-db" if role == "db" else "-worker-0")
             return launcher.script(role, name, scheduler_address=SCHEDULER_PLACEHOLDER)[0]
@@ -694,6 +700,13 @@ class MsPASSCluster(SpecCluster):
             f"<MsPASSCluster {self._name}: {len(self.worker_spec)} worker node(s), "
             f"{len(getattr(self.scheduler, 'workers', {}) or {})} worker(s) connected, db {db}, status {self.status.name}>"
         )
+
+
+def _lifetime_for_backend(options: ClusterOptions, backend: str) -> ClusterOptions:
+    """``worker_lifetime='auto'`` means "before walltime": only Slurm worker jobs have one of their own."""
+    if options.worker_lifetime == "auto" and backend in ("local", "allocation"):
+        return options.replace(worker_lifetime="none")
+    return options
 
 
 def _close_at_exit(ref):

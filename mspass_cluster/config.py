@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import dask.config
-from dask.utils import parse_bytes
+from dask.utils import parse_bytes, parse_timedelta
 
 from .containers import RUNTIMES, check_container, container_active
 from .errors import ConfigError
@@ -46,7 +46,7 @@ class Option:
     default: Any
     doc: str
     env: str | tuple | None = None
-    kind: str = "str"  # str, choice, int, bool, list, path, memory, walltime, float
+    kind: str = "str"  # str, choice, int, bool, list, path, memory, walltime, float, lifetime
 
     @property
     def env_names(self) -> tuple:
@@ -95,6 +95,7 @@ OPTIONS: tuple[Option, ...] = (
     # --- worker role
     Option("python", None, "Python that runs ``dask worker`` on the nodes. Default: this notebook's Python."),
     Option("worker_extra_args", [], "Extra arguments for ``dask worker``, e.g. ``['--resources', 'GPU=1']``.", kind="list"),
+    Option("worker_lifetime", "auto", "Dask workers leave gracefully (their results move to other workers) after this long, e.g. ``'55m'``, and the cluster submits a replacement job. `auto`: just before `walltime` (5% of it, 1 to 10 minutes, plus a random stagger) on the `slurm` backend, never on the others; `none`: never.", kind="lifetime"),
     Option("death_timeout", 60, "Seconds a worker keeps trying to reach a lost scheduler before it exits.", kind="int"),
     Option("orphan_timeout", 300, "Seconds the database keeps running after this notebook stopped refreshing its heartbeat file (a crashed kernel) before it shuts down cleanly.", kind="int"),
     # --- database role
@@ -148,6 +149,7 @@ class ClusterOptions:
     dashboard_address: str
     python: str
     worker_extra_args: list
+    worker_lifetime: str
     death_timeout: int
     orphan_timeout: int
     db_command: list
@@ -294,11 +296,30 @@ def _coerce(option: Option, value):
     if option.kind == "walltime":
         parse_walltime(value)
         return str(value).strip()
+    if option.kind == "lifetime":
+        return _check_lifetime(name, value)
     if option.kind == "path":
         return os.path.abspath(os.path.expanduser(os.path.expandvars(str(value))))
     if not isinstance(value, str):
         raise ConfigError(f"{name}={value!r} must be a string.")
     return value
+
+
+def _check_lifetime(name, value) -> str:
+    """``auto``, ``none``, or a duration normalised to ``'<seconds>s'``."""
+    text = str(value).strip().lower()
+    if text in ("auto", "none"):
+        return text
+    try:
+        seconds = parse_timedelta(value if isinstance(value, (int, float)) else text)
+    except (ValueError, TypeError, KeyError):
+        seconds = None
+    if seconds is None or seconds <= 0:
+        raise ConfigError(
+            f"{name}={value!r} is not a positive duration; give e.g. {name}='55m' or '3300s', "
+            f"or {name}='auto' (just before walltime) or 'none'."
+        )
+    return f"{seconds:g}s"
 
 
 def valid_option_names() -> list[str]:

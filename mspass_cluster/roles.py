@@ -22,12 +22,13 @@ from dask.utils import format_bytes, parse_bytes
 
 from ._version import __version__
 from . import containers
-from .config import ClusterOptions
+from .config import ClusterOptions, parse_walltime
 from .slurm import build_directives
 
 __all__ = [
     "ROLES",
     "worker_argv",
+    "lifetime_args",
     "db_argv",
     "db_data_path",
     "service_environment",
@@ -70,7 +71,37 @@ def worker_argv(options: ClusterOptions, scheduler_address: str, name: str) -> l
         "--death-timeout", str(options.death_timeout),
         "--local-directory", options.worker_dir,
     ]
-    return argv + list(options.worker_extra_args)
+    return argv + lifetime_args(options) + list(options.worker_extra_args)
+
+
+def lifetime_args(options: ClusterOptions) -> list[str]:
+    """``--lifetime``/``--lifetime-stagger`` for ``dask worker``, from ``worker_lifetime``.
+
+    A worker that reaches its lifetime hands its results to other workers and
+    exits 0, so its job ends instead of being killed at walltime with its
+    results lost; the cluster then submits a replacement. ``auto`` ends each
+    worker 5 % of ``walltime`` (1 to 10 minutes) before walltime, staggered by
+    up to half that margin so the nodes do not all leave at once; walltimes
+    under 4 minutes leave no room for it. The cluster sets ``none`` for the
+    backends without a walltime per job. A ``--lifetime`` in
+    ``worker_extra_args`` wins.
+
+    >>> from mspass_cluster.config import resolve_options
+    >>> lifetime_args(resolve_options(walltime="01:00:00"))
+    ['--lifetime', '3330s', '--lifetime-stagger', '90s']
+    """
+    if any(arg.split("=", 1)[0] == "--lifetime" for arg in options.worker_extra_args):
+        return []
+    if options.worker_lifetime == "none":
+        return []
+    if options.worker_lifetime != "auto":
+        return ["--lifetime", options.worker_lifetime]
+    walltime = parse_walltime(options.walltime)
+    margin = min(max(walltime // 20, 60), 600)
+    stagger = margin // 2
+    if walltime < 240:
+        return []
+    return ["--lifetime", f"{walltime - margin - stagger}s", "--lifetime-stagger", f"{stagger}s"]
 
 
 def db_data_path(options: ClusterOptions) -> str:

@@ -337,3 +337,34 @@ def test_a_worker_job_lost_after_it_ran_is_replaced(slurm_testbed, shared_dir, c
         assert len(cluster.get_client().scheduler_info()["workers"]) == 2
         assert any("submitting a replacement" in r.getMessage() for r in caplog.records)
     assert_nothing_left(cluster)
+
+
+def square(x):
+    return x * x
+
+
+def test_workers_leave_at_their_lifetime_and_are_replaced(slurm_testbed, shared_dir, caplog):
+    import time
+    caplog.set_level(logging.INFO, logger="mspass_cluster")
+    with MsPASSCluster(nodes=2, work_dir=str(shared_dir), db_command=FAKE_MONGOD, worker_lifetime="12s",
+                       poll_interval=1, job_script_prologue=TESTS_ON_PYTHONPATH) as cluster:
+        client = cluster.get_client()
+        first_jobs = [j for j, (role, _, _) in cluster.job_ids.items() if role == "worker"]
+        first_workers = set(client.scheduler_info()["workers"])
+        held = client.map(square, range(40))   # results kept in the workers' memory
+        assert client.gather(held) == [i * i for i in range(40)]
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            states = [cluster.job_ids[j][2] for j in first_jobs]
+            newcomers = set(client.scheduler_info()["workers"]) - first_workers
+            if all(s not in ("PENDING", "RUNNING", "COMPLETING") for s in states) and len(newcomers) >= 2:
+                break
+            time.sleep(0.5)
+        # Left on their own, gracefully (exit 0), not killed at walltime; two new nodes took over.
+        assert states == ["COMPLETED", "COMPLETED"], states
+        assert len(newcomers) >= 2, f"replacement workers connected: {newcomers}"
+        assert client.gather(held) == [i * i for i in range(40)]
+        assert client.submit(square, 7).result(timeout=60) == 49
+        replaced = [r for r in caplog.records if "submitting a replacement" in r.getMessage()]
+        assert replaced and all(r.levelno == logging.INFO for r in replaced)
+    assert_nothing_left(cluster)

@@ -25,8 +25,38 @@ def test_worker_argv_splits_cores_and_memory_over_processes():
     assert worker_argv(opts, "tcp://10.0.0.1:8786", "mspass-x-worker-0") == [
         "/opt/py/bin/python", "-m", "distributed.cli.dask_worker", "tcp://10.0.0.1:8786",
         "--name", "mspass-x-worker-0", "--nworkers", "4", "--nthreads", "2", "--memory-limit", "8.00GiB",
-        "--nanny", "--death-timeout", "60", "--local-directory", "/shared/run/work", "--resources", "GPU=1",
+        "--nanny", "--death-timeout", "60", "--local-directory", "/shared/run/work",
+        "--lifetime", "3330s", "--lifetime-stagger", "90s", "--resources", "GPU=1",
     ]
+
+
+@pytest.mark.parametrize(
+    ("walltime", "expected"),
+    [
+        ("01:00:00", ["--lifetime", "3330s", "--lifetime-stagger", "90s"]),   # leaves 54 to 57 min in
+        ("00:10:00", ["--lifetime", "510s", "--lifetime-stagger", "30s"]),    # at least a minute to spare
+        ("7-00:00:00", ["--lifetime", "603900s", "--lifetime-stagger", "300s"]),  # at most 10 minutes early
+        ("00:03:00", []),                                                     # too short to leave early
+    ],
+)
+def test_workers_leave_gracefully_before_walltime(walltime, expected):
+    argv = worker_argv(options(walltime=walltime), "tcp://h:1", "w")
+    assert argv[argv.index("/shared/run/work") + 1:] == expected
+
+
+def test_worker_lifetime_can_be_set_or_switched_off():
+    assert worker_argv(options(worker_lifetime="55m"), "tcp://h:1", "w")[-2:] == ["--lifetime", "3300s"]
+    assert "--lifetime" not in worker_argv(options(worker_lifetime="none"), "tcp://h:1", "w")
+    own = worker_argv(options(worker_extra_args=["--lifetime=20m"]), "tcp://h:1", "w")
+    assert [a for a in own if a.startswith("--lifetime")] == ["--lifetime=20m"]
+    with pytest.raises(ConfigError, match=r"worker_lifetime='soon' is not a positive duration.*'55m'"):
+        options(worker_lifetime="soon")
+
+
+def test_local_workers_have_no_walltime_to_leave_before():
+    script = MsPASSCluster.job_script("worker", backend="local", work_dir="/tmp/preview")
+    assert "--lifetime" not in script
+    assert "--lifetime 3330s" in MsPASSCluster.job_script("worker", backend="slurm", work_dir="/tmp/preview")
 
 
 def test_worker_on_a_whole_node_lets_dask_size_itself():
