@@ -26,7 +26,9 @@ import shutil
 import sys
 import weakref
 
+from dask.system import CPU_COUNT
 from dask.utils import parse_bytes
+from distributed.system import MEMORY_LIMIT
 from distributed import Client, Scheduler
 from distributed.core import Status
 from distributed.deploy import Adaptive
@@ -41,7 +43,7 @@ from .errors import CommandError, ConfigError, MsPASSClusterError, StartupTimeou
 from .jobs import JobLauncher, SlurmClient, TrackedJob, server_exit_status
 from .slurm import JobState
 from .allocation import AllocationSteps, allocation_nodes, in_allocation
-from .local import LOCAL_HOST, LocalProcesses
+from .local import LOCAL_HOST, LocalProcesses, share_of_this_machine
 from .network import scheduler_host
 from .roles import ROLES, SCHEDULER_PLACEHOLDER, service_environment
 from .worker_env import EnvironmentPlugin
@@ -160,6 +162,11 @@ class MsPASSCluster(SpecCluster):
         self.options = _lifetime_for_backend(self.options, self.backend)
         if self.backend == "local":
             self._use_embedded_db_if_needed()
+            self.options = share_of_this_machine(self.options, CPU_COUNT, MEMORY_LIMIT)
+            logger.info(
+                "Local backend: each worker node gets %d core(s) and %s of this machine (set cores= and memory= "
+                "to change).", self.options.cores, self.options.memory,
+            )
         prepare_directories(self.options)
         self.cluster_id = secrets.token_hex(4)
         name = f"{self.options.job_name}-{self.cluster_id}"
@@ -624,6 +631,8 @@ class MsPASSCluster(SpecCluster):
             local = opts.backend == "local" or (opts.backend == "auto" and shutil.which("sbatch") is None)
             backend = "local" if local else ("allocation" if opts.backend == "auto" and in_allocation() else opts.backend)
             opts = _lifetime_for_backend(opts, backend)
+            if local:
+                opts = share_of_this_machine(opts, CPU_COUNT, MEMORY_LIMIT)
             launcher = JobLauncher(opts, f"{opts.job_name}-preview", SlurmClient(CommandRunner()), local=local)
             name = launcher.cluster_name + ("-db" if role == "db" else "-worker-0")
             return launcher.script(role, name, scheduler_address=SCHEDULER_PLACEHOLDER)[0]

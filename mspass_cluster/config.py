@@ -64,8 +64,8 @@ OPTIONS: tuple[Option, ...] = (
     # --- the shape of the cluster
     Option("nodes", 1, "Number of worker nodes: one Slurm job each.", kind="int"),
     Option("processes", 1, "Dask worker processes per worker node; they share the node's cores and memory.", kind="int"),
-    Option("cores", None, "Cores per worker node (``--cpus-per-task``). Unset: the whole node, Dask picks threads.", kind="int"),
-    Option("memory", None, "Memory per worker node, e.g. ``'64GiB'`` (``--mem``). Unset: all of the node's memory (``--mem=0``).", kind="memory"),
+    Option("cores", None, "Cores per worker node (``--cpus-per-task``). Unset: the whole node, Dask picks threads; on the local backend, this machine's cores split over ``nodes``.", kind="int"),
+    Option("memory", None, "Memory per worker node, e.g. ``'64GiB'`` (``--mem``). Unset: all of the node's memory (``--mem=0``); on the local backend, this machine's memory split over ``nodes``.", kind="memory"),
     Option("exclusive", True, "Worker jobs ask for whole nodes (``--exclusive``) so no two land on one node.", kind="bool"),
     # --- Slurm's words
     Option("partition", None, "Slurm partition (``--partition``) for every job."),

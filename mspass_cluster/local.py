@@ -18,9 +18,12 @@ import signal as signals
 import subprocess
 import time
 
+from dask.utils import format_bytes
+
+from .config import ClusterOptions
 from .slurm import JobState, JobStatus
 
-__all__ = ["LocalProcesses", "LOCAL_HOST"]
+__all__ = ["LocalProcesses", "LOCAL_HOST", "share_of_this_machine"]
 
 logger = logging.getLogger(__name__)
 
@@ -28,6 +31,28 @@ logger = logging.getLogger(__name__)
 LOCAL_HOST = "127.0.0.1"
 #: Seconds between SIGTERM and SIGKILL, like Slurm's default KillWait.
 KILL_WAIT = 30.0
+
+
+def share_of_this_machine(options: ClusterOptions, cpus: int, memory: int) -> ClusterOptions:
+    """Give each local "node" its share of this machine's ``cpus`` and ``memory``.
+
+    On Slurm an unset ``cores``/``memory`` means a whole node; on a desktop
+    it would mean every "node" sizing itself to the whole machine, N times
+    over. As :class:`distributed.LocalCluster` does, the machine is split
+    over the ``nodes`` asked for at start; values given by the user stay.
+
+    >>> from mspass_cluster.config import resolve_options
+    >>> share = share_of_this_machine(resolve_options(nodes=2, backend="local"), cpus=8, memory=16 * 2**30)
+    >>> share.cores, share.memory
+    (4, '8.00GiB')
+    """
+    nodes, processes = max(1, options.nodes), options.processes
+    changes = {}
+    if options.cores is None:
+        changes["cores"] = max(processes, cpus // nodes // processes * processes)
+    if options.memory is None:
+        changes["memory"] = format_bytes(memory // nodes).replace(" ", "")
+    return options.replace(**changes) if changes else options
 
 
 class LocalProcesses:

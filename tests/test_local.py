@@ -13,6 +13,10 @@ import sys
 
 import pytest
 
+from dask.system import CPU_COUNT
+from dask.utils import format_bytes, parse_bytes
+from distributed.system import MEMORY_LIMIT
+
 from conftest import FAKE_MONGOD, cluster_processes
 from mspass_cluster import JobFailedError, MsPASSCluster
 
@@ -31,6 +35,9 @@ def test_local_cluster_stores_data_scales_and_leaves_nothing(tmp_path, caplog):
         assert sorted(d["i"] for d in db.t.docs.find()) == list(range(20))
         envs = client.run(lambda: (os.environ.get("MSPASS_DB_ADDRESS"), os.environ.get("MONGODB_PORT")))
         assert set(envs.values()) == {("127.0.0.1", "27391")}
+        # The machine is shared between the two "nodes", not given whole to each.
+        sizes = {(w["nthreads"], w["memory_limit"]) for w in client.scheduler_info()["workers"].values()}
+        assert sizes == {(max(1, CPU_COUNT // 2), parse_bytes(format_bytes(MEMORY_LIMIT // 2)))}, sizes
         cluster.scale(3)
         cluster.wait_for_workers()
         assert len(client.scheduler_info()["workers"]) == 3
@@ -71,3 +78,19 @@ def test_the_demo_round_trips_every_record_and_leaves_nothing(tmp_path):
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     assert "12/12 records round-tripped intact" in out.stdout and "0 left running" in out.stdout
     assert cluster_processes_in(tmp_path) == []
+
+
+def test_local_nodes_share_the_machine_unless_told_otherwise():
+    from mspass_cluster.config import resolve_options
+    from mspass_cluster.local import share_of_this_machine
+
+    def share(**kw):
+        opts = share_of_this_machine(resolve_options(environ={}, backend="local", **kw), cpus=16, memory=64 * 2**30)
+        return opts.cores, opts.memory
+
+    assert share(nodes=4) == (4, "16.00GiB")
+    assert share(nodes=3, processes=2) == (4, "21.33GiB")        # whole threads per process
+    assert share(nodes=32) == (1, "2.00GiB")                     # more nodes than cores: one each
+    assert share(nodes=2, cores=12, memory="40GiB") == (12, "40GiB")
+    script = MsPASSCluster.job_script("worker", backend="local", nodes=2, work_dir="/tmp/preview")
+    assert f"--nthreads {max(1, CPU_COUNT // 2)}" in script
