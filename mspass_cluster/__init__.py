@@ -16,6 +16,7 @@ from .errors import (
     ConfigError,
     JobFailedError,
     MsPASSClusterError,
+    SlurmUnavailableError,
     StartupTimeoutError,
     SubmitError,
 )
@@ -32,6 +33,7 @@ __all__ = [
     "ConfigError",
     "CommandError",
     "SubmitError",
+    "SlurmUnavailableError",
     "JobFailedError",
     "StartupTimeoutError",
 ]

@@ -39,7 +39,7 @@ from distributed.protocol.pickle import dumps
 from .commands import CommandRunner
 from .config import ClusterOptions, prepare_directories, resolve_options
 from .db import connection_string, get_db_client, ping
-from .errors import CommandError, ConfigError, MsPASSClusterError, StartupTimeoutError, SubmitError
+from .errors import CommandError, ConfigError, MsPASSClusterError, SlurmUnavailableError, StartupTimeoutError
 from .jobs import JobLauncher, SlurmClient, TrackedJob, server_exit_status
 from .slurm import JobState
 from .allocation import AllocationSteps, allocation_nodes, in_allocation
@@ -71,6 +71,8 @@ EMBEDDED_DB_COMMAND = (sys.executable, "-m", "mspass_cluster.embedded_db")
 DB_STOP_TIMEOUT = 300.0
 #: Seconds to wait for cancelled worker jobs to leave the queue (Slurm's KillWait is 30 s by default).
 JOB_STOP_TIMEOUT = 90.0
+#: Seconds of Slurm not answering (a controller restart, an overload) that start-up rides out.
+SLURM_OUTAGE_TOLERANCE = 300.0
 
 
 class WorkerJob(ProcessInterface):
@@ -189,12 +191,16 @@ class MsPASSCluster(SpecCluster):
         self._watcher: asyncio.Task | None = None
         self._failures: list[MsPASSClusterError] = []
         self._closing = False
+        self._slurm_silent_since: float | None = None
+        self._slurm_warned = 0.0
 
         if self.backend == "local":
             host, reason = LOCAL_HOST, "the local backend (loopback only)"
         else:
             try:
                 nodes_seen = self._slurm.node_addresses(self.options.partition)
+            except SlurmUnavailableError:
+                raise
             except CommandError as exc:
                 raise ConfigError(f"Could not list the nodes of partition {self.options.partition!r}: {exc}") from exc
             host, reason = scheduler_host(self.options.interface, nodes_seen)
@@ -337,7 +343,7 @@ class MsPASSCluster(SpecCluster):
                 raise MsPASSClusterError("The cluster was closed while it was starting.")
             now = loop.time()
             if now >= next_poll:
-                await self._launcher.poll()
+                await self._poll_slurm(give_up=True)
                 self._raise_startup_failure()
                 next_poll, interval = now + interval, min(interval * 1.5, self.options.poll_interval)
             if self._db_uri is None and self.db_job.state.kind == "running" and self.db_job.node:
@@ -438,14 +444,48 @@ class MsPASSCluster(SpecCluster):
             await asyncio.sleep(interval)
             if self._closing:
                 return
-            try:
-                changed = await self._launcher.poll()
-            except CommandError as exc:
-                logger.warning("Could not poll Slurm: %s", exc)
+            changed = await self._poll_slurm(give_up=False)
+            if changed is None:
                 continue
             self._mark_ready_workers()
             for job in changed:
                 self._on_job_change(job)
+
+    async def _poll_slurm(self, give_up: bool) -> list[TrackedJob] | None:
+        """Poll the jobs, riding out a Slurm controller outage (a restart, an overload).
+
+        Returns the jobs that changed, or None while Slurm does not answer.
+        With ``give_up`` (during start-up), an outage longer than
+        ``SLURM_OUTAGE_TOLERANCE`` raises; afterwards the running cluster
+        does not need Slurm and only warns (once a minute).
+        """
+        loop = asyncio.get_running_loop()
+        try:
+            changed = await self._launcher.poll()
+        except CommandError as exc:
+            now = loop.time()
+            first_line = exc.stderr.strip().splitlines()[-1] if exc.stderr.strip() else str(exc).splitlines()[0]
+            if self._slurm_silent_since is None:
+                self._slurm_silent_since = self._slurm_warned = now
+                logger.warning("Slurm did not answer (%s): %s Retrying.", exc.argv[0], first_line)
+            elif give_up and now - self._slurm_silent_since > SLURM_OUTAGE_TOLERANCE:
+                raise SlurmUnavailableError(
+                    exc.argv, exc.returncode, exc.stdout, exc.stderr,
+                    reason=(
+                        f"Slurm did not answer for {now - self._slurm_silent_since:.0f} s while the cluster was "
+                        "starting. Its jobs were cancelled as far as Slurm could be reached; if any is still "
+                        "listed once `scontrol ping` says the controller is back, `mspass-cluster down` "
+                        "cancels it. Start the cluster again then."
+                    ),
+                ) from exc
+            elif now - self._slurm_warned >= 60:
+                self._slurm_warned = now
+                logger.warning("Slurm has not answered for %.0f s: %s", now - self._slurm_silent_since, first_line)
+            return None
+        if self._slurm_silent_since is not None:
+            logger.info("Slurm answers again, after %.0f s.", loop.time() - self._slurm_silent_since)
+            self._slurm_silent_since = None
+        return changed
 
     def _on_job_change(self, job: TrackedJob):
         logger.info("%s", job.describe())
@@ -539,7 +579,7 @@ class MsPASSCluster(SpecCluster):
     async def _submit_pending(self):
         try:
             await self._correct_state()
-        except SubmitError:
+        except CommandError:  # sbatch refused, or Slurm is unreachable
             for name, worker in list(self.workers.items()):
                 if isinstance(worker, WorkerJob) and worker.job is None:
                     del self.workers[name]

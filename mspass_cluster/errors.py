@@ -5,7 +5,8 @@
     MsPASSClusterError                  base class: catch this to catch them all
     ├── ConfigError (ValueError)        bad option, value or directory, found before anything is submitted
     ├── CommandError                    an external command (squeue, scancel, ...) failed or timed out
-    │   └── SubmitError                 sbatch rejected a job (bad partition, account, memory, ...)
+    │   ├── SubmitError                 sbatch rejected a job (bad partition, account, memory, ...)
+    │   └── SlurmUnavailableError       Slurm's controller does not answer (down, restarting, overloaded)
     ├── JobFailedError                  a job ended before its service was ready, or while it was needed
     └── StartupTimeoutError (TimeoutError)
                                         the database or workers were not ready before the deadline
@@ -21,6 +22,7 @@ __all__ = [
     "ConfigError",
     "CommandError",
     "SubmitError",
+    "SlurmUnavailableError",
     "JobFailedError",
     "StartupTimeoutError",
 ]
@@ -67,6 +69,14 @@ class CommandError(MsPASSClusterError):
 
 class SubmitError(CommandError):
     """``sbatch`` refused a job; the message carries sbatch's own words."""
+
+
+class SlurmUnavailableError(CommandError):
+    """Slurm's controller did not answer (``Unable to contact slurm controller``, socket timeouts).
+
+    Not a problem of the cluster's options: the same request may work once
+    the controller is back (``scontrol ping`` tells).
+    """
 
 
 class JobFailedError(MsPASSClusterError):

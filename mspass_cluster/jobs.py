@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from . import slurm
 from .commands import CommandRunner
 from .config import ClusterOptions
-from .errors import CommandError, JobFailedError, SubmitError
+from .errors import CommandError, JobFailedError, SlurmUnavailableError, SubmitError
 from .roles import build_job_script
 from .slurm import JobState, JobStatus
 
@@ -76,6 +76,15 @@ class SlurmClient:
             result = await self.runner.arun(argv, error_cls=SubmitError)
         except SubmitError as exc:
             words = exc.stderr.strip() or exc.stdout.strip() or "(sbatch printed nothing)"
+            if slurm.controller_unreachable(words):
+                raise SlurmUnavailableError(
+                    exc.argv, exc.returncode, exc.stdout, exc.stderr,
+                    reason=(
+                        f"Slurm's controller did not answer sbatch for the {what}: {words}\n"
+                        "Nothing is wrong with the cluster's options. `scontrol ping` shows when the "
+                        "controller is back; try again then, or ask your cluster's support."
+                    ),
+                ) from exc
             raise SubmitError(
                 exc.argv, exc.returncode, exc.stdout, exc.stderr,
                 reason=(
@@ -102,8 +111,9 @@ class SlurmClient:
         result = await self.runner.arun(slurm.build_squeue_argv(job_ids), check=False)
         found = slurm.parse_squeue(result.stdout)
         if result.returncode != 0 and not found and "Invalid job id" not in result.stderr:
-            raise CommandError(result.argv, result.returncode, result.stdout, result.stderr,
-                               reason="squeue failed while watching the cluster's jobs.")
+            error = SlurmUnavailableError if slurm.controller_unreachable(result.stderr) else CommandError
+            raise error(result.argv, result.returncode, result.stdout, result.stderr,
+                        reason="squeue failed while watching the cluster's jobs.")
         missing = [j for j in job_ids if j not in found]
         if missing:
             found.update(await self.final_statuses(missing))
@@ -141,6 +151,18 @@ class SlurmClient:
         if partition:
             argv.append(f"--partition={partition}")
         result = self.runner.run(argv, check=False)
+        if result.returncode != 0:
+            if slurm.controller_unreachable(result.stderr):
+                raise SlurmUnavailableError(
+                    argv, result.returncode, result.stdout, result.stderr,
+                    reason=(
+                        "Slurm's controller is not answering, so no job can be submitted now; nothing was "
+                        "queued. `scontrol ping` shows when it is back; try again then, or ask your "
+                        "cluster's support."
+                    ),
+                )
+            logger.warning("sinfo failed (%s); the scheduler's address is chosen without the nodes' addresses.",
+                           result.stderr.strip() or f"exit code {result.returncode}")
         return [line.strip() for line in result.stdout.splitlines() if line.strip()]
 
 
@@ -310,7 +332,11 @@ class JobLauncher:
             waiting = [j for j, f in self._gone.items() if not f.done()]
             if not waiting:
                 return
-            await self.poll(waiting)
+            try:
+                await self.poll(waiting)
+            except CommandError as exc:
+                # Callers give up at their own timeouts; Slurm may answer again before.
+                logger.warning("Could not confirm that jobs %s ended: %s", ", ".join(waiting), str(exc).splitlines()[0])
             for job_id in waiting:
                 job = self.jobs.get(job_id)
                 if job is None or job.ended:

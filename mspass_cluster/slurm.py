@@ -21,6 +21,7 @@ __all__ = [
     "build_scontrol_job_argv",
     "build_sacct_argv",
     "build_scancel_argv",
+    "controller_unreachable",
     "parse_sbatch_job_id",
     "parse_squeue",
     "parse_scontrol_job",
@@ -183,6 +184,24 @@ def parse_sbatch_job_id(stdout: str) -> str:
 
 
 _SQUEUE_FORMAT = "%i|%T|%r|%N"
+
+
+_CONTROLLER_DOWN = re.compile(
+    r"unable to contact slurm controller|socket timed out on send/recv|zero bytes were transmitted or received"
+    r"|slurm_receive_msg.*timed out|slurmctld.*not responding",
+    re.I,
+)
+
+
+def controller_unreachable(stderr: str) -> bool:
+    """True when a Slurm command's error output says the controller did not answer.
+
+    >>> controller_unreachable("sbatch: error: Batch job submission failed: Unable to contact slurm controller (connect failure)")
+    True
+    >>> controller_unreachable("sbatch: error: invalid partition specified: nope")
+    False
+    """
+    return bool(_CONTROLLER_DOWN.search(stderr))
 
 
 def build_squeue_argv(job_ids) -> list[str]:

@@ -18,7 +18,9 @@ import pymongo
 import pytest
 
 from conftest import BIN, FAKE_MONGOD, NX_MONGOD, assert_nothing_left, cluster_processes, queued
-from mspass_cluster import JobFailedError, MsPASSCluster, StartupTimeoutError, SubmitError
+from mspass_cluster import (
+    CommandRunner, JobFailedError, MsPASSCluster, SlurmUnavailableError, StartupTimeoutError, SubmitError,
+)
 
 pytestmark = pytest.mark.slurm
 
@@ -368,3 +370,79 @@ def test_workers_leave_at_their_lifetime_and_are_replaced(slurm_testbed, shared_
         replaced = [r for r in caplog.records if "submitting a replacement" in r.getMessage()]
         assert replaced and all(r.levelno == logging.INFO for r in replaced)
     assert_nothing_left(cluster)
+
+
+# --- the Slurm controller going away: really stopped and restarted (slurmctld keeps its state) ---
+
+CTLD_PIDFILE = "/run/slurmctld.pid"
+
+
+def stop_controller():
+    import signal
+    import time
+    pid = int(open(CTLD_PIDFILE).read())
+    os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + 30
+    while os.path.exists(f"/proc/{pid}") and time.monotonic() < deadline:
+        time.sleep(0.1)
+
+
+def start_controller():
+    import subprocess
+    import time
+    if subprocess.run(["scontrol", "ping"], capture_output=True, text=True, timeout=20).stdout.count("UP"):
+        return
+    subprocess.run(["slurmctld"], cwd="/", check=True, timeout=60)
+    deadline = time.monotonic() + 60
+    while "UP" not in subprocess.run(["scontrol", "ping"], capture_output=True, text=True, timeout=20).stdout:
+        assert time.monotonic() < deadline, "slurmctld did not come back; run `ci/testbed up`"
+        time.sleep(0.2)
+
+
+class ControllerRestartAfterSubmission(CommandRunner):
+    """A real CommandRunner that stops the real slurmctld once the cluster's jobs are queued and starts it again later."""
+
+    def __init__(self, submissions: int, outage: float):
+        super().__init__(60.0)
+        self.submissions, self.outage, self.done, self.timer = submissions, outage, 0, None
+
+    async def arun(self, argv, **kwargs):
+        import threading
+        result = await super().arun(argv, **kwargs)
+        if os.path.basename(argv[0]) == "sbatch":
+            self.done += 1
+            if self.done == self.submissions:
+                stop_controller()
+                self.timer = threading.Timer(self.outage, start_controller)
+                self.timer.start()
+        return result
+
+
+def test_startup_rides_out_a_controller_restart(slurm_testbed, shared_dir, caplog):
+    caplog.set_level(logging.INFO, logger="mspass_cluster")
+    runner = ControllerRestartAfterSubmission(submissions=3, outage=25)  # longer than squeue retries
+    try:
+        with MsPASSCluster(nodes=2, work_dir=str(shared_dir), db_command=FAKE_MONGOD, command_runner=runner) as cluster:
+            assert runner.timer is not None, "the controller was never stopped"
+            assert len(cluster.get_client().scheduler_info()["workers"]) == 2
+        messages = [r.getMessage() for r in caplog.records]
+        assert any("Slurm did not answer" in m and "Unable to contact slurm controller" in m for m in messages)
+        assert any("Slurm answers again" in m for m in messages)
+        assert_nothing_left(cluster)
+    finally:
+        if runner.timer is not None:
+            runner.timer.join()
+        start_controller()
+
+
+def test_controller_down_says_so_at_once_and_queues_nothing(slurm_testbed, shared_dir):
+    import time
+    stop_controller()
+    try:
+        started = time.monotonic()
+        with pytest.raises(SlurmUnavailableError, match="controller is not answering.*scontrol ping"):
+            MsPASSCluster(nodes=1, work_dir=str(shared_dir), db_command=FAKE_MONGOD)
+        assert time.monotonic() - started < 60
+        assert not list((shared_dir / "logs").glob("*.sh")), "a job script was written, so something was submitted"
+    finally:
+        start_controller()

@@ -3,7 +3,7 @@
 import pytest
 
 from mspass_cluster.slurm import (
-    JobState, build_directives, build_scancel_argv, build_squeue_argv, parse_sacct,
+    JobState, build_directives, controller_unreachable, build_scancel_argv, build_squeue_argv, parse_sacct,
     parse_sbatch_job_id, parse_scontrol_job, parse_squeue,
 )
 
@@ -67,3 +67,17 @@ def test_every_state_has_a_kind():
 def test_scancel_with_signal_reaches_every_process():
     assert build_scancel_argv(["5"], "TERM") == ["scancel", "--signal=TERM", "--full", "5"]
     assert build_scancel_argv(["5", "6"]) == ["scancel", "5", "6"]
+
+
+@pytest.mark.parametrize(
+    ("stderr", "down"),
+    [
+        ("sbatch: error: Batch job submission failed: Unable to contact slurm controller (connect failure)", True),
+        ("squeue: error: slurm_receive_msg: Socket timed out on send/recv operation", True),
+        ("slurm_load_jobs error: Zero Bytes were transmitted or received", True),
+        ("sbatch: error: Batch job submission failed: Invalid partition name specified", False),
+        ("sbatch: error: Batch job submission failed: Invalid account or account/partition combination specified", False),
+    ],
+)
+def test_controller_outage_is_told_apart_from_a_refusal(stderr, down):
+    assert controller_unreachable(stderr) is down
