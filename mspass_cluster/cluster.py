@@ -40,12 +40,12 @@ from .commands import CommandRunner
 from .config import ClusterOptions, prepare_directories, resolve_options
 from .db import connection_string, get_db_client, ping
 from .errors import CommandError, ConfigError, MsPASSClusterError, SlurmUnavailableError, StartupTimeoutError
-from .jobs import JobLauncher, SlurmClient, TrackedJob, server_exit_status
+from .jobs import JobLauncher, SlurmClient, TrackedJob, server_exit_status, tail
 from .slurm import JobState
 from .allocation import AllocationSteps, allocation_nodes, in_allocation
 from .local import LOCAL_HOST, LocalProcesses, share_of_this_machine
-from .network import scheduler_host
-from .roles import ROLES, SCHEDULER_PLACEHOLDER, service_environment
+from .network import free_local_port, scheduler_host
+from .roles import ROLES, SCHEDULER_PLACEHOLDER, db_data_path, service_environment
 from .worker_env import EnvironmentPlugin
 
 __all__ = ["MsPASSCluster"]
@@ -165,6 +165,7 @@ class MsPASSCluster(SpecCluster):
         if self.backend == "local":
             self._use_embedded_db_if_needed()
             self.options = share_of_this_machine(self.options, CPU_COUNT, MEMORY_LIMIT)
+            self._use_a_free_db_port()
             logger.info(
                 "Local backend: each worker node gets %d core(s) and %s of this machine (set cores= and memory= "
                 "to change).", self.options.cores, self.options.memory,
@@ -279,6 +280,15 @@ class MsPASSCluster(SpecCluster):
             "PATH), or set container= or db_command=, for real work."
         )
 
+    def _use_a_free_db_port(self):
+        """Desktop: a second notebook's database must not find the first one's port taken (or answer for it)."""
+        if self.options.sources["db_port"] != "default":
+            return
+        port = free_local_port(self.options.db_port)
+        if port != self.options.db_port:
+            logger.info("Port %d is taken on this machine; this cluster's database uses port %d.", self.options.db_port, port)
+            self.options = self.options.replace(db_port=port)
+
     # ------------------------------------------------------------------ names
     def _new_worker_name(self, worker_number):
         return f"{self._name}-worker-{worker_number}"
@@ -348,7 +358,7 @@ class MsPASSCluster(SpecCluster):
                 next_poll, interval = now + interval, min(interval * 1.5, self.options.poll_interval)
             if self._db_uri is None and self.db_job.state.kind == "running" and self.db_job.node:
                 uri = connection_string(self._db_host(self.db_job.node), self.options.db_port)
-                db_error = await asyncio.to_thread(ping, uri, 1.0)
+                db_error = await asyncio.to_thread(ping, uri, 1.0, db_data_path(self.options))
                 if db_error is None:
                     self._db_uri = uri
                     self.db_job.ready = True
@@ -399,11 +409,15 @@ class MsPASSCluster(SpecCluster):
 
     def _raise_startup_failure(self):
         if self.db_job.ended:
-            raise self.db_job.failure(
-                "ended before the database answered",
-                "Every job of this cluster was cancelled. Check db_command and the log above; "
-                "print(cluster.job_script('db')) shows what ran.",
-            )
+            fix = ("Check db_command and the log above; print(cluster.job_script('db')) shows what ran.")
+            if "Address already in use" in tail(self.db_job.log_path, 200):
+                port = self.options.db_port
+                fix = (
+                    f"Another program already listens on db_port={port} on {self.db_job.node or 'its node'} (often "
+                    "another MongoDB, perhaps another user's on a shared node). Give this cluster a port of its own, "
+                    f"e.g. db_port={port + 100}, or a node of its own with db_extra_directives=['--exclusive']."
+                )
+            raise self.db_job.failure("ended before the database answered", "Every job of this cluster was cancelled. " + fix)
         for job in self._worker_jobs():
             if job.ended and not job.ready:
                 raise job.failure(

@@ -100,7 +100,7 @@ OPTIONS: tuple[Option, ...] = (
     Option("orphan_timeout", 300, "Seconds the database keeps running after this notebook stopped refreshing its heartbeat file (a crashed kernel) before it shuts down cleanly.", kind="int"),
     # --- database role
     Option("db_command", ["mongod"], "The database server program and leading arguments (a list); the cluster adds ``--port``, ``--dbpath``, ``--bind_ip_all``, cache size.", kind="list"),
-    Option("db_port", 27017, "Database port (published as ``MONGODB_PORT``).", kind="int"),
+    Option("db_port", 27017, "Database port (published as ``MONGODB_PORT``). On the local backend, when left at the default and taken, the next free port.", kind="int"),
     Option("db_cores", 1, "Cores for the database job.", kind="int"),
     Option("db_memory", "2GiB", "Memory for the database job; the WiredTiger cache is sized from it (raise it for large databases).", kind="memory"),
     Option("db_partition", None, "Partition for the database job. Default: ``partition``."),

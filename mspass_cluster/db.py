@@ -8,6 +8,8 @@ prefers MsPASS's class when ``mspasspy`` is installed.
 
 from __future__ import annotations
 
+import os
+
 import pymongo
 from pymongo.errors import PyMongoError
 
@@ -56,13 +58,20 @@ def get_db_client(uri: str):
     return MsPASSDBClient(uri)
 
 
-def ping(uri: str, timeout: float = 1.0) -> str | None:
-    """Ask the server at ``uri`` for ``ping``.
+def ping(uri: str, timeout: float = 1.0, dbpath: str | None = None) -> str | None:
+    """Ask the server at ``uri`` for ``ping``, and whether it is the one started on ``dbpath``.
+
+    On a shared node another server (another user's MongoDB, another
+    cluster's) may already listen on the port; the cluster's own server then
+    fails to start, and an answered ping alone would hand the user someone
+    else's database. With ``dbpath``, the server's ``getCmdLineOpts`` must
+    report that data directory; a server that does not tell (no such
+    command, or not allowed) is taken at its word.
 
     Returns
     -------
     str or None
-        None when it answered; otherwise why not, in one line.
+        None when it answered (and is the expected server); otherwise why not, in one line.
     """
     ms = max(int(timeout * 1000), 1)
     client = pymongo.MongoClient(
@@ -70,6 +79,15 @@ def ping(uri: str, timeout: float = 1.0) -> str | None:
     )
     try:
         client.admin.command("ping")
+        if dbpath is None:
+            return None
+        try:
+            parsed = client.admin.command("getCmdLineOpts").get("parsed") or {}
+        except PyMongoError:
+            return None
+        theirs = (parsed.get("storage") or {}).get("dbPath")
+        if theirs and os.path.normpath(str(theirs)) != os.path.normpath(dbpath):
+            return f"a server that is not this cluster's answers there (its dbPath is {theirs}, not {dbpath})"
         return None
     except PyMongoError as exc:
         # pymongo appends its timeouts and topology to the message; the first clause says why.

@@ -1,4 +1,4 @@
-"""Which address compute nodes use to reach the scheduler in this process."""
+"""Addresses: which one compute nodes use to reach the scheduler, which local port is free."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from distributed.utils import get_ip_interface
 
 from .errors import ConfigError
 
-__all__ = ["scheduler_host"]
+__all__ = ["scheduler_host", "free_local_port"]
 
 logger = logging.getLogger(__name__)
 
@@ -59,3 +59,25 @@ def _source_address(host: str) -> str | None:
     if address == "0.0.0.0" or (address.startswith("127.") and not target.startswith("127.")):
         return None
     return address
+
+
+def free_local_port(start: int, host: str = "127.0.0.1", tries: int = 100) -> int:
+    """The first port from ``start`` on that a server could listen on at ``host``.
+
+    Probes as a server binds (with ``SO_REUSEADDR``, as mongod does), so a
+    port with a live listener counts as taken and one in TIME_WAIT as free.
+
+    Raises
+    ------
+    ConfigError
+        When none of ``tries`` ports is free.
+    """
+    for port in range(start, min(start + tries, 65536)):
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                probe.bind((host, port))
+            except OSError:
+                continue
+            return port
+    raise ConfigError(f"No free port among {start}..{start + tries - 1} on {host}; set db_port= to a free one.")

@@ -446,3 +446,15 @@ def test_controller_down_says_so_at_once_and_queues_nothing(slurm_testbed, share
         assert not list((shared_dir / "logs").glob("*.sh")), "a job script was written, so something was submitted"
     finally:
         start_controller()
+
+
+def test_a_database_port_taken_on_its_node_says_which_and_what_to_do(slurm_testbed, shared_dir):
+    # Two databases fit on one test-bed node (4000 MB) only with 1 GiB each.
+    with MsPASSCluster(nodes=1, work_dir=str(shared_dir / "a"), db_command=FAKE_MONGOD, db_memory="1GiB") as first:
+        node = first.db_job.node
+        with pytest.raises(JobFailedError, match=rf"db_port=27017 on {node}.*db_port=27117") as info:
+            MsPASSCluster(nodes=1, work_dir=str(shared_dir / "b"), db_command=FAKE_MONGOD, db_memory="1GiB",
+                          db_extra_directives=[f"--nodelist={node}"], startup_timeout=120)
+        assert info.value.role == "db" and "Address already in use" in str(info.value)
+        assert first.get_db_client().admin.command("ping")["ok"] == 1   # the first cluster is untouched
+    assert_nothing_left(first)

@@ -94,3 +94,13 @@ def test_local_nodes_share_the_machine_unless_told_otherwise():
     assert share(nodes=2, cores=12, memory="40GiB") == (12, "40GiB")
     script = MsPASSCluster.job_script("worker", backend="local", nodes=2, work_dir="/tmp/preview")
     assert f"--nthreads {max(1, CPU_COUNT // 2)}" in script
+
+
+def test_two_desktop_clusters_get_a_database_each(tmp_path):
+    # Both on the default db_port: the second notebook's database takes the next free port.
+    with MsPASSCluster(backend="local", nodes=1, work_dir=str(tmp_path / "a")) as first, \
+         MsPASSCluster(backend="local", nodes=1, work_dir=str(tmp_path / "b")) as second:
+        assert first.db_address != second.db_address
+        first.get_db_client().t.c.insert_one({"cluster": "first"})
+        assert second.get_db_client().t.c.count_documents({}) == 0
+        assert first.get_db_client().t.c.count_documents({}) == 1

@@ -466,3 +466,25 @@ def test_nx_stores_documents_and_gridfs_files_across_restarts(launch, dbpath, tm
         assert gridfs.GridFS(db).get(file_id).read() == payload
     again.proc.send_signal(signal.SIGTERM)
     assert again.wait_exit(timeout=10) == 0
+
+
+# --------------------------------------------------------------------------- the readiness probe against them
+
+def test_readiness_probe_refuses_a_server_that_is_not_the_clusters(launch, dbpath, tmp_path):
+    from mspass_cluster.db import ping
+    server = start_fake(launch, dbpath).wait_ready()
+    uri = f"mongodb://127.0.0.1:{server.port}/"
+    assert ping(uri, 2.0, str(dbpath)) is None
+    assert ping(uri, 2.0) is None
+    other = str(tmp_path / "someone-else" / "data")
+    assert ping(uri, 2.0, other) == (
+        f"a server that is not this cluster's answers there (its dbPath is {dbpath}, not {other})"
+    )
+
+
+def test_readiness_probe_takes_the_nx_stand_in_at_its_word(launch, dbpath):
+    from mspass_cluster.db import ping
+    port = free_port()
+    launch(NX, "--port", str(port), "--dbpath", str(dbpath), "--bind_ip", "127.0.0.1", port=port).wait_ready()
+    # nx-27017 answers getCmdLineOpts without saying its dbPath: nothing to compare (a stand-in limit).
+    assert ping(f"mongodb://127.0.0.1:{port}/", 2.0, "/not/its/path") is None
