@@ -483,9 +483,9 @@ class MsPASSCluster(SpecCluster):
                 self._slurm_silent_since = self._slurm_warned = now
                 logger.warning("Slurm did not answer (%s): %s Retrying.", exc.argv[0], first_line)
             elif give_up and now - self._slurm_silent_since > SLURM_OUTAGE_TOLERANCE:
-                raise SlurmUnavailableError(
-                    exc.argv, exc.returncode, exc.stdout, exc.stderr,
-                    reason=(
+                raise SlurmUnavailableError.explaining(
+                    exc,
+                    (
                         f"Slurm did not answer for {now - self._slurm_silent_since:.0f} s while the cluster was "
                         "starting. Its jobs were cancelled as far as Slurm could be reached; if any is still "
                         "listed once `scontrol ping` says the controller is back, `mspass-cluster down` "

@@ -66,6 +66,11 @@ class CommandError(MsPASSClusterError):
             lines.append("stdout: " + stdout.strip())
         super().__init__("\n".join(lines))
 
+    @classmethod
+    def explaining(cls, error: "CommandError", reason: str) -> "CommandError":
+        """This kind of error for the same command as ``error``, with ``reason`` first."""
+        return cls(error.argv, error.returncode, error.stdout, error.stderr, reason=reason)
+
 
 class SubmitError(CommandError):
     """``sbatch`` refused a job; the message carries sbatch's own words."""

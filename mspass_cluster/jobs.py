@@ -77,17 +77,17 @@ class SlurmClient:
         except SubmitError as exc:
             words = exc.stderr.strip() or exc.stdout.strip() or "(sbatch printed nothing)"
             if slurm.controller_unreachable(words):
-                raise SlurmUnavailableError(
-                    exc.argv, exc.returncode, exc.stdout, exc.stderr,
-                    reason=(
+                raise SlurmUnavailableError.explaining(
+                    exc,
+                    (
                         f"Slurm's controller did not answer sbatch for the {what}: {words}\n"
                         "Nothing is wrong with the cluster's options. `scontrol ping` shows when the "
                         "controller is back; try again then, or ask your cluster's support."
                     ),
                 ) from exc
-            raise SubmitError(
-                exc.argv, exc.returncode, exc.stdout, exc.stderr,
-                reason=(
+            raise SubmitError.explaining(
+                exc,
+                (
                     f"Slurm refused the {what}: {words}\n"
                     "Check partition, account, qos, walltime, cores and memory against "
                     "`sinfo` and your allocation; the job script is " + script_path + "."
