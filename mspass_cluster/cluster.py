@@ -37,7 +37,7 @@ from distributed.deploy.spec import ProcessInterface, SpecCluster
 from distributed.protocol.pickle import dumps
 
 from .commands import CommandRunner
-from .config import ClusterOptions, prepare_directories, resolve_options
+from .config import ClusterOptions, parse_walltime, prepare_directories, resolve_options
 from .db import connection_string, get_db_client, ping
 from .errors import CommandError, ConfigError, MsPASSClusterError, SlurmUnavailableError, StartupTimeoutError
 from .jobs import JobLauncher, SlurmClient, TrackedJob, server_exit_status, tail
@@ -194,6 +194,7 @@ class MsPASSCluster(SpecCluster):
         self._closing = False
         self._slurm_silent_since: float | None = None
         self._slurm_warned = 0.0
+        self._db_walltime_warned = False
 
         if self.backend == "local":
             host, reason = LOCAL_HOST, "the local backend (loopback only)"
@@ -462,6 +463,7 @@ class MsPASSCluster(SpecCluster):
             if changed is None:
                 continue
             self._mark_ready_workers()
+            self._warn_before_db_walltime()
             for job in changed:
                 self._on_job_change(job)
 
@@ -501,12 +503,36 @@ class MsPASSCluster(SpecCluster):
             self._slurm_silent_since = None
         return changed
 
+    def _warn_before_db_walltime(self):
+        """Warn once, minutes ahead, that the database job will reach its walltime (workers are replaced; it is not)."""
+        job = self.db_job
+        if self._db_walltime_warned or job is None or job.status is None or job.state.kind != "running":
+            return
+        left = job.status.time_left
+        notice = min(600, max(60, parse_walltime(self.options.db_walltime) // 6))
+        if left is None or left > notice:
+            return
+        self._db_walltime_warned = True
+        logger.warning(
+            "The database job %s reaches its walltime in %d min %02d s (db_walltime=%s). The database then stops, "
+            "and the cluster with it; what it stored stays in %s. Finish or save your work and close this cluster; "
+            "start the next one with a longer db_walltime.",
+            job.job_id, left // 60, left % 60, self.options.db_walltime, self.options.db_dir,
+        )
+
     def _on_job_change(self, job: TrackedJob):
         logger.info("%s", job.describe())
         if not job.ended or self._closing:
             return
         if job.role == "db":
-            error = job.failure("ended while the cluster was running", "The database is gone: close this cluster and start a new one.")
+            fix = "The database is gone: close this cluster and start a new one."
+            if job.state is JobState.TIMEOUT:
+                fix = (
+                    f"It reached its walltime (db_walltime={self.options.db_walltime}). What it stored is in "
+                    f"{self.options.db_dir}: close this cluster and start a new one with the same work_dir "
+                    "and a longer db_walltime to go on."
+                )
+            error = job.failure("ended while the cluster was running", fix)
             self._failures.append(error)
             logger.error("%s", error)
             return

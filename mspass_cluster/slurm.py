@@ -101,6 +101,8 @@ class JobStatus:
     reason: str = ""
     nodes: str = ""
     exit_code: str | None = None
+    #: Seconds until the job's time limit, as Slurm computes it (``squeue %L``); None if unknown or unlimited.
+    time_left: int | None = None
 
     @property
     def kind(self) -> str:
@@ -183,7 +185,7 @@ def parse_sbatch_job_id(stdout: str) -> str:
     raise ValueError(f"no job id in sbatch output {stdout!r}")
 
 
-_SQUEUE_FORMAT = "%i|%T|%r|%N"
+_SQUEUE_FORMAT = "%i|%T|%r|%N|%L"
 
 
 _CONTROLLER_DOWN = re.compile(
@@ -217,12 +219,28 @@ def parse_squeue(stdout: str) -> dict[str, JobStatus]:
     statuses = {}
     for line in stdout.splitlines():
         parts = line.strip().split("|")
-        if len(parts) != 4 or not parts[0]:
+        if len(parts) != 5 or not parts[0]:
             continue
-        job_id, state, reason, nodes = parts
+        job_id, state, reason, nodes, left = parts
         reason = "" if reason in ("None", "(null)") else reason
-        statuses[job_id] = JobStatus(job_id, JobState.parse(state), reason, nodes)
+        statuses[job_id] = JobStatus(job_id, JobState.parse(state), reason, nodes, time_left=parse_time_left(left))
     return statuses
+
+
+_TIME_LEFT = re.compile(r"^(?:(\d+)-)?(?:(\d+):)?(\d+):(\d+)$")
+
+
+def parse_time_left(text: str) -> int | None:
+    """Seconds in squeue's ``%L`` (``1-02:03:04``, ``02:03:04``, ``03:04``); None for ``UNLIMITED``, ``INVALID``, ...
+
+    >>> parse_time_left("1-00:00:30"), parse_time_left("59:48"), parse_time_left("UNLIMITED")
+    (86430, 3588, None)
+    """
+    match = _TIME_LEFT.match(text.strip())
+    if not match:
+        return None
+    days, hours, minutes, seconds = (int(g) if g else 0 for g in match.groups())
+    return ((days * 24 + hours) * 60 + minutes) * 60 + seconds
 
 
 def build_scontrol_job_argv(job_id) -> list[str]:

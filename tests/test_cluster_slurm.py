@@ -458,3 +458,24 @@ def test_a_database_port_taken_on_its_node_says_which_and_what_to_do(slurm_testb
         assert info.value.role == "db" and "Address already in use" in str(info.value)
         assert first.get_db_client().admin.command("ping")["ok"] == 1   # the first cluster is untouched
     assert_nothing_left(first)
+
+
+def test_the_database_walltime_is_announced_before_it_comes(slurm_testbed, shared_dir, caplog):
+    import subprocess
+    import time
+    caplog.set_level(logging.INFO, logger="mspass_cluster")
+    with MsPASSCluster(nodes=1, work_dir=str(shared_dir), db_command=FAKE_MONGOD, db_walltime="10",
+                       poll_interval=1) as cluster:
+        assert not [r for r in caplog.records if "reaches its walltime" in r.getMessage()]
+        # As an administrator (or `scontrol update` by the user) shortening the limit: Slurm's view counts.
+        subprocess.run(["scontrol", "update", f"JobId={cluster.db_job.job_id}", "TimeLimit=1"], check=True)
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and not [r for r in caplog.records if "reaches its walltime" in r.getMessage()]:
+            time.sleep(0.2)
+        warned = [r for r in caplog.records if "reaches its walltime" in r.getMessage()]
+        assert len(warned) == 1 and warned[0].levelno == logging.WARNING
+        assert f"database job {cluster.db_job.job_id} reaches its walltime in 0 min" in warned[0].getMessage()
+        assert "db_walltime=10" in warned[0].getMessage() and str(shared_dir / "db") in warned[0].getMessage()
+        time.sleep(2)
+        assert len([r for r in caplog.records if "reaches its walltime" in r.getMessage()]) == 1  # once
+    assert_nothing_left(cluster)

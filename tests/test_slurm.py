@@ -38,12 +38,13 @@ def test_one_squeue_call_for_all_jobs():
     assert argv[0] == "squeue" and "--jobs=1,2,3" in argv and "--states=all" in argv
 
 
-def test_squeue_parsing_keeps_state_reason_and_node():
-    out = "12|PENDING|Resources|\n13|RUNNING|None|n2\n14|FAILED|NonZeroExitCode|n3\n"
+def test_squeue_parsing_keeps_state_reason_node_and_time_left():
+    out = "12|PENDING|Resources||1-00:00:00\n13|RUNNING|None|n2|59:48\n14|FAILED|NonZeroExitCode|n3|0:00\n15|RUNNING|None|n4|UNLIMITED\n"
     statuses = parse_squeue(out)
     assert statuses["12"].state is JobState.PENDING and statuses["12"].reason == "Resources"
     assert statuses["13"].kind == "running" and statuses["13"].nodes == "n2" and statuses["13"].reason == ""
     assert statuses["14"].kind == "ended"
+    assert [statuses[j].time_left for j in ("12", "13", "14", "15")] == [86400, 3588, 0, None]
 
 
 def test_scontrol_parsing_gives_exit_code():
