@@ -4,7 +4,10 @@ Parameters are injected papermill-style: a cell holding the assignments is
 inserted after the cell tagged ``parameters`` (or first, if there is none),
 tagged ``injected-parameters``. The executed notebook, with its outputs and
 any traceback, is written beside the input, never over it. The exit status
-is 0 only when every cell ran.
+is 0 only when every cell ran. When Slurm stops the job (walltime,
+``scancel``: SIGTERM, then SIGKILL after ``KillWait``), the notebook is
+written at once with the outputs produced so far and a note saying so, and
+the status is 143.
 
 Run: ``python -m mspass_cluster.notebook IN.ipynb [--output OUT.ipynb] [--param key=value ...]``
 """
@@ -14,7 +17,9 @@ from __future__ import annotations
 import argparse
 import ast
 import os
+import signal
 import sys
+import time
 
 __all__ = ["parse_params", "inject_parameters", "execute", "default_output_path"]
 
@@ -57,11 +62,27 @@ def default_output_path(input_path: str, job_id: str | None = None) -> str:
     return f"{root}-{job_id or os.environ.get('SLURM_JOB_ID') or 'executed'}.ipynb"
 
 
+class _Terminated(Exception):
+    """SIGTERM arrived (Slurm's walltime or ``scancel``)."""
+
+
+def _raise_terminated(signum, frame):
+    _Terminated.seen = True
+    raise _Terminated(signal.Signals(signum).name)
+
+
+def _in_chain(exc: BaseException | None, kind: type) -> BaseException | None:
+    """``exc`` or the first exception it was raised while handling that is a ``kind``."""
+    while exc is not None and not isinstance(exc, kind):
+        exc = exc.__context__
+    return exc
+
+
 def execute(input_path: str, output_path: str, params: dict, timeout: float | None = None) -> int:
-    """Run every cell; write the executed notebook; return 0 if all ran, 1 otherwise."""
+    """Run every cell; write the executed notebook; return 0 if all ran, 1 if a cell failed, 143 if stopped."""
     import nbformat
     from nbclient import NotebookClient
-    from nbclient.exceptions import CellExecutionError
+    from nbclient.exceptions import CellExecutionError, DeadKernelError
 
     notebook = nbformat.read(input_path, as_version=4)
     inject_parameters(notebook, params)
@@ -70,14 +91,32 @@ def execute(input_path: str, output_path: str, params: dict, timeout: float | No
         resources={"metadata": {"path": os.path.dirname(os.path.abspath(input_path))}},
     )
     status = 0
+    _Terminated.seen = False
+    previous = signal.signal(signal.SIGTERM, _raise_terminated)
     try:
         client.execute()
     except CellExecutionError as exc:
         print(f"mspass_cluster: notebook {input_path} failed:\n{exc}", file=sys.stderr, flush=True)
         status = 1
+    except Exception as exc:
+        # Slurm signals every process of the job: the kernel may go first (DeadKernelError), and
+        # nbclient's own clean-up may fail on the way out and hide the SIGTERM.
+        dead_kernel = _in_chain(exc, DeadKernelError)
+        if not (_Terminated.seen or dead_kernel):
+            raise
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # the outputs are written first, whatever else arrives
+        why = "SIGTERM" if _Terminated.seen else f"the kernel's death ({dead_kernel})"
+        stamp = time.strftime("%Y-%m-%d %H:%M:%S %Z")
+        notebook.cells.append(nbformat.v4.new_markdown_cell(
+            f"**mspass_cluster:** execution was stopped by {why} at {stamp} (Slurm's walltime, `scancel`, or "
+            "a node going down). The outputs above are those produced until then."
+        ))
+        print(f"mspass_cluster: notebook {input_path} stopped by {why}", file=sys.stderr, flush=True)
+        status = 128 + signal.SIGTERM
     finally:
         nbformat.write(notebook, output_path)
         print(f"mspass_cluster: executed notebook written to {output_path}", flush=True)
+        signal.signal(signal.SIGTERM, previous)
     return status
 
 

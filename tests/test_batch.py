@@ -144,3 +144,31 @@ def test_status_lists_and_down_cancels_this_users_cluster_jobs(slurm_testbed, tm
         assert queued([job_id]) == []
     finally:
         subprocess.run(["scancel", job_id], check=False)
+
+
+@pytest.mark.slurm
+def test_a_notebook_stopped_by_slurm_keeps_the_outputs_it_had(slurm_testbed, tmp_path):
+    notebook = tmp_path / "long.ipynb"
+    marker = tmp_path / "first-cell-done"
+    nbformat.write(nbformat.v4.new_notebook(cells=[
+        nbformat.v4.new_code_cell(f"print('computed 42 things')\nopen({str(marker)!r}, 'w').close()"),
+        nbformat.v4.new_code_cell("import time\ntime.sleep(600)"),
+    ], metadata={"kernelspec": {"name": "python3", "display_name": "Python 3", "language": "python"}}), notebook)
+    out = subprocess.run([*CLI, "submit", str(notebook), "--walltime", "10", "--nodes", "1"], capture_output=True,
+                         text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    job_id = out.stdout.split(" as job ")[1].split(";")[0]
+    try:
+        deadline = time.monotonic() + 120
+        while not marker.exists() and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert marker.exists(), "the first cell never ran"
+    finally:
+        subprocess.run(["scancel", job_id], check=True)   # what Slurm does at walltime: SIGTERM, then SIGKILL
+    deadline = time.monotonic() + 120
+    while queued([job_id]) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert queued([job_id]) == []
+    executed = nbformat.read(tmp_path / f"long-{job_id}.ipynb", as_version=4)
+    assert "computed 42 things" in executed.cells[0].outputs[0]["text"]
+    assert executed.cells[-1].cell_type == "markdown" and "stopped by" in executed.cells[-1].source
