@@ -107,6 +107,12 @@ class WorkerJob(ProcessInterface):
         return f"<WorkerJob {self.name}: {job}>"
 
 
+def _node_of_worker(grouped: bool, worker_state) -> str:
+    """The worker node (job name) of a worker: ``<job>-<i>`` when a node runs several processes."""
+    name = str(worker_state.name)
+    return name.rsplit("-", 1)[0] if grouped else name
+
+
 class _NodeAdaptive(Adaptive):
     """Adaptive scaling whose decisions are carried out in whole worker nodes."""
 
@@ -635,12 +641,9 @@ class MsPASSCluster(SpecCluster):
         minimum = minimum_jobs if minimum_jobs is not None else minimum
         maximum = maximum_jobs if maximum_jobs is not None else maximum
         per_node = self.options.processes
-        kwargs.setdefault("worker_key", self._job_of_worker)
+        # The scheduler receives the key pickled: it must not drag this cluster (and its tasks) along.
+        kwargs.setdefault("worker_key", functools.partial(_node_of_worker, per_node > 1))
         return super().adapt(Adaptive=_NodeAdaptive, minimum=minimum * per_node, maximum=maximum * per_node, **kwargs)
-
-    def _job_of_worker(self, worker_state):
-        name = str(worker_state.name)
-        return name if name in self.worker_spec or self.options.processes == 1 else name.rsplit("-", 1)[0]
 
     def wait_for_workers(self, n_workers=None, timeout=None):
         """Wait until every worker process of every requested node has connected, or ``n_workers`` workers.

@@ -479,3 +479,36 @@ def test_the_database_walltime_is_announced_before_it_comes(slurm_testbed, share
         time.sleep(2)
         assert len([r for r in caplog.records if "reaches its walltime" in r.getMessage()]) == 1  # once
     assert_nothing_left(cluster)
+
+
+def slow_square(x):
+    import time
+    time.sleep(0.3)
+    return x * x
+
+
+def test_adapt_follows_a_real_load_in_whole_nodes(slurm_testbed, shared_dir):
+    import time
+    with MsPASSCluster(nodes=1, processes=2, cores=2, memory="1GiB", work_dir=str(shared_dir), db_command=FAKE_MONGOD,
+                       walltime="10", poll_interval=1, job_script_prologue=TESTS_ON_PYTHONPATH) as cluster:
+        client = cluster.get_client()
+        cluster.adapt(minimum=1, maximum=3, interval="250ms", wait_count=4, target_duration="2s")
+        futures = client.map(slow_square, range(120))     # 36 s of work for one node: more nodes are wanted
+        most_nodes = 0
+        while not all(f.done() for f in futures):
+            most_nodes = max(most_nodes, len({w.rsplit("-", 1)[0] for w in cluster._connected_names()}))
+            time.sleep(0.2)
+        assert client.gather(futures) == [x * x for x in range(120)]
+        assert most_nodes == 3, f"adapt reached {most_nodes} worker node(s), not 3"
+        deadline = time.monotonic() + 60                   # idle: back to the minimum, a node at a time
+        while (len(cluster.worker_spec), len(cluster._connected_names())) != (1, 2) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert len(cluster.worker_spec) == 1 and len(cluster._connected_names()) == 2
+        # Every node is whole: both processes of each remaining job are connected, and the others' jobs ended.
+        names = cluster._connected_names()
+        assert {n.rsplit("-", 1)[0] for n in names} == set(cluster.worker_spec)
+        deadline = time.monotonic() + 60
+        while len(cluster._launcher.active()) > 2 and time.monotonic() < deadline:  # the db and one worker job
+            time.sleep(0.5)
+        assert sorted(j.role for j in cluster._launcher.active()) == ["db", "worker"]
+    assert_nothing_left(cluster)

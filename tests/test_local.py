@@ -104,3 +104,22 @@ def test_two_desktop_clusters_get_a_database_each(tmp_path):
         first.get_db_client().t.c.insert_one({"cluster": "first"})
         assert second.get_db_client().t.c.count_documents({}) == 0
         assert first.get_db_client().t.c.count_documents({}) == 1
+
+
+def test_adapt_grows_with_the_load_and_shrinks_when_idle(tmp_path):
+    import time
+    with MsPASSCluster(backend="local", nodes=1, cores=1, memory="1GiB", work_dir=str(tmp_path),
+                       db_command=FAKE_MONGOD, poll_interval=1) as cluster:
+        client = cluster.get_client()
+        adaptive = cluster.adapt(minimum=1, maximum=2, interval="250ms", wait_count=4, target_duration="1s")
+        futures = client.map(lambda x: time.sleep(0.25) or x, range(60))
+        most = 0
+        while not all(f.done() for f in futures):
+            most = max(most, len(client.scheduler_info()["workers"]))
+            time.sleep(0.1)
+        assert client.gather(futures) == list(range(60)) and most == 2
+        deadline = time.monotonic() + 60
+        while len(client.scheduler_info()["workers"]) > 1 and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert len(client.scheduler_info()["workers"]) == 1 and len(cluster.worker_spec) == 1
+        assert [entry for _, entry in adaptive.log if entry["status"] == "down"], "adapt never scaled down"
