@@ -28,13 +28,13 @@ import weakref
 
 from dask.system import CPU_COUNT
 from dask.utils import parse_bytes
-from distributed.system import MEMORY_LIMIT
 from distributed import Client, Scheduler
 from distributed.core import Status
 from distributed.deploy import Adaptive
 from distributed.deploy.cluster import Cluster
 from distributed.deploy.spec import ProcessInterface, SpecCluster
 from distributed.protocol.pickle import dumps
+from distributed.system import MEMORY_LIMIT
 
 from .commands import CommandRunner
 from .config import ClusterOptions, parse_walltime, prepare_directories, resolve_options
@@ -416,7 +416,7 @@ class MsPASSCluster(SpecCluster):
 
     def _raise_startup_failure(self):
         if self.db_job.ended:
-            fix = ("Check db_command and the log above; print(cluster.job_script('db')) shows what ran.")
+            fix = "Check db_command and the log above; print(cluster.job_script('db')) shows what ran."
             if "Address already in use" in tail(self.db_job.log_path, 200):
                 port = self.options.db_port
                 fix = (

@@ -319,7 +319,7 @@ def _check_lifetime(name, value) -> str:
             f"{name}={value!r} is not a positive duration; give e.g. {name}='55m' or '3300s', "
             f"or {name}='auto' (just before walltime) or 'none'."
         )
-    return f"{seconds:g}s"
+    return f"{int(seconds)}s" if float(seconds).is_integer() else f"{seconds}s"
 
 
 def valid_option_names() -> list[str]:
