@@ -7,10 +7,35 @@ from __future__ import annotations
 
 import enum
 import re
+import signal
+import threading
 from dataclasses import dataclass
 
 from dask.utils import parse_bytes
-from dask_jobqueue.slurm import slurm_format_bytes_ceil
+
+
+def _import_without_the_sigint_takeover():
+    """dask-jobqueue's Slurm memory formatting, imported without its side effect on Ctrl-C.
+
+    Importing dask-jobqueue 0.9.0 replaces the SIGINT handler with ``sys.exit()``
+    (dask/dask-jobqueue#696, fixed after that release): Ctrl-C, or Jupyter's
+    interrupt button, would then end a waiting ``MsPASSCluster(...)`` with
+    ``SystemExit`` and exit status 0 instead of ``KeyboardInterrupt``. The
+    handler in place before the import (Python's own, or the kernel's) is put back.
+    """
+    main_thread = threading.current_thread() is threading.main_thread()
+    before = signal.getsignal(signal.SIGINT)
+    from dask_jobqueue.slurm import slurm_format_bytes_ceil
+
+    def taken_over(handler) -> bool:
+        return getattr(handler, "__module__", "") == "dask_jobqueue.runner"
+
+    if main_thread and taken_over(signal.getsignal(signal.SIGINT)):
+        signal.signal(signal.SIGINT, signal.default_int_handler if taken_over(before) else before)
+    return slurm_format_bytes_ceil
+
+
+slurm_format_bytes_ceil = _import_without_the_sigint_takeover()
 
 __all__ = [
     "JobState",

@@ -512,3 +512,33 @@ def test_adapt_follows_a_real_load_in_whole_nodes(slurm_testbed, shared_dir):
             time.sleep(0.5)
         assert sorted(j.role for j in cluster._launcher.active()) == ["db", "worker"]
     assert_nothing_left(cluster)
+
+
+def test_ctrl_c_while_waiting_cancels_every_job_and_raises_keyboardinterrupt(slurm_testbed, shared_dir):
+    import signal
+    import subprocess
+    import time
+    script = (
+        "from mspass_cluster import MsPASSCluster\n"
+        f"MsPASSCluster(nodes=2, work_dir={str(shared_dir)!r}, db_command={FAKE_MONGOD!r}, "
+        "job_extra_directives=['--hold'])\n"   # held: it waits, as in a busy queue, until the user gives up
+        "print('RETURNED')\n"
+    )
+    log = shared_dir / "notebook.log"
+    with open(log, "w") as out:
+        proc = subprocess.Popen([sys.executable, "-c", script], stdout=out, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 60
+        while "PENDING (JobHeldUser)" not in log.read_text() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        ids = [line.split(" job ")[1].split()[0] for line in log.read_text().splitlines() if "Submitted" in line]
+        assert len(ids) == 3 and len(queued(ids)) == 3
+        proc.send_signal(signal.SIGINT)
+        returncode = proc.wait(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    text = log.read_text()
+    # Python ends an uncaught KeyboardInterrupt by dying of SIGINT, as shells expect.
+    assert returncode == -signal.SIGINT and "KeyboardInterrupt" in text and "RETURNED" not in text, text[-2000:]
+    assert queued(ids) == []

@@ -82,3 +82,19 @@ def test_scancel_with_signal_reaches_every_process():
 )
 def test_controller_outage_is_told_apart_from_a_refusal(stderr, down):
     assert controller_unreachable(stderr) is down
+
+
+def test_importing_the_package_leaves_ctrl_c_alone():
+    import subprocess
+    import sys
+
+    def run(code):
+        return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+
+    # dask-jobqueue 0.9.0 alone turns Ctrl-C into a silent sys.exit() (dask/dask-jobqueue#696): the reason for the guard.
+    kept = run("import signal; h = signal.getsignal(signal.SIGINT); import mspass_cluster; "
+               "assert signal.getsignal(signal.SIGINT) is h")
+    assert kept.returncode == 0, kept.stderr
+    restored = run("import signal, dask_jobqueue, mspass_cluster; "
+                   "assert signal.getsignal(signal.SIGINT) is signal.default_int_handler")
+    assert restored.returncode == 0, restored.stderr
