@@ -427,11 +427,16 @@ class MsPASSCluster(SpecCluster):
             raise self.db_job.failure("ended before the database answered", "Every job of this cluster was cancelled. " + fix)
         for job in self._worker_jobs():
             if job.ended and not job.ready:
-                raise job.failure(
-                    "ended before its Dask workers connected",
-                    "Every job of this cluster was cancelled. Check python=, worker_extra_args and the log above; "
-                    "print(cluster.job_script('worker')) shows what ran.",
-                )
+                fix = ("Check python=, worker_extra_args and the log above; "
+                       "print(cluster.job_script('worker')) shows what ran.")
+                if "Timed out starting worker" in tail(job.log_path, 200):
+                    fix = (
+                        f"The workers on {job.node or 'the node'} could not reach the scheduler at "
+                        f"{self.scheduler.address} within death_timeout={self.options.death_timeout} s: that "
+                        "address is not reachable from the compute nodes. Set interface= to a network they share "
+                        "with this machine (e.g. interface='ib0'; `ip -brief addr` lists them)."
+                    )
+                raise job.failure("ended before its Dask workers connected", "Every job of this cluster was cancelled. " + fix)
 
     async def _share_db_address(self):
         self._launcher.db_host = self._db_host(self.db_job.node)

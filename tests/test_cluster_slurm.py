@@ -542,3 +542,10 @@ def test_ctrl_c_while_waiting_cancels_every_job_and_raises_keyboardinterrupt(slu
     # Python ends an uncaught KeyboardInterrupt by dying of SIGINT, as shells expect.
     assert returncode == -signal.SIGINT and "KeyboardInterrupt" in text and "RETURNED" not in text, text[-2000:]
     assert queued(ids) == []
+
+
+def test_a_scheduler_the_nodes_cannot_reach_is_named_with_the_fix(slurm_testbed, shared_dir):
+    # interface="lo": the scheduler listens on 127.0.0.1, which inside a node is the node itself.
+    with pytest.raises(JobFailedError, match=r"could not reach the scheduler at tcp://127\.0\.0\.1:\d+.*interface=") as info:
+        MsPASSCluster(nodes=1, work_dir=str(shared_dir), db_command=FAKE_MONGOD, interface="lo", death_timeout=5)
+    assert info.value.role == "worker" and "Timed out starting worker" in info.value.log_tail

@@ -358,6 +358,14 @@ class FakeMongod:
         threading.Thread(target=self._session, args=(conn,), name=f"conn{conn.id}", daemon=True).start()
 
     def _on_signal(self, signum: int, frame: Any) -> None:
+        # mongod handles SIGTERM/SIGINT on a thread of its own with every other
+        # thread blocking them, and that thread ends once shutdown begins: a
+        # second signal (Slurm's, and the job script's forwarded copy) stays
+        # pending and harmless. Ignoring them from here on gives the same
+        # outcome; Python would otherwise restore SIG_DFL while finalising and
+        # a late copy would end a clean shutdown as "killed by SIGTERM" (143).
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
         # Only record and wake the main loop: logging here could deadlock on
         # a lock the interrupted main thread already holds.
         self._request_shutdown(signal.Signals(signum).name, "SignalHandler",
