@@ -201,6 +201,7 @@ class MsPASSCluster(SpecCluster):
         self._slurm_silent_since: float | None = None
         self._slurm_warned = 0.0
         self._db_walltime_warned = False
+        self._partition_nodes: int | None = None  # nodes in `partition`, when it was named
 
         if self.backend == "local":
             host, reason = LOCAL_HOST, "the local backend (loopback only)"
@@ -212,6 +213,9 @@ class MsPASSCluster(SpecCluster):
             except CommandError as exc:
                 raise ConfigError(f"Could not list the nodes of partition {self.options.partition!r}: {exc}") from exc
             host, reason = scheduler_host(self.options.interface, nodes_seen)
+            if self.backend == "slurm" and self.options.partition:
+                self._partition_nodes = len(set(nodes_seen))
+                self._warn_if_beyond_partition(self.options.nodes)
         logger.info("The Dask scheduler listens on %s, chosen from %s (set interface= to change it).", host, reason)
 
         worker = {"cls": WorkerJob, "options": {"launcher": self._launcher}}
@@ -585,6 +589,7 @@ class MsPASSCluster(SpecCluster):
         raises here; use :meth:`wait_for_workers` to wait for them.
         """
         target = self._nodes_for(n, jobs, memory, cores)
+        self._warn_if_beyond_partition(target)
         self._set_worker_nodes(target)
         if self.asynchronous:
             return self._submit_pending()
@@ -609,6 +614,20 @@ class MsPASSCluster(SpecCluster):
                 "backend='slurm' to get worker nodes as separate jobs."
             )
         return target
+
+    def _warn_if_beyond_partition(self, target: int):
+        """Say so when ``target`` whole-node worker jobs can never all run at once in the partition."""
+        if not (self._partition_nodes and self.options.exclusive):
+            return
+        room = self._partition_nodes - (1 if self.options.db_partition == self.options.partition else 0)
+        if target > room:
+            logger.warning(
+                "%d worker node(s) asked for, but partition %s has %d node(s)%s, and each worker job takes a whole "
+                "node: at most %d can run at once; the other %d will wait in the queue (Resources) until some end.",
+                target, self.options.partition, self._partition_nodes,
+                ", one of them for the database" if room < self._partition_nodes else "", max(room, 0),
+                target - max(room, 0),
+            )
 
     def _set_worker_nodes(self, target: int):
         """Edit the worker spec to ``target`` nodes; jobs are submitted or cancelled by ``_correct_state``.

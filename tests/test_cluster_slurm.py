@@ -549,3 +549,24 @@ def test_a_scheduler_the_nodes_cannot_reach_is_named_with_the_fix(slurm_testbed,
     with pytest.raises(JobFailedError, match=r"could not reach the scheduler at tcp://127\.0\.0\.1:\d+.*interface=") as info:
         MsPASSCluster(nodes=1, work_dir=str(shared_dir), db_command=FAKE_MONGOD, interface="lo", death_timeout=5)
     assert info.value.role == "worker" and "Timed out starting worker" in info.value.log_tail
+
+
+def test_scaling_beyond_the_partition_says_how_many_will_wait(slurm_testbed, shared_dir, caplog):
+    caplog.set_level(logging.WARNING, logger="mspass_cluster")
+    nodes = len(set(partition_nodes()))
+    with MsPASSCluster(nodes=1, partition="debug", work_dir=str(shared_dir), db_command=FAKE_MONGOD) as cluster:
+        assert not [r for r in caplog.records if "at most" in r.getMessage()]
+        cluster.scale(nodes)      # the database holds one node, so one worker job must wait
+        warned = [r.getMessage() for r in caplog.records if "at most" in r.getMessage()]
+        assert warned == [f"{nodes} worker node(s) asked for, but partition debug has {nodes} node(s), one of them "
+                          f"for the database, and each worker job takes a whole node: at most {nodes - 1} can run "
+                          "at once; the other 1 will wait in the queue (Resources) until some end."]
+        cluster.scale(1)
+    assert_nothing_left(cluster)
+
+
+def partition_nodes():
+    import subprocess
+    out = subprocess.run(["sinfo", "--noheader", "--Node", "--partition=debug", "--format=%N"],
+                         capture_output=True, text=True, check=True).stdout
+    return out.split()
