@@ -317,6 +317,8 @@ TRAP_TERM = """
 import os, signal, sys, time
 marker, ready = sys.argv[1], sys.argv[2]
 def stop(signum, frame):
+    # Like mongod: a second SIGTERM (the group's and the forwarded copy) must not interrupt the exit.
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     open(marker, "w").write(signal.Signals(signum).name)
     sys.exit(0)
 signal.signal(signal.SIGTERM, stop)
