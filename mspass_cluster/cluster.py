@@ -167,10 +167,9 @@ class MsPASSCluster(SpecCluster):
     def __init__(self, nodes=None, *, asynchronous=False, loop=None, command_runner=None, **options):
         self.options: ClusterOptions = resolve_options(nodes=nodes, **options)
         self.backend = self._choose_backend()
-        self.options = _lifetime_for_backend(self.options, self.backend)
+        self.options = _options_for_backend(self.options, self.backend)
         if self.backend == "local":
             self._use_embedded_db_if_needed()
-            self.options = share_of_this_machine(self.options, CPU_COUNT, MEMORY_LIMIT)
             self._use_a_free_db_port()
             logger.info(
                 "Local backend: each worker node gets %d core(s) and %s of this machine (set cores= and memory= "
@@ -737,9 +736,7 @@ class MsPASSCluster(SpecCluster):
             opts = resolve_options(**options)
             local = opts.backend == "local" or (opts.backend == "auto" and shutil.which("sbatch") is None)
             backend = "local" if local else ("allocation" if opts.backend == "auto" and in_allocation() else opts.backend)
-            opts = _lifetime_for_backend(opts, backend)
-            if local:
-                opts = share_of_this_machine(opts, CPU_COUNT, MEMORY_LIMIT)
+            opts = _options_for_backend(opts, backend)
             launcher = JobLauncher(opts, f"{opts.job_name}-preview", SlurmClient(CommandRunner()), local=local)
             name = launcher.cluster_name + ("-db" if role == "db" else "-worker-0")
             return launcher.script(role, name, scheduler_address=SCHEDULER_PLACEHOLDER)[0]
@@ -818,10 +815,16 @@ class MsPASSCluster(SpecCluster):
         )
 
 
-def _lifetime_for_backend(options: ClusterOptions, backend: str) -> ClusterOptions:
-    """``worker_lifetime='auto'`` means "before walltime": only Slurm worker jobs have one of their own."""
+def _options_for_backend(options: ClusterOptions, backend: str) -> ClusterOptions:
+    """The defaults that depend on where the roles run (for clusters and for script previews alike).
+
+    ``worker_lifetime='auto'`` means "before walltime", and only Slurm worker
+    jobs have a walltime of their own; local "nodes" share this machine.
+    """
     if options.worker_lifetime == "auto" and backend in ("local", "allocation"):
-        return options.replace(worker_lifetime="none")
+        options = options.replace(worker_lifetime="none")
+    if backend == "local":
+        options = share_of_this_machine(options, CPU_COUNT, MEMORY_LIMIT)
     return options
 
 

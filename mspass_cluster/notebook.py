@@ -66,11 +66,6 @@ class _Terminated(Exception):
     """SIGTERM arrived (Slurm's walltime or ``scancel``)."""
 
 
-def _raise_terminated(signum, frame):
-    _Terminated.seen = True
-    raise _Terminated(signal.Signals(signum).name)
-
-
 def _in_chain(exc: BaseException | None, kind: type) -> BaseException | None:
     """``exc`` or the first exception it was raised while handling that is a ``kind``."""
     while exc is not None and not isinstance(exc, kind):
@@ -91,8 +86,13 @@ def execute(input_path: str, output_path: str, params: dict, timeout: float | No
         resources={"metadata": {"path": os.path.dirname(os.path.abspath(input_path))}},
     )
     status = 0
-    _Terminated.seen = False
-    previous = signal.signal(signal.SIGTERM, _raise_terminated)
+    terminated = []
+
+    def raise_terminated(signum, frame):
+        terminated.append(signum)
+        raise _Terminated(signal.Signals(signum).name)
+
+    previous = signal.signal(signal.SIGTERM, raise_terminated)
     try:
         client.execute()
     except CellExecutionError as exc:
@@ -102,10 +102,10 @@ def execute(input_path: str, output_path: str, params: dict, timeout: float | No
         # Slurm signals every process of the job: the kernel may go first (DeadKernelError), and
         # nbclient's own clean-up may fail on the way out and hide the SIGTERM.
         dead_kernel = _in_chain(exc, DeadKernelError)
-        if not (_Terminated.seen or dead_kernel):
+        if not (terminated or dead_kernel):
             raise
         signal.signal(signal.SIGTERM, signal.SIG_IGN)  # the outputs are written first, whatever else arrives
-        why = "SIGTERM" if _Terminated.seen else f"the kernel's death ({dead_kernel})"
+        why = "SIGTERM" if terminated else f"the kernel's death ({dead_kernel})"
         stamp = time.strftime("%Y-%m-%d %H:%M:%S %Z")
         notebook.cells.append(nbformat.v4.new_markdown_cell(
             f"**mspass_cluster:** execution was stopped by {why} at {stamp} (Slurm's walltime, `scancel`, or "
