@@ -7,13 +7,24 @@
 """
 
 from ._version import __version__
+from .errors import ConfigError
+
+try:
+    import dask.config  # noqa: F401  (reads every YAML file of dask config on import)
+except ValueError as _exc:  # dask's words for a YAML file it cannot parse
+    raise ConfigError(
+        f"{_exc}\nDask reads this file whenever it is imported, so nothing that uses Dask can start. Fix its "
+        "YAML (options of this package go in a section 'mspass_cluster:', one 'key: value' per line) or move "
+        "the file away."
+    ) from None
+
 from .cluster import MsPASSCluster
 from .commands import CommandRunner
 from .config import OPTIONS, resolve_options
 from .db import DBClient, get_db_client
 from .errors import (
+    ClusterClosedError,
     CommandError,
-    ConfigError,
     JobFailedError,
     MsPASSClusterError,
     SlurmUnavailableError,
@@ -35,5 +46,6 @@ __all__ = [
     "SubmitError",
     "SlurmUnavailableError",
     "JobFailedError",
+    "ClusterClosedError",
     "StartupTimeoutError",
 ]

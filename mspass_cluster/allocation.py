@@ -21,13 +21,51 @@ from .commands import CommandRunner
 from .errors import ConfigError
 from .local import KILL_WAIT, LocalProcesses
 
-__all__ = ["AllocationSteps", "in_allocation", "allocation_nodes"]
+__all__ = ["AllocationSteps", "in_allocation", "allocation_size", "auto_backend", "allocation_nodes"]
 
 
 def in_allocation(environ=None) -> bool:
     """True inside a Slurm job or ``salloc`` session."""
     environ = os.environ if environ is None else environ
     return bool(environ.get("SLURM_JOB_ID") and environ.get("SLURM_JOB_NODELIST"))
+
+
+def allocation_size(environ=None) -> int | None:
+    """How many nodes the current Slurm job has (``SLURM_JOB_NUM_NODES``), or None if unknown."""
+    environ = os.environ if environ is None else environ
+    text = environ.get("SLURM_JOB_NUM_NODES") or environ.get("SLURM_NNODES") or ""
+    return int(text) if text.isdigit() else None
+
+
+def auto_backend(has_sbatch: bool, environ=None) -> tuple[str, str]:
+    """What ``backend='auto'`` means here, and why, in words for the log.
+
+    * inside a Slurm job of two or more nodes (a batch job or ``salloc`` made
+      for the cluster): ``allocation``, its nodes run the roles;
+    * inside a one-node Slurm job (Jupyter through Open OnDemand, ``srun
+      --pty``, an interactive session): ``slurm``, new jobs bring the
+      nodes, when ``sbatch`` is there; else ``allocation`` on that node;
+    * outside Slurm jobs: ``slurm`` when ``sbatch`` is on PATH, else ``local``.
+
+    >>> auto_backend(True, {"SLURM_JOB_ID": "7", "SLURM_JOB_NODELIST": "n1", "SLURM_JOB_NUM_NODES": "1"})[0]
+    'slurm'
+    """
+    environ = os.environ if environ is None else environ
+    if in_allocation(environ):
+        job, size = environ["SLURM_JOB_ID"], allocation_size(environ)
+        if size == 1 and has_sbatch:
+            return "slurm", (
+                f"this notebook runs in one-node Slurm job {job}, an interactive session: the database and worker "
+                "nodes are new jobs. backend='allocation' would put them all on this job's node instead"
+            )
+        nodes = f"{size}-node" if size else "this"
+        return "allocation", (
+            f"this notebook runs in {nodes} Slurm job {job}: the database and worker nodes run on its nodes as "
+            "srun steps. backend='slurm' would submit new jobs for them instead"
+        )
+    if has_sbatch:
+        return "slurm", "sbatch is on PATH: the database and each worker node are Slurm jobs"
+    return "local", "sbatch is not on PATH: the database and worker nodes are processes on this machine"
 
 
 def allocation_nodes(runner: CommandRunner, environ=None) -> list[str]:
@@ -52,6 +90,7 @@ class AllocationSteps(LocalProcesses):
     # Stopping cleanly is `scancel --signal=TERM <step>`, as on the Slurm backend.
     kill_signal = signal.SIGTERM
     signal_group = False
+    unit = "step"
 
     def __init__(self, nodes: list[str], runner: CommandRunner):
         super().__init__()

@@ -18,12 +18,16 @@ import asyncio
 import atexit
 import contextlib
 import functools
+import html
 import logging
 import math
 import os
+import re
 import secrets
 import shutil
+import signal
 import sys
+import threading
 import weakref
 
 from dask.system import CPU_COUNT
@@ -36,37 +40,30 @@ from distributed.deploy.spec import ProcessInterface, SpecCluster
 from distributed.protocol.pickle import dumps
 from distributed.system import MEMORY_LIMIT
 
+from . import dbdir
 from .commands import CommandRunner
 from .config import ClusterOptions, parse_walltime, prepare_directories, resolve_options
 from .db import connection_string, get_db_client, ping
-from .errors import CommandError, ConfigError, MsPASSClusterError, SlurmUnavailableError, StartupTimeoutError
+from .errors import (
+    ClusterClosedError, CommandError, ConfigError, MsPASSClusterError, SlurmUnavailableError, StartupTimeoutError,
+)
 from .jobs import JobLauncher, SlurmClient, TrackedJob, server_exit_status, tail
 from .slurm import JobState
-from .allocation import AllocationSteps, allocation_nodes, in_allocation
+from .allocation import AllocationSteps, allocation_nodes, auto_backend, in_allocation
 from .local import LOCAL_HOST, LocalProcesses, share_of_this_machine
 from .network import free_local_port, scheduler_host
+from .progress import DaskChatter, logger, make_progress_visible
 from .roles import ROLES, SCHEDULER_PLACEHOLDER, db_data_path, service_environment
 from .worker_env import EnvironmentPlugin
 
 __all__ = ["MsPASSCluster"]
 
-logger = logging.getLogger("mspass_cluster")
-
-
-def _make_progress_visible():
-    # Users must see what start-up waits for; a notebook has no logging set up.
-    if not logger.handlers and not logging.getLogger().handlers:
-        handler = logging.StreamHandler()
-        handler.setFormatter(logging.Formatter("%(asctime)s mspass_cluster %(levelname)s %(message)s", "%H:%M:%S"))
-        logger.addHandler(handler)
-        if logger.level == logging.NOTSET:
-            logger.setLevel(logging.INFO)
-
-
-_make_progress_visible()
+make_progress_visible()
 
 #: The database server used by the local backend when there is no mongod: nx-27017 behind mongod's command line.
 EMBEDDED_DB_COMMAND = (sys.executable, "-m", "mspass_cluster.embedded_db")
+#: How servers say that their port is taken (mongod's "Address already in use", Python's errno 98, ...).
+_ADDRESS_IN_USE = re.compile(r"address already in use|EADDRINUSE|errno 98\b|errno 48\b", re.IGNORECASE)
 #: Seconds the database server gets to shut down cleanly after SIGTERM.
 DB_STOP_TIMEOUT = 300.0
 #: Seconds to wait for cancelled worker jobs to leave the queue (Slurm's KillWait is 30 s by default).
@@ -176,6 +173,7 @@ class MsPASSCluster(SpecCluster):
                 "to change).", self.options.cores, self.options.memory,
             )
         prepare_directories(self.options)
+        self._refuse_a_db_dir_in_use()
         self.cluster_id = secrets.token_hex(4)
         name = f"{self.options.job_name}-{self.cluster_id}"
         runner = command_runner or CommandRunner(self.options.command_timeout)
@@ -203,7 +201,7 @@ class MsPASSCluster(SpecCluster):
         self._partition_nodes: int | None = None  # nodes in `partition`, when it was named
 
         if self.backend == "local":
-            host, reason = LOCAL_HOST, "the local backend (loopback only)"
+            host, reason = LOCAL_HOST, ""
         else:
             try:
                 nodes_seen = self._slurm.node_addresses(self.options.partition)
@@ -215,8 +213,14 @@ class MsPASSCluster(SpecCluster):
             if self.backend == "slurm" and self.options.partition:
                 self._partition_nodes = len(set(nodes_seen))
                 self._warn_if_beyond_partition(self.options.nodes)
-        logger.info("The Dask scheduler listens on %s, chosen from %s (set interface= to change it).", host, reason)
+        if self.backend == "local":
+            logger.debug("The Dask scheduler listens on %s (the local backend: loopback only).", host)
+        else:
+            logger.info("The Dask scheduler listens on %s, chosen from %s (set interface= to change it).", host, reason)
 
+        self._holds_dask_chatter = not self.options.verbose
+        if self._holds_dask_chatter:
+            DaskChatter.hold()
         worker = {"cls": WorkerJob, "options": {"launcher": self._launcher}}
         if self.options.processes > 1:
             worker["group"] = [f"-{i}" for i in range(self.options.processes)]
@@ -245,15 +249,14 @@ class MsPASSCluster(SpecCluster):
                 runner.stop()
             raise
         atexit.register(_close_at_exit, weakref.ref(self))
+        _LIVE_CLUSTERS.add(self)
+        _stop_clusters_on_sigterm()
 
     def _choose_backend(self) -> str:
         backend, has_sbatch = self.options.backend, shutil.which("sbatch") is not None
         if backend == "auto":
-            if in_allocation():
-                backend, why = "allocation", f"inside Slurm job {os.environ['SLURM_JOB_ID']}"
-            else:
-                backend, why = ("slurm", "sbatch is on PATH") if has_sbatch else ("local", "sbatch is not on PATH")
-            logger.info("backend='auto': %s (%s).", backend, why)
+            backend, why = auto_backend(has_sbatch)
+            logger.info("backend='auto' chose %r: %s (set backend= to choose).", backend, why)
         if backend == "allocation" and not in_allocation():
             raise ConfigError(
                 "backend='allocation' needs a Slurm allocation (SLURM_JOB_ID and SLURM_JOB_NODELIST are not set): "
@@ -274,7 +277,8 @@ class MsPASSCluster(SpecCluster):
         elif self.options.nodes > capacity:
             raise ConfigError(
                 f"nodes={self.options.nodes} but this allocation ({', '.join(self._slurm.nodes)}) holds at most "
-                f"{capacity} worker node(s) beside the database's; ask sbatch for --nodes={self.options.nodes + 1}."
+                f"{capacity} worker node(s) beside the database's. Ask sbatch for --nodes={self.options.nodes + 1}, "
+                "or use backend='slurm' to get the worker nodes as new jobs of their own."
             )
         logger.info("Allocation %s: database on %s, worker nodes on %s.", os.environ["SLURM_JOB_ID"],
                     self._slurm.nodes[0], ", ".join(self._slurm.nodes[1:]) or self._slurm.nodes[0])
@@ -298,6 +302,21 @@ class MsPASSCluster(SpecCluster):
         if port != self.options.db_port:
             logger.info("Port %d is taken on this machine; this cluster's database uses port %d.", self.options.db_port, port)
             self.options = self.options.replace(db_port=port)
+
+    def _refuse_a_db_dir_in_use(self):
+        record = dbdir.holder(self.options.db_dir)
+        if record is not None:
+            raise ConfigError(self._db_dir_in_use_text(record))
+
+    def _db_dir_in_use_text(self, record: dict) -> str:
+        cluster_id = str(record.get("cluster", "")).rsplit("-", 1)[-1]
+        return (
+            f"db_dir={self.options.db_dir!r} is in use by {dbdir.describe_holder(record)}: two database servers "
+            "cannot share one directory. Either close that cluster first (cluster.close() in its notebook, or "
+            f"`mspass-cluster down {cluster_id}`), or give this cluster a directory of its own, e.g. "
+            "work_dir='<another folder>' or db_dir='<another folder>'. (Two notebooks started in one folder share "
+            "work_dir, and with it db_dir.)"
+        )
 
     # ------------------------------------------------------------------ names
     def _new_worker_name(self, worker_number):
@@ -343,7 +362,11 @@ class MsPASSCluster(SpecCluster):
         )
 
     async def _submit_db(self):
+        dbdir.claim(self.options.db_dir, self._name, heartbeat=self._launcher.heartbeat,
+                    orphan_timeout=self.options.orphan_timeout)
         self.db_job = await self._launcher.submit("db", self.db_job_name)
+        dbdir.claim(self.options.db_dir, self._name, heartbeat=self._launcher.heartbeat,
+                    orphan_timeout=self.options.orphan_timeout, db_job=self.db_job.job_id)
 
     def _connected_names(self) -> set:
         return {ws.name for ws in self.scheduler.workers.values()}
@@ -356,7 +379,7 @@ class MsPASSCluster(SpecCluster):
         """Wait until the database answers and every requested worker connected; fail fast otherwise."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.options.startup_timeout
-        interval, next_poll, last_summary, last_logged = 0.25, 0.0, None, 0.0
+        interval, next_poll, last_summary, last_logged, started = 0.25, 0.0, None, 0.0, loop.time()
         db_error = "not started yet"
         while True:
             if self._closing:
@@ -372,14 +395,19 @@ class MsPASSCluster(SpecCluster):
                 if db_error is None:
                     self._db_uri = uri
                     self.db_job.ready = True
-                    logger.info("Database ready at %s (job %s on %s).", uri, self.db_job.job_id, self.db_job.node)
+                    logger.log(self._launcher.detail, "Database ready at %s (%s %s on %s).", uri, self.db_job.unit,
+                               self.db_job.job_id, self.db_job.node)
             connected = self._mark_ready_workers()
             if self._db_uri and self.plan <= connected:
                 return
             summary = self._pending_summary(connected, db_error)
             if summary != last_summary or now - last_logged > 60:
-                logger.info("Waiting for %s", summary)
-                last_summary, last_logged = summary, now
+                # A few lines for a user: a quick start says nothing, a slow one says what it waits for.
+                shown = now - started > 2 and (now - last_logged > 10 or last_summary is None)
+                logger.log(logging.INFO if shown else self._launcher.detail, "Waiting for %s", summary)
+                last_summary = summary
+                if shown:
+                    last_logged = now
             if now >= deadline:
                 raise StartupTimeoutError(
                     f"The cluster was not ready after startup_timeout={self.options.startup_timeout:g} s. Still waiting for "
@@ -420,7 +448,13 @@ class MsPASSCluster(SpecCluster):
     def _raise_startup_failure(self):
         if self.db_job.ended:
             fix = "Check db_command and the log above; print(cluster.job_script('db')) shows what ran."
-            if "Address already in use" in tail(self.db_job.log_path, 200):
+            log = tail(self.db_job.log_path, 200)
+            record = dbdir.holder(self.options.db_dir)
+            if any(words in log for words in dbdir.LOCKED_WORDS):
+                fix = self._db_dir_in_use_text(record) if record and record.get("cluster") != self._name else (
+                    f"Another database server holds db_dir={self.options.db_dir!r}. Stop it, or give this cluster "
+                    "a directory of its own (work_dir= or db_dir=).")
+            elif _ADDRESS_IN_USE.search(log):
                 port = self.options.db_port
                 fix = (
                     f"Another program already listens on db_port={port} on {self.db_job.node or 'its node'} (often "
@@ -535,7 +569,7 @@ class MsPASSCluster(SpecCluster):
         )
 
     def _on_job_change(self, job: TrackedJob):
-        logger.info("%s", job.describe())
+        logger.log(self._launcher.detail, "%s", job.describe())
         if not job.ended or self._closing:
             return
         if job.role == "db":
@@ -587,7 +621,11 @@ class MsPASSCluster(SpecCluster):
         New jobs are submitted before this returns, so an ``sbatch`` refusal
         raises here; use :meth:`wait_for_workers` to wait for them.
         """
+        self._require_open(f"scale({n if n is not None else ''})")
         target = self._nodes_for(n, jobs, memory, cores)
+        if self._adaptive is not None and self._adaptive.periodic_callback is not None:
+            self._adaptive.stop()
+            logger.warning("scale(%d) turns off adapt(); call adapt() again to scale with the load.", target)
         self._warn_if_beyond_partition(target)
         self._set_worker_nodes(target)
         if self.asynchronous:
@@ -661,8 +699,23 @@ class MsPASSCluster(SpecCluster):
         ``minimum_jobs``/``maximum_jobs`` are synonyms; other keywords go to
         :class:`distributed.deploy.Adaptive`. A node's workers are retired together.
         """
+        self._require_open("adapt()")
         minimum = minimum_jobs if minimum_jobs is not None else minimum
         maximum = maximum_jobs if maximum_jobs is not None else maximum
+        for name, value in (("minimum", minimum), ("maximum", maximum)):
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0 or (
+                    value != math.inf and value != int(value)):
+                raise ConfigError(f"adapt({name}={value!r}): give a whole number of worker nodes, 0 or more.")
+        if minimum > maximum:
+            raise ConfigError(
+                f"adapt(minimum={minimum}, maximum={maximum}): the minimum is above the maximum. "
+                f"Give e.g. adapt(minimum={maximum}, maximum={minimum})."
+            )
+        if self.backend == "allocation" and maximum > self._slurm.worker_capacity:
+            raise ConfigError(
+                f"adapt(maximum={maximum}) is beyond this allocation: it holds {self._slurm.worker_capacity} worker "
+                f"node(s). Give maximum={self._slurm.worker_capacity} or less, or use backend='slurm'."
+            )
         per_node = self.options.processes
         # The scheduler receives the key pickled: it must not drag this cluster (and its tasks) along.
         kwargs.setdefault("worker_key", functools.partial(_node_of_worker, per_node > 1))
@@ -673,6 +726,7 @@ class MsPASSCluster(SpecCluster):
 
         Raises the failure of any worker job that ended first, with its log.
         """
+        self._require_open("wait_for_workers()")
         async def _wait():
             loop = asyncio.get_running_loop()
             deadline = loop.time() + (timeout or self.options.startup_timeout)
@@ -698,17 +752,39 @@ class MsPASSCluster(SpecCluster):
     # ---------------------------------------------------------------- clients
     def get_client(self) -> Client:
         """The cluster's :class:`dask.distributed.Client` (one, cached)."""
+        self._require_open("get_client()")
         if self._client is None or self._client.status in ("closed", "closing"):
             self._client = Client(self)
         return self._client
 
     def get_db_client(self):
         """A database client: ``mspasspy.db.client.DBClient`` if MsPASS is installed, else :class:`~mspass_cluster.db.DBClient`."""
+        self._require_open("get_db_client()")
         if self._db_uri is None:
-            raise MsPASSClusterError("The database is not ready: this cluster is not started or is closed.")
+            raise MsPASSClusterError("The database is not ready: this cluster has not finished starting.")
         if self._db_client is None:
             self._db_client = get_db_client(self._db_uri)
         return self._db_client
+
+    def _require_open(self, call: str) -> None:
+        """Raise :class:`ClusterClosedError` for ``call`` on a closed (or closing) cluster."""
+        if self.status == Status.closed:
+            raise ClusterClosedError(
+                f"{call}: cluster {self._name} is closed; its jobs and its scheduler are gone. Start a new "
+                "one, e.g. `cluster = MsPASSCluster(...)`, or use `with MsPASSCluster(...) as cluster:` so that "
+                "every call stays inside the block."
+            )
+
+    @property
+    def dashboard_link(self) -> str:
+        """The dashboard's URL (raises :class:`ClusterClosedError` once the cluster is closed)."""
+        self._require_open("dashboard_link")
+        return super().dashboard_link
+
+    def _repr_html_(self, cluster_status=None):
+        if self.status in (Status.closing, Status.closed):
+            return f"<pre>{html.escape(repr(self))}</pre>"
+        return super()._repr_html_(cluster_status)
 
     @property
     def db_address(self) -> str | None:
@@ -734,8 +810,8 @@ class MsPASSCluster(SpecCluster):
             raise ConfigError(f"role={role!r} is not a role; use one of {', '.join(ROLES)}.")
         if isinstance(self_or_cls, type):
             opts = resolve_options(**options)
-            local = opts.backend == "local" or (opts.backend == "auto" and shutil.which("sbatch") is None)
-            backend = "local" if local else ("allocation" if opts.backend == "auto" and in_allocation() else opts.backend)
+            backend = auto_backend(shutil.which("sbatch") is not None)[0] if opts.backend == "auto" else opts.backend
+            local = backend == "local"
             opts = _options_for_backend(opts, backend)
             launcher = JobLauncher(opts, f"{opts.job_name}-preview", SlurmClient(CommandRunner()), local=local)
             name = launcher.cluster_name + ("-db" if role == "db" else "-worker-0")
@@ -763,6 +839,10 @@ class MsPASSCluster(SpecCluster):
                 await asyncio.gather(*(self._launcher.cancel(j, timeout=JOB_STOP_TIMEOUT) for j in leftovers))
             self._restore_environment()
             self._db_uri = None
+            dbdir.release(self.options.db_dir, self._name)
+            if self._holds_dask_chatter:
+                self._holds_dask_chatter = False
+                DaskChatter.release()
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(self._launcher.heartbeat)
 
@@ -782,13 +862,28 @@ class MsPASSCluster(SpecCluster):
             return
         status = server_exit_status(job.log_path)
         if status is None:
-            logger.info("Database job %s ended before its server ran (%s).", job.job_id, job.state.value)
+            logger.info("Database %s %s ended before its server ran (%s).", job.unit, job.job_id, job.state.value)
         elif not job.ready:
-            logger.info("Database job %s stopped while its server was starting (exit status %s).", job.job_id, status)
+            logger.info("Database %s %s stopped while its server was starting (exit status %s).", job.unit, job.job_id,
+                        status)
         elif status == 0:
-            logger.info("Database stopped cleanly (job %s, server exit status 0).", job.job_id)
+            logger.info("Cluster %s closed; its database stopped cleanly (%s %s, server exit status 0).",
+                        self._name, job.unit, job.job_id)
         else:
-            logger.warning("Database job %s ended with server exit status %s; see %s.", job.job_id, status, job.log_path)
+            logger.warning("Database %s %s ended with server exit status %s; see %s.", job.unit, job.job_id, status,
+                           job.log_path)
+
+    def _stop_at_once(self):
+        """This process is ending (SIGTERM): ask every job to stop cleanly, without waiting."""
+        if self.status == Status.closed or not hasattr(self, "_launcher"):
+            return
+        self._closing = True
+        ids = self._launcher.stop_everything_now()
+        with contextlib.suppress(OSError):
+            os.unlink(self._launcher.heartbeat)
+        dbdir.release(self.options.db_dir, self._name)
+        logger.warning("SIGTERM: asked %s %s to stop cleanly; this process ends now.", self._name,
+                       f"jobs {', '.join(ids)}" if ids else "(nothing was running)")
 
     def close(self, timeout=None):
         """Retire the workers, stop the database cleanly, and leave no job in the queue. Idempotent."""
@@ -826,6 +921,37 @@ def _options_for_backend(options: ClusterOptions, backend: str) -> ClusterOption
     if backend == "local":
         options = share_of_this_machine(options, CPU_COUNT, MEMORY_LIMIT)
     return options
+
+
+_LIVE_CLUSTERS: weakref.WeakSet = weakref.WeakSet()
+_SIGTERM_PREVIOUS: list = []
+
+
+def _stop_clusters_on_sigterm() -> None:
+    """Make SIGTERM to this process (``kill``, Slurm's walltime or ``scancel`` of a Jupyter job) stop the clusters.
+
+    Python ends at SIGTERM without running ``atexit``: the database would stay
+    until ``orphan_timeout``. Installed once, from the main thread, over
+    Python's default action or another handler (which is then called too).
+    """
+    if _SIGTERM_PREVIOUS or threading.current_thread() is not threading.main_thread():
+        return
+    previous = signal.getsignal(signal.SIGTERM)
+    if previous is signal.SIG_IGN or previous is None:
+        return
+    _SIGTERM_PREVIOUS.append(previous)
+    signal.signal(signal.SIGTERM, _on_sigterm)
+
+
+def _on_sigterm(signum, frame):
+    for cluster in list(_LIVE_CLUSTERS):
+        cluster._stop_at_once()
+    previous = _SIGTERM_PREVIOUS[0]
+    if callable(previous):
+        previous(signum, frame)
+    else:  # Python's default: die of SIGTERM, as the sender expects
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        os.kill(os.getpid(), signal.SIGTERM)
 
 
 def _close_at_exit(ref):

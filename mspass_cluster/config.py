@@ -97,7 +97,7 @@ OPTIONS: tuple[Option, ...] = (
     Option("worker_extra_args", [], "Extra arguments for ``dask worker``, e.g. ``['--resources', 'GPU=1']``.", kind="list"),
     Option("worker_lifetime", "auto", "Dask workers leave gracefully (their results move to other workers) after this long, e.g. ``'55m'``, and the cluster submits a replacement job. `auto`: just before `walltime` (5% of it, 1 to 10 minutes, plus a random stagger) on the `slurm` backend, never on the others; `none`: never.", kind="lifetime"),
     Option("death_timeout", 60, "Seconds a worker keeps trying to reach a lost scheduler before it exits.", kind="int"),
-    Option("orphan_timeout", 300, "Seconds the database keeps running after this notebook stopped refreshing its heartbeat file (a crashed kernel) before it shuts down cleanly.", kind="int"),
+    Option("orphan_timeout", 300, "Seconds the database and the workers keep running after this notebook stopped refreshing its heartbeat file (a crashed kernel) before they stop cleanly.", kind="int"),
     # --- database role
     Option("db_command", ["mongod"], "The database server program and leading arguments (a list); the cluster adds ``--port``, ``--dbpath``, ``--bind_ip_all``, cache size.", kind="list"),
     Option("db_port", 27017, "Database port (published as ``MONGODB_PORT``). On the local backend, when left at the default and taken, the next free port.", kind="int"),
@@ -110,6 +110,7 @@ OPTIONS: tuple[Option, ...] = (
     Option("startup_timeout", 3600, "Seconds to wait for the database and all workers (queue wait included) before giving up.", kind="float"),
     Option("poll_interval", 5.0, "Longest pause, in seconds, between two ``squeue`` calls; polls start at 0.25 s and back off to it.", kind="float"),
     Option("command_timeout", 60.0, "Seconds any one Slurm command (sbatch, squeue, scancel) may take.", kind="float"),
+    Option("verbose", False, "Log every job's submission and state change, and Dask's own scheduler log, at INFO. Default: a few lines of progress (warnings and errors always).", kind="bool"),
 )
 
 _BY_NAME = {o.name: o for o in OPTIONS}
@@ -162,6 +163,7 @@ class ClusterOptions:
     startup_timeout: float
     poll_interval: float
     command_timeout: float
+    verbose: bool
     sources: dict = field(default_factory=dict, compare=False, repr=False)
 
     @property
@@ -255,7 +257,13 @@ def _coerce(option: Option, value):
     name = option.name
     if option.kind == "int":
         minimum = 0 if name == "scheduler_port" else 1
-        return _check_int(name, value, minimum)
+        number = _check_int(name, value, minimum)
+        if name.endswith("_port") and number > 65535:
+            raise ConfigError(
+                f"{name}={number} is not a TCP port ({minimum} to 65535); give e.g. {name}={option.default or 8786}"
+                + (" or 0 for a free one." if minimum == 0 else ".")
+            )
+        return number
     if option.kind == "float":
         try:
             number = float(value)
@@ -278,17 +286,9 @@ def _coerce(option: Option, value):
             return [value]
         if not isinstance(value, (list, tuple)) or not all(isinstance(v, (str, int, float)) for v in value):
             raise ConfigError(f"{name}={value!r} must be a list of strings, e.g. {name}={option.default or ['...']!r}.")
-        return [str(v) for v in value]
+        return [_one_line(name, str(v)) for v in value]
     if option.kind == "memory":
-        try:
-            number = parse_bytes(str(value))
-        except (ValueError, TypeError):
-            raise ConfigError(
-                f"{name}={value!r} is not an amount of memory; give a number with a unit, e.g. {name}='16GiB' or '4000MB'."
-            ) from None
-        if number <= 0:
-            raise ConfigError(f"{name}={value!r} must be more than zero, e.g. {name}='16GiB'.")
-        return str(value)
+        return _check_memory(name, value)
     if option.kind == "choice":
         if value not in CHOICES[name]:
             raise ConfigError(f"{name}={value!r} is not one of {', '.join(map(repr, CHOICES[name]))}.")
@@ -299,10 +299,43 @@ def _coerce(option: Option, value):
     if option.kind == "lifetime":
         return _check_lifetime(name, value)
     if option.kind == "path":
-        return os.path.abspath(os.path.expanduser(os.path.expandvars(str(value))))
+        return os.path.abspath(os.path.expanduser(os.path.expandvars(_one_line(name, str(value)))))
     if not isinstance(value, str):
         raise ConfigError(f"{name}={value!r} must be a string.")
+    return _one_line(name, value)
+
+
+def _one_line(name, value: str) -> str:
+    """Values end up in job scripts: a line break would start a shell line of its own."""
+    if any(ch in value for ch in "\n\r\0"):
+        raise ConfigError(f"{name}={value!r} holds a line break or NUL; give it on one line.")
     return value
+
+
+#: The least memory a Dask worker process, or the database, can run in.
+MIN_MEMORY = 256 * 2**20
+
+
+def _check_memory(name, value) -> str:
+    """An amount of memory with its unit, at least :data:`MIN_MEMORY`."""
+    text = str(value).strip()
+    if re.fullmatch(r"[0-9.]+", text):
+        raise ConfigError(
+            f"{name}={value!r} has no unit: Slurm reads a bare number as megabytes, Dask as bytes. "
+            f"Write the unit, e.g. {name}='{text}MB' or {name}='16GiB'."
+        )
+    try:
+        number = parse_bytes(text)
+    except (ValueError, TypeError):
+        raise ConfigError(
+            f"{name}={value!r} is not an amount of memory; give a number with a unit, e.g. {name}='16GiB' or '4000MB'."
+        ) from None
+    if number < MIN_MEMORY:
+        raise ConfigError(
+            f"{name}={value!r} is too little: a Dask worker process or the database needs at least 256MiB. "
+            f"Give e.g. {name}='16GiB'."
+        )
+    return text
 
 
 def _check_lifetime(name, value) -> str:
@@ -320,6 +353,40 @@ def _check_lifetime(name, value) -> str:
             f"or {name}='auto' (just before walltime) or 'none'."
         )
     return f"{int(seconds)}s" if float(seconds).is_integer() else f"{seconds}s"
+
+
+def _config_origin(key: str | None) -> str:
+    """Where dask config set ``mspass_cluster[.key]``: the YAML file, or the DASK_ variable."""
+    import yaml
+
+    variable = f"DASK_{CONFIG_SECTION.upper()}" + (f"__{key.upper().replace('-', '_')}" if key else "")
+    if key and variable in os.environ:
+        return f"the environment variable {variable}"
+    for path in reversed(getattr(dask.config, "paths", [])):
+        files = [path] if os.path.isfile(path) else (
+            [os.path.join(path, f) for f in sorted(os.listdir(path)) if f.endswith((".yaml", ".yml"))]
+            if os.path.isdir(path) else [])
+        for file in files:
+            try:
+                with open(file) as f:
+                    data = yaml.safe_load(f) or {}
+            except (OSError, yaml.YAMLError):
+                continue
+            section = data.get(CONFIG_SECTION) if isinstance(data, dict) else None
+            if key is None and section is not None:
+                return file
+            if isinstance(section, dict) and (key in section or key.replace("-", "_") in section):
+                return f"'{key}' in {file}"
+    return f"dask config key {CONFIG_SECTION}.{key}" if key else "dask config"
+
+
+def _origin(option: Option, source: str) -> str:
+    """For an error message: where a bad value came from, unless it was the argument itself."""
+    if source == "dask config":
+        return f"From {_config_origin(_kebab(option.name))}: "
+    if source in option.env_names:
+        return f"From the environment variable {source}: "
+    return ""
 
 
 def valid_option_names() -> list[str]:
@@ -357,6 +424,11 @@ def resolve_options(environ=None, **kwargs) -> ClusterOptions:
             f"Unknown option(s) {', '.join(unknown)}. Valid options are: {', '.join(valid_option_names())}."
         )
     config_section = dask.config.get(CONFIG_SECTION, default={}) or {}
+    if not isinstance(config_section, dict):
+        raise ConfigError(
+            f"The dask config section '{CONFIG_SECTION}' is {config_section!r}, not a mapping of option: value"
+            f" (in {_config_origin(None)}). Write it as, e.g.\n{CONFIG_SECTION}:\n  backend: local\n  walltime: '02:00:00'"
+        )
     unknown_config = sorted(k for k in config_section if k.replace("-", "_") not in _BY_NAME)
     if unknown_config:
         raise ConfigError(
@@ -378,7 +450,10 @@ def resolve_options(environ=None, **kwargs) -> ClusterOptions:
         else:
             value, source = option.default, "default"
         if value is not None:
-            value = _coerce(option, value)
+            try:
+                value = _coerce(option, value)
+            except ConfigError as exc:
+                raise ConfigError(f"{_origin(option, source)}{exc}") from None
         values[option.name], sources[option.name] = value, source
 
     work_dir = values["work_dir"] or os.getcwd()
@@ -405,6 +480,12 @@ def resolve_options(environ=None, **kwargs) -> ClusterOptions:
         raise ConfigError(
             f"cores={values['cores']} does not split evenly over processes={values['processes']}; "
             "choose cores as a multiple of processes."
+        )
+    per_process = values["memory"] and parse_bytes(values["memory"]) // values["processes"]
+    if per_process and per_process < MIN_MEMORY:
+        raise ConfigError(
+            f"memory={values['memory']!r} over processes={values['processes']} leaves each Dask worker process "
+            f"{per_process // 2**20} MiB, below the 256 MiB one needs. Give more memory or fewer processes."
         )
     if not re.fullmatch(r"[A-Za-z0-9_.-]+", values["job_name"]):
         raise ConfigError(

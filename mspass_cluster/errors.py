@@ -8,6 +8,7 @@
     │   ├── SubmitError                 sbatch rejected a job (bad partition, account, memory, ...)
     │   └── SlurmUnavailableError       Slurm's controller does not answer (down, restarting, overloaded)
     ├── JobFailedError                  a job ended before its service was ready, or while it was needed
+    ├── ClusterClosedError              a call on a cluster that was closed
     └── StartupTimeoutError (TimeoutError)
                                         the database or workers were not ready before the deadline
 
@@ -24,6 +25,7 @@ __all__ = [
     "SubmitError",
     "SlurmUnavailableError",
     "JobFailedError",
+    "ClusterClosedError",
     "StartupTimeoutError",
 ]
 
@@ -108,6 +110,10 @@ class JobFailedError(MsPASSClusterError):
         self.log_path = log_path
         self.log_tail = log_tail
         super().__init__(message)
+
+
+class ClusterClosedError(MsPASSClusterError):
+    """A call on a cluster after :meth:`~mspass_cluster.MsPASSCluster.close`: its jobs and scheduler are gone."""
 
 
 class StartupTimeoutError(MsPASSClusterError, TimeoutError):

@@ -42,12 +42,15 @@ def tail(path: str, lines: int = 20) -> str:
 
 
 _ERROR_WORDS = re.compile(r"error|fatal|exception|not found|no such file|permission denied|refused|killed", re.I)
+#: Warnings mention errors too ("... will be an error in a future version"); they are not why a job ended.
+_WARNING_LINE = re.compile(r'"s":"W"|\bWARN(ING)?\b|Warning:|\bwarnings\.warn', re.I)
 
 
 def error_lines(path: str, most: int = 5) -> list[str]:
     """The first lines of a log that look like errors (a usage text can push them out of the tail)."""
     lines = tail(path, 2000).splitlines()
-    return [line for line in lines if _ERROR_WORDS.search(line) and not line.startswith("mspass_cluster:")][:most]
+    return [line for line in lines if _ERROR_WORDS.search(line) and not _WARNING_LINE.search(line)
+            and not line.startswith("mspass_cluster:")][:most]
 
 
 class SlurmClient:
@@ -62,6 +65,9 @@ class SlurmClient:
     def __init__(self, runner: CommandRunner):
         self.runner = runner
         self._sacct_works: bool | None = None
+
+    #: What runs a role, in words for messages.
+    unit = "job"
 
     async def submit(self, script_path: str, what: str, output: str = "", role: str = "") -> str:
         """Submit a script; return its job id (``output`` is already in the script's directives).
@@ -145,6 +151,11 @@ class SlurmClient:
         if job_ids:
             self.runner.run(slurm.build_scancel_argv(job_ids), check=False, timeout=30)
 
+    def signal_now(self, job_ids, signal: str = "TERM") -> None:
+        """Synchronous: send ``signal`` to every process of the jobs and return at once."""
+        if job_ids:
+            self.runner.run(slurm.build_scancel_argv(job_ids, signal), check=False, timeout=10)
+
     def node_addresses(self, partition: str | None) -> list[str]:
         """Addresses of the partition's nodes (``sinfo``), for choosing the scheduler's address."""
         argv = ["sinfo", "--noheader", "--Node", "--format=%o"]
@@ -178,6 +189,7 @@ class TrackedJob:
     submitted: float = field(default_factory=time.monotonic)
     status: JobStatus | None = None
     ready: bool = False  #: its service answered at least once
+    unit: str = "job"  #: what runs it, in words: a Slurm "job", a local "process", an srun "step"
 
     @property
     def state(self) -> JobState:
@@ -193,7 +205,7 @@ class TrackedJob:
 
     def describe(self) -> str:
         """``worker job 123 (mspass-ab-worker-0): PENDING (Resources)``."""
-        text = f"{self.role} job {self.job_id} ({self.name}): {self.state.value}"
+        text = f"{self.role} {self.unit} {self.job_id} ({self.name}): {self.state.value}"
         if self.status and self.status.reason:
             text += f" ({self.status.reason})"
         if self.node and self.state.kind != "pending":
@@ -204,12 +216,14 @@ class TrackedJob:
         """A :class:`JobFailedError` for this ended job, with the log's last lines."""
         exit_code = self.status.exit_code if self.status else None
         log_tail = tail(self.log_path)
-        errors = [line for line in error_lines(self.log_path) if line not in log_tail.splitlines()]
+        # A cancelled job was stopped from outside: what its log calls errors did not end it.
+        errors = [] if self.state is JobState.CANCELLED else [
+            line for line in error_lines(self.log_path) if line not in log_tail.splitlines()]
         exit_text = f", exit code {exit_code}" if exit_code else ""
         node_text = f" on node {self.node}" if self.node else ""
         message = (
-            f"The {self.role} job {self.job_id} ({self.name}) {what}.\n"
-            f"  Slurm state: {self.state.value}{exit_text}{node_text}"
+            f"The {self.role} {self.unit} {self.job_id} ({self.name}) {what}.\n"
+            f"  {'Slurm state' if self.unit != 'process' else 'State'}: {self.state.value}{exit_text}{node_text}"
             + (f", reason: {self.status.reason}" if self.status and self.status.reason else "")
             + f"\n  Log: {self.log_path}\n"
             + "".join(f"  Error in the log: {line}\n" for line in errors)
@@ -246,6 +260,8 @@ class JobLauncher:
         self.db_host: str | None = None
         self.heartbeat: str | None = None
         self.jobs: dict[str, TrackedJob] = {}
+        #: Log level of routine events (submissions): INFO with ``verbose``, else DEBUG.
+        self.detail = logging.INFO if options.verbose else logging.DEBUG
         self._gone: dict[str, asyncio.Future] = {}
         self._cancel_queue: list[tuple[str, str | None]] = []
         self._canceller: asyncio.Task | None = None
@@ -269,9 +285,10 @@ class JobLauncher:
         with open(path, "w") as f:
             f.write(script)
         job_id = await self.slurm.submit(path, f"{role} job {name}", output, role)
-        job = TrackedJob(role, name, job_id, output.replace("%j", job_id), path)
+        unit = getattr(self.slurm, "unit", "job")
+        job = TrackedJob(role, name, job_id, output.replace("%j", job_id), path, unit=unit)
         self.jobs[job_id] = job
-        logger.info("Submitted %s job %s (%s); log: %s", role, job_id, name, job.log_path)
+        logger.log(self.detail, "Submitted %s %s %s (%s); log: %s", role, unit, job_id, name, job.log_path)
         return job
 
     def active(self) -> list[TrackedJob]:
@@ -346,6 +363,20 @@ class JobLauncher:
                 interval = min(interval * 1.5, 2.0)
             if self._cancel_queue:
                 interval = 0.2  # newly cancelled jobs usually end within a fraction of a second
+
+    def stop_everything_now(self) -> list[str]:
+        """Synchronous, without waiting: SIGTERM to every job not known to have ended.
+
+        Each job's script passes the signal to its server, which stops cleanly
+        (the database flushes, workers leave); for when this process is about
+        to end (it was sent SIGTERM) and cannot wait.
+        """
+        ids = [j.job_id for j in self.active()]
+        try:
+            self.slurm.signal_now(ids, "TERM")
+        except CommandError as exc:
+            logger.error("Could not stop jobs %s: %s", ids, exc)
+        return ids
 
     def cancel_everything_now(self) -> list[str]:
         """Synchronous last resort: ``scancel`` every job not known to have ended."""

@@ -64,6 +64,8 @@ class LocalProcesses:
     kill_signal = signals.SIGKILL
     #: Signal the job's whole process group (False: only the process started).
     signal_group = True
+    #: What runs a role, in words for messages: its id is the process id.
+    unit = "process"
 
     def __init__(self):
         self._ids = itertools.count(1)
@@ -72,13 +74,17 @@ class LocalProcesses:
         self._nodes: dict[str, str] = {}
 
     async def submit(self, script_path: str, what: str, output: str = "", role: str = "worker") -> str:
-        job_id = f"{os.getpid()}{next(self._ids):03d}"
-        log_path = output.replace("%j", job_id) if output else os.devnull
-        argv, self._nodes[job_id] = self._placement(script_path, role)
-        with open(log_path, "ab") as log:
-            self._procs[job_id] = subprocess.Popen(
+        argv, node = self._placement(script_path, role)
+        # The id is the process id, as a job id would be Slurm's: the log is named once it is known.
+        starting = output.replace("%j", f"starting-{os.getpid()}-{next(self._ids)}") if output else os.devnull
+        with open(starting, "ab") as log:
+            proc = subprocess.Popen(
                 argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True,
             )
+        job_id = str(proc.pid)
+        if output:
+            os.replace(starting, output.replace("%j", job_id))
+        self._procs[job_id], self._nodes[job_id] = proc, node
         return job_id
 
     def _placement(self, script_path: str, role: str) -> tuple[list[str], str]:
@@ -128,6 +134,10 @@ class LocalProcesses:
             if escalate:
                 self._cancelled.setdefault(job_id, time.monotonic() + KILL_WAIT)
             self._signal(job_id, self.stop_signal)
+
+    def signal_now(self, job_ids, signal: str = "TERM") -> None:
+        """Ask the jobs to stop (:attr:`stop_signal`, the only one needed) and return at once."""
+        self._terminate(job_ids, escalate=False)
 
     def cancel_now(self, job_ids) -> None:
         """Synchronous: SIGTERM, up to ``KILL_WAIT`` for the processes to end, then SIGKILL."""

@@ -178,7 +178,9 @@ def heartbeat_watchdog(heartbeat: str, limit: int) -> list[str]:
     """Shell lines that stop the server when ``heartbeat`` is older than ``limit`` seconds.
 
     The notebook owning the cluster refreshes the file; if its kernel dies,
-    the database shuts down cleanly instead of holding a node until walltime.
+    the database shuts down cleanly, and workers leave, instead of holding
+    nodes until walltime (a worker whose nanny keeps restarting a crashing
+    process never reaches ``death_timeout``). The stale file is removed.
     """
     check = max(1, min(15, limit // 4))
     return [
@@ -186,17 +188,24 @@ def heartbeat_watchdog(heartbeat: str, limit: int) -> list[str]:
         "# heartbeat file (a crashed kernel) instead of holding the node until walltime.",
         f"heartbeat={shlex.quote(heartbeat)}",
         "(",
-        f"    while sleep {check}; do",
+        "    # Ended with the job script: its sleep goes with it.",
+        '    trap \'kill "$sleeper" 2>/dev/null; exit 0\' TERM',
+        "    while :; do",
+        f"        sleep {check} &",
+        "        sleeper=$!",
+        '        wait "$sleeper"',
         '        kill -0 "$server_pid" 2>/dev/null || exit 0',
         f'        age={limit}',
         '        [ -e "$heartbeat" ] && age=$(( $(date +%s) - $(date -r "$heartbeat" +%s) ))',
         f'        if [ "$age" -ge {limit} ]; then',
         '            echo "mspass_cluster: no heartbeat from the notebook for $age s ($heartbeat); stopping the server"',
         '            kill -TERM "$server_pid"',
+        '            rm -f "$heartbeat"',
         "            exit 0",
         "        fi",
         "    done",
         ") &",
+        "watchdog_pid=$!",
     ]
 
 
@@ -254,8 +263,8 @@ def build_job_script(
     local : bool
         For the desktop backend: the database listens on loopback only.
     heartbeat : str, optional
-        The notebook's heartbeat file; the database stops ``orphan_timeout``
-        seconds after it goes stale.
+        The notebook's heartbeat file; the job's server stops
+        ``orphan_timeout`` seconds after it goes stale.
 
     Returns
     -------
@@ -302,7 +311,7 @@ def build_job_script(
             cleanenv=options.container_cleanenv,
         )
         setup = setup + container_setup
-    watchdog = heartbeat_watchdog(heartbeat, options.orphan_timeout) if role == "db" and heartbeat else []
+    watchdog = heartbeat_watchdog(heartbeat, options.orphan_timeout) if heartbeat else []
     script = render_job_script(
         role=role, cluster_id=cluster_id, directives=directives, exports=exports,
         prologue=options.job_script_prologue, setup=setup, argv=argv, watchdog=watchdog,

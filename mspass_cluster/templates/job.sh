@@ -36,5 +36,6 @@ done
 wait "$server_pid" 2>/dev/null
 last=$?
 [ "$last" -ne 127 ] && status=$last
+[ -n "${watchdog_pid:-}" ] && kill "$watchdog_pid" 2>/dev/null
 echo "mspass_cluster: @{role} exited with status $status at $(date '+%Y-%m-%dT%H:%M:%S')"
 exit "$status"
