@@ -60,7 +60,7 @@ def _default_python() -> str:
 
 OPTIONS: tuple[Option, ...] = (
     # --- where the roles run
-    Option("backend", "auto", "`slurm` (a job per role), `allocation` (`srun` steps inside the current Slurm job: batch notebooks), `local` (processes on this machine, the desktop mode), or `auto`: allocation inside a Slurm job, else Slurm when `sbatch` is on PATH, else local.", env="MSPASS_CLUSTER_BACKEND", kind="choice"),
+    Option("backend", "auto", "`slurm` (a job per role), `allocation` (`srun` steps inside the current Slurm job: batch notebooks), `local` (processes on this machine, the desktop mode), or `auto`: allocation inside a Slurm job of 2+ nodes, Slurm inside a one-node job (an interactive session) or wherever `sbatch` is on PATH, else local.", env="MSPASS_CLUSTER_BACKEND", kind="choice"),
     # --- the shape of the cluster
     Option("nodes", 1, "Number of worker nodes: one Slurm job each.", kind="int"),
     Option("processes", 1, "Dask worker processes per worker node; they share the node's cores and memory.", kind="int"),

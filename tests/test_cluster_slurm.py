@@ -323,6 +323,56 @@ def test_a_killed_notebook_leaves_no_job_running(slurm_testbed, shared_dir):
     assert "no heartbeat from the notebook" in db_log and "db exited with status 0" in db_log
 
 
+def test_sigterm_to_the_notebook_stops_every_job_cleanly_at_once(slurm_testbed, shared_dir):
+    """SIGTERM (``kill``, a Jupyter job's walltime) is not SIGKILL: the database stops now, not at orphan_timeout."""
+    import signal
+    import subprocess
+    import time
+    script = (
+        "import time\nfrom mspass_cluster import MsPASSCluster\n"
+        f"c = MsPASSCluster(nodes=2, work_dir={str(shared_dir)!r}, db_command={FAKE_MONGOD!r}, walltime='10',\n"
+        "                   orphan_timeout=300)\n"
+        "print(','.join(c.job_ids), c.cluster_id, flush=True)\n"
+        "time.sleep(600)\n"
+    )
+    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        ids, cluster_id = proc.stdout.readline().split()
+        ids = ids.split(",")
+        assert len(queued(ids)) == 3
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=60) == -signal.SIGTERM
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    deadline = time.monotonic() + 60   # far less than orphan_timeout
+    while queued(ids) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert queued(ids) == [], "jobs of a terminated notebook are still in the queue"
+    assert cluster_processes(cluster_id) == []
+    db_log = next((shared_dir / "logs").glob(f"mspass-{cluster_id}-db-*.out")).read_text()
+    assert "db exited with status 0" in db_log and "no heartbeat" not in db_log
+
+
+def test_backend_auto_in_a_one_node_interactive_job_submits_new_jobs(slurm_testbed, shared_dir):
+    """Jupyter through Open OnDemand or ``srun --pty`` is a one-node Slurm job: it wants nodes of its own."""
+    import subprocess
+    script = (
+        "from mspass_cluster import MsPASSCluster\n"
+        f"with MsPASSCluster(nodes=2, work_dir={str(shared_dir)!r}, db_command={FAKE_MONGOD!r}, walltime='10') as c:\n"
+        "    print('BACKEND', c.backend, len(c.scheduler.workers), 'workers', flush=True)\n"
+        "    ids = list(c.job_ids)\n"
+        "print('JOBS', ','.join(ids))\n"
+    )
+    out = subprocess.run(["srun", "--nodes=1", "--ntasks=1", "--time=5", sys.executable, "-c", script],
+                         capture_output=True, text=True, timeout=240, cwd=shared_dir)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "BACKEND slurm 2 workers" in out.stdout
+    assert "backend='auto' chose 'slurm'" in out.stderr and "backend='allocation' would" in out.stderr
+    ids = out.stdout.split("JOBS ")[1].split()[0].split(",")
+    assert len(ids) == 3 and queued(ids) == []
+
+
 def test_a_worker_job_lost_after_it_ran_is_replaced(slurm_testbed, shared_dir, caplog):
     import subprocess
     import time
@@ -520,7 +570,7 @@ def test_ctrl_c_while_waiting_cancels_every_job_and_raises_keyboardinterrupt(slu
     import time
     script = (
         "from mspass_cluster import MsPASSCluster\n"
-        f"MsPASSCluster(nodes=2, work_dir={str(shared_dir)!r}, db_command={FAKE_MONGOD!r}, "
+        f"MsPASSCluster(nodes=2, work_dir={str(shared_dir)!r}, db_command={FAKE_MONGOD!r}, verbose=True, "
         "job_extra_directives=['--hold'])\n"   # held: it waits, as in a busy queue, until the user gives up
         "print('RETURNED')\n"
     )
