@@ -31,7 +31,7 @@ import threading
 import weakref
 
 from dask.system import CPU_COUNT
-from dask.utils import parse_bytes
+from dask.utils import format_bytes, parse_bytes
 from distributed import Client, Scheduler
 from distributed.core import Status
 from distributed.deploy import Adaptive
@@ -42,7 +42,7 @@ from distributed.system import MEMORY_LIMIT
 
 from . import dbdir
 from .commands import CommandRunner
-from .config import ClusterOptions, parse_walltime, prepare_directories, resolve_options
+from .config import MIN_MEMORY, ClusterOptions, parse_walltime, prepare_directories, resolve_options
 from .db import connection_string, get_db_client, ping
 from .errors import (
     ClusterClosedError, CommandError, ConfigError, MsPASSClusterError, SlurmUnavailableError, StartupTimeoutError,
@@ -168,6 +168,7 @@ class MsPASSCluster(SpecCluster):
         if self.backend == "local":
             self._use_embedded_db_if_needed()
             self._use_a_free_db_port()
+            self._check_the_share_of_this_machine()
             logger.info(
                 "Local backend: each worker node gets %d core(s) and %s of this machine (set cores= and memory= "
                 "to change).", self.options.cores, self.options.memory,
@@ -186,6 +187,9 @@ class MsPASSCluster(SpecCluster):
             self._slurm = SlurmClient(runner)
         self._launcher = JobLauncher(self.options, name, self._slurm, local=self.backend == "local")
         self._launcher.heartbeat = os.path.join(self.options.log_dir, f"{name}.heartbeat")
+        # From here on SIGTERM (also while starting) stops what this cluster submitted.
+        _LIVE_CLUSTERS.add(self)
+        _stop_clusters_on_sigterm()
         self._heartbeat_task: asyncio.Task | None = None
         self.db_job: TrackedJob | None = None
         self._db_uri: str | None = None
@@ -249,8 +253,6 @@ class MsPASSCluster(SpecCluster):
                 runner.stop()
             raise
         atexit.register(_close_at_exit, weakref.ref(self))
-        _LIVE_CLUSTERS.add(self)
-        _stop_clusters_on_sigterm()
 
     def _choose_backend(self) -> str:
         backend, has_sbatch = self.options.backend, shutil.which("sbatch") is not None
@@ -293,6 +295,20 @@ class MsPASSCluster(SpecCluster):
             "serves one request at a time, and only pretends to run admin commands. Install MongoDB (mongod on "
             "PATH), or set container= or db_command=, for real work."
         )
+
+    def _check_the_share_of_this_machine(self):
+        """Desktop: ``nodes`` split this machine; too many leave each worker too little memory to run."""
+        opts = self.options
+        per_process = parse_bytes(opts.memory) // opts.processes
+        if per_process < MIN_MEMORY and opts.sources["memory"] == "default":
+            most = max(1, MEMORY_LIMIT // (MIN_MEMORY * opts.processes))
+            raise ConfigError(
+                f"nodes={opts.nodes} on this machine ({format_bytes(MEMORY_LIMIT)}) leaves each worker process "
+                f"{format_bytes(per_process)}, below the 256 MiB one needs. Start with nodes={most} or fewer, "
+                "or set memory= per node."
+            )
+        if opts.interface:
+            logger.warning("interface=%r is ignored on the local backend: everything runs on loopback.", opts.interface)
 
     def _use_a_free_db_port(self):
         """Desktop: a second notebook's database must not find the first one's port taken (or answer for it)."""

@@ -176,3 +176,35 @@ def test_a_start_and_close_says_a_few_lines_and_the_rest_on_request(tmp_path):
     assert "interface=" not in text and " job " not in text                # the local backend runs processes
     verbose = _start_and_close_output(tmp_path / "verbose", verbose=True)
     assert "Submitted db process" in verbose and "distributed.scheduler - INFO" in verbose
+
+
+def test_sigterm_while_the_cluster_starts_leaves_nothing_running(tmp_path):
+    # Stand-in for workers stuck in a queue or in start-up: a "python" that never runs a worker.
+    never = tmp_path / "never-python"
+    never.write_text("#!/bin/sh\nexec sleep 100000\n")
+    never.chmod(0o755)
+    script = (
+        "from mspass_cluster import MsPASSCluster\n"
+        f"MsPASSCluster(backend='local', nodes=2, work_dir={str(tmp_path)!r}, db_command={FAKE_MONGOD!r}, "
+        f"python={str(never)!r}, orphan_timeout=300)\n"
+    )
+    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        assert _wait_until(lambda: len(list((tmp_path / "logs").glob("*.out"))) == 3, 60)
+        cluster_id = next((tmp_path / "logs").glob("*-db-*.out")).name.split("-")[1]
+        assert _wait_until(lambda: cluster_processes(cluster_id), 30)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=30) == -signal.SIGTERM
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert _wait_until(lambda: cluster_processes(cluster_id) == [], 30), "a cluster terminated while starting left processes"
+    assert not (tmp_path / "db" / "mspass-cluster.json").exists()
+
+
+def test_more_desktop_nodes_than_the_memory_can_hold_is_refused_before_starting(tmp_path):
+    from distributed.system import MEMORY_LIMIT
+    nodes = MEMORY_LIMIT // (128 * 2**20)
+    with pytest.raises(ConfigError, match=rf"nodes={nodes} on this machine .* below the 256 MiB one needs"):
+        MsPASSCluster(backend="local", nodes=nodes, work_dir=str(tmp_path))
+    assert not (tmp_path / "logs").exists() or not list((tmp_path / "logs").iterdir())
