@@ -136,7 +136,7 @@ def test_status_lists_and_down_cancels_this_users_cluster_jobs(slurm_testbed, tm
         assert cli_main(["status"]) == 0
         listing = capsys.readouterr().out
         assert job_id in listing and "mspass-nb-held" in listing and "JobHeldUser" in listing
-        assert cli_main(["down", "--yes"]) == 0
+        assert cli_main(["down", job_id, "--yes"]) == 0  # this job only: the test bed is shared
         assert job_id in capsys.readouterr().out
         deadline = time.monotonic() + 30
         while queued([job_id]) and time.monotonic() < deadline:
