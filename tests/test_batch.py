@@ -38,7 +38,8 @@ def test_parameters_are_injected_after_the_tagged_cell():
 
 def test_dry_run_prints_the_script_and_submits_nothing(tmp_path, capsys):
     notebook = tmp_path / "flow.ipynb"
-    nbformat.write(nbformat.v4.new_notebook(), notebook)
+    nbformat.write(nbformat.v4.new_notebook(cells=[
+        nbformat.v4.new_code_cell("year = 2000", metadata={"tags": ["parameters"]})]), notebook)
     assert cli_main(["submit", str(notebook), "--nodes", "3", "--walltime", "02:00:00", "--partition", "normal",
                      "--param", "year=2012", "--dry-run"]) == 0
     out = capsys.readouterr().out
