@@ -119,12 +119,26 @@ def _check_slurm_name(flag: str, value) -> None:
         )
 
 
+#: sbatch options that ``submit`` sets itself, long and short, and what to give instead.
+OWN_DIRECTIVES = {
+    "--nodes": "--nodes", "-N": "--nodes", "--time": "--walltime", "-t": "--walltime",
+    "--partition": "--partition", "-p": "--partition", "--account": "--account", "-A": "--account",
+    "--qos": "--qos", "-q": "--qos", "--job-name": None, "-J": None, "--output": None, "-o": None,
+    "--ntasks-per-node": None,
+}
+
+
 def _check_directive(value: str) -> None:
     if not value.startswith("-") or "\n" in value or "\r" in value:
         raise ConfigError(
             f"--directive {value!r} is not one sbatch option on one line; give it as sbatch takes it, "
             "e.g. --directive=--constraint=ib."
         )
+    option = re.split(r"[=\s]", value, maxsplit=1)[0] if value.startswith("--") else value[:2]
+    if option in OWN_DIRECTIVES:
+        instead = OWN_DIRECTIVES[option]
+        fix = f"use {instead} instead" if instead else "leave it out: submit sets the job's name, log and tasks"
+        raise ConfigError(f"--directive {value!r} sets {option}, which would contradict the script's own; {fix}.")
 
 
 def _check_notebook_path(path: str) -> None:
