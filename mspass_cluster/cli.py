@@ -4,27 +4,36 @@
 
     mspass-cluster submit flow.ipynb --nodes 4 --walltime 02:00:00 [--partition P --account A --param k=v] [--dry-run]
     mspass-cluster status
-    mspass-cluster down [CLUSTER_ID ...] [--yes]
+    mspass-cluster down CLUSTER_ID|JOB_ID ... [--yes]
+    mspass-cluster down --all [--yes]
 
 A submitted notebook runs headless on the allocation's first node; inside
 it, ``MsPASSCluster()`` finds the allocation and starts the database and
 workers as ``srun`` steps on the job's nodes (no further jobs). The executed
 notebook, outputs and tracebacks included, is written beside the input as
 ``<name>-<job id>.ipynb``, and the job's exit status is the notebook's.
+
+Everything a user types is checked before anything is submitted: the
+notebook (and its ``parameters`` cell, when ``--param`` is given), the
+walltime, the Slurm names, the work directory and the backend. ``down``
+cancels only what it is named: whole clusters by id (or a unique prefix of
+one), jobs by Slurm job id, or everything with ``--all``.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import os
 import re
 import shlex
 import sys
+import tempfile
 
 from .commands import CommandRunner
-from .config import parse_walltime
-from .errors import MsPASSClusterError
-from .notebook import parse_params
+from .config import CHOICES, CONFIG_SECTION, parse_walltime
+from .errors import ConfigError, MsPASSClusterError
+from .notebook import parameter_names, parse_params, read_notebook
 from .slurm import build_scancel_argv
 
 __all__ = ["main", "render_submit_script"]
@@ -32,17 +41,171 @@ __all__ = ["main", "render_submit_script"]
 #: Job names this package gives: clusters' roles, and submitted notebooks.
 OWN_JOB = re.compile(r"^(?P<prefix>[A-Za-z0-9_.-]+?)-(?P<cluster>[0-9a-f]{8})-(db|worker-\d+)$|^mspass-nb-")
 
+#: The variables that carry ``--work-dir`` and ``--backend`` into the notebook's ``MsPASSCluster``: dask
+#: reads ``DASK_*`` variables over its YAML files, so they override the user's ``mspass_cluster.yaml``.
+ENV_WORK_DIR = f"DASK_{CONFIG_SECTION.upper()}__WORK_DIR"
+ENV_BACKEND = f"DASK_{CONFIG_SECTION.upper()}__BACKEND"
+
+#: Shortest prefix of a cluster id that ``down`` accepts, so that one stray character cannot select a cluster.
+MIN_PREFIX = 4
+
+#: Backends that start no processes on the job's other nodes: a batch job for them needs one node.
+ONE_NODE_BACKENDS = ("local", "slurm")
+
+DESCRIPTION = """\
+Run a Jupyter notebook as a Slurm batch job with a MsPASS cluster (MongoDB and
+Dask workers) inside its allocation, and list or cancel your clusters' jobs."""
+
+EPILOG = """\
+examples:
+  mspass-cluster submit flow.ipynb --nodes 5 --walltime 04:00:00 --partition normal --account EAR12345 \\
+      --param year=2012 --param "band=(0.5, 5)"
+  mspass-cluster submit flow.ipynb --dry-run     print the sbatch script, submit nothing
+  mspass-cluster status                          list your clusters' and notebooks' jobs
+  mspass-cluster down 3f2a9c01                   cancel cluster 3f2a9c01 (a unique prefix, e.g. 3f2a, will do)
+  mspass-cluster down 1234                       cancel job 1234, e.g. a submitted notebook
+  mspass-cluster down --all                      cancel all of them (asks first; --yes does not)
+
+Run 'mspass-cluster COMMAND --help' for a command's options."""
+
+SUBMIT_DESCRIPTION = """\
+Write NOTEBOOK's sbatch script beside it (<name>.sbatch) and submit it. The job
+executes the notebook headless on its first node; inside it, MsPASSCluster()
+starts the database there and a worker on each other node, as srun steps. The
+executed notebook is written beside the input as <name>-<job id>.ipynb, the
+log as <name>-<job id>.log; the job's exit status is the notebook's.
+
+The notebook, its parameters and every option are checked first: a mistake is
+reported here, before a node is used."""
+
+SUBMIT_EPILOG = """\
+examples:
+  mspass-cluster submit flow.ipynb --nodes 5 --walltime 04:00:00 --partition normal --account EAR12345
+  mspass-cluster submit flow.ipynb --param year=2012 --param "band=(0.5, 5)" --param station=TA
+  mspass-cluster submit flow.ipynb --work-dir /scratch/$USER/run1 --directive=--constraint=ib
+  mspass-cluster submit flow.ipynb --prologue "module load mongodb" --dry-run"""
+
+DOWN_DESCRIPTION = """\
+Cancel the jobs of the clusters named by id (as 'mspass-cluster status' shows
+them; a unique prefix will do), or jobs by Slurm job id (a submitted notebook
+is one job), or, with --all, every mspass_cluster job of yours, including the
+clusters of notebooks that are still running. Asks first, unless --yes."""
+
+DOWN_EPILOG = """\
+examples:
+  mspass-cluster down 3f2a9c01 --yes
+  mspass-cluster down 3f2a 1234
+  mspass-cluster down --all"""
+
+
+class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Keeps the descriptions' line breaks and adds ``(default: ...)`` to options that have one."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if "%(default)" in text or action.default in (None, False, [], argparse.SUPPRESS) or not action.option_strings:
+            return text
+        return f"{text} (default: %(default)s)"
+
+
+def _check_slurm_name(flag: str, value) -> None:
+    """A partition, account or QOS name: one word, as Slurm names are."""
+    if value is None:
+        return
+    if not value or re.search(r"\s", value) or '"' in value:
+        raise ConfigError(
+            f"{flag} {value!r}: Slurm names have no spaces, newlines or quotes; give one name, e.g. {flag} normal "
+            "(sinfo lists partitions, sacctmgr show assoc user=$USER your accounts and QOS)."
+        )
+
+
+#: sbatch options that ``submit`` sets itself, long and short, and what to give instead.
+OWN_DIRECTIVES = {
+    "--nodes": "--nodes", "-N": "--nodes", "--time": "--walltime", "-t": "--walltime",
+    "--partition": "--partition", "-p": "--partition", "--account": "--account", "-A": "--account",
+    "--qos": "--qos", "-q": "--qos", "--job-name": None, "-J": None, "--output": None, "-o": None,
+    "--ntasks-per-node": None,
+}
+
+
+def _check_directive(value: str) -> None:
+    if not value.startswith("-") or "\n" in value or "\r" in value:
+        raise ConfigError(
+            f"--directive {value!r} is not one sbatch option on one line; give it as sbatch takes it, "
+            "e.g. --directive=--constraint=ib."
+        )
+    option = re.split(r"[=\s]", value, maxsplit=1)[0] if value.startswith("--") else value[:2]
+    if option in OWN_DIRECTIVES:
+        instead = OWN_DIRECTIVES[option]
+        fix = f"use {instead} instead" if instead else "leave it out: submit sets the job's name, log and tasks"
+        raise ConfigError(f"--directive {value!r} sets {option}, which would contradict the script's own; {fix}.")
+
+
+def _check_notebook_path(path: str) -> None:
+    if re.search(r'[\n\r"]', path):
+        raise ConfigError(
+            f"notebook path {path!r} holds a newline or a double quote, which cannot be written into an sbatch "
+            "script; rename the notebook or its directory."
+        )
+
+
+def _quote_directive(value: str) -> str:
+    """A value for an ``#SBATCH`` line: Slurm splits these lines on spaces unless quoted."""
+    return f'"{value}"' if re.search(r"\s", value) else value
+
 
 def render_submit_script(notebook: str, *, nodes: int, walltime: str, partition=None, account=None, qos=None,
-                         extra_directives=(), prologue=(), params=(), python=None) -> str:
-    """The sbatch script that runs ``notebook`` headless on ``nodes`` nodes (pure)."""
+                         extra_directives=(), prologue=(), params=(), python=None, work_dir=None,
+                         backend=None) -> str:
+    """The sbatch script that runs ``notebook`` headless on ``nodes`` nodes (pure).
+
+    Parameters
+    ----------
+    notebook : str
+        The notebook; the log and the executed notebook are written beside it.
+    nodes : int
+        Nodes of the job: the first runs the notebook and the database, the others workers.
+    walltime : str
+        Slurm time limit of the job.
+    partition, account, qos : str, optional
+        Slurm names; one word each.
+    extra_directives : sequence of str
+        More ``#SBATCH`` options, each one sbatch option such as ``--constraint=ib``.
+    prologue : sequence of str
+        Shell lines run before the notebook, e.g. ``module load mongodb``.
+    params : sequence of str
+        ``name=value`` parameters for the notebook.
+    python : str, optional
+        The Python that runs the notebook (default: this one).
+    work_dir : str, optional
+        The cluster's run directory, exported as ``DASK_MSPASS_CLUSTER__WORK_DIR``.
+    backend : str, optional
+        The cluster's backend, exported as ``DASK_MSPASS_CLUSTER__BACKEND``.
+
+    Returns
+    -------
+    str
+        The script. Every value is quoted for the shell; none can add a line.
+
+    Raises
+    ------
+    ConfigError
+        For a value that would break out of its line: a newline in a Slurm
+        name, a directive or the notebook path.
+    """
+    _check_notebook_path(notebook)
+    for flag, value in (("--partition", partition), ("--account", account), ("--qos", qos)):
+        _check_slurm_name(flag, value)
+    for directive in extra_directives:
+        _check_directive(directive)
     notebook = os.path.abspath(notebook)
     directory, name = os.path.split(notebook)
     stem = os.path.splitext(name)[0]
+    log = os.path.join(directory, stem).replace("%", "%%") + "-%j.log"  # %j is Slurm's; a % in a name is not
     directives = [
         f"--job-name=mspass-nb-{re.sub(r'[^A-Za-z0-9_.-]', '_', stem)}",
-        f"--output={os.path.join(directory, stem)}-%j.log",
-        f"--nodes={nodes}", "--ntasks-per-node=1", "--exclusive", "--mem=0", f"--time={walltime}",
+        f"--output={_quote_directive(log)}",
+        f"--nodes={nodes}", "--ntasks-per-node=1", "--exclusive", "--mem=0", f"--time={str(walltime).strip()}",
     ]
     for flag, value in (("--partition", partition), ("--account", account), ("--qos", qos)):
         if value:
@@ -51,32 +214,118 @@ def render_submit_script(notebook: str, *, nodes: int, walltime: str, partition=
     runner = [python or sys.executable, "-m", "mspass_cluster.notebook", notebook]
     for item in params:
         runner += ["--param", item]
+    exports = [shlex.join(["export", f"{variable}={value}"])
+               for variable, value in ((ENV_WORK_DIR, work_dir), (ENV_BACKEND, backend)) if value]
     lines = ["#!/usr/bin/env bash", *(f"#SBATCH {d}" for d in directives),
              "# Generated by mspass-cluster submit: runs the notebook headless; inside it, MsPASSCluster()",
              "# starts the database and workers as srun steps on this job's nodes. The executed notebook",
              f"# is written to {os.path.join(directory, stem)}-<job id>.ipynb; the job's exit status is the notebook's.",
-             "set -u", *prologue, shlex.join(["cd", directory]), "exec " + shlex.join(runner), ""]
+             "set -u", *exports, *prologue, shlex.join(["cd", directory]), "exec " + shlex.join(runner), ""]
     return "\n".join(lines)
+
+
+def _check_work_dir(value: str) -> str:
+    """``value`` as an absolute path, if it is, or can be made, a writable directory."""
+    path = os.path.abspath(os.path.expanduser(value))
+    if "\n" in path or "\r" in path:
+        raise ConfigError(f"--work-dir {value!r} holds a newline; choose a directory name without one.")
+    existing = path
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        raise ConfigError(
+            f"--work-dir {value!r}: {existing!r} is a file, not a directory; choose a directory on a file system "
+            "all nodes share, e.g. --work-dir $SCRATCH/mspass."
+        )
+    try:  # a real write, not os.access: read-only mounts and root's view of /proc answer access() wrongly
+        os.rmdir(tempfile.mkdtemp(prefix=".mspass-cluster-write-test-", dir=existing))
+    except OSError as exc:
+        what = "is not writable" if existing == path else f"cannot be created in {existing!r}"
+        raise ConfigError(
+            f"--work-dir {value!r} {what}: {exc.strerror or exc}. Choose a directory you can write, on a file "
+            "system all nodes share, e.g. --work-dir $SCRATCH/mspass."
+        ) from exc
+    return path
+
+
+def _check_batch_tools(notebook) -> None:
+    """The job runs the notebook with this Python: it needs nbclient and the notebook's kernel."""
+    missing = [m for m in ("nbclient", "ipykernel") if importlib.util.find_spec(m) is None]
+    if missing:
+        raise ConfigError(
+            f"{' and '.join(missing)} not installed in {sys.executable}, which the job runs the notebook with; "
+            "install them with: pip install 'mspass-cluster[batch]'."
+        )
+    kernel = notebook.metadata.get("kernelspec", {}).get("name", "python3")
+    from jupyter_client.kernelspec import KernelSpecManager, NoSuchKernel
+
+    manager = KernelSpecManager()
+    try:
+        manager.get_kernel_spec(kernel)
+    except NoSuchKernel:
+        known = ", ".join(sorted(manager.find_kernel_specs())) or "none"
+        raise ConfigError(
+            f"the notebook asks for the Jupyter kernel {kernel!r}, which is not installed here (kernels: {known}). "
+            f"Install it (python -m ipykernel install --user --name {kernel}) or choose another kernel in Jupyter "
+            "(Kernel > Change kernel) and save the notebook."
+        ) from None
+
+
+def _check_params(path: str, notebook, items: list[str]) -> None:
+    params = parse_params(items)
+    names = [item.partition("=")[0] for item in items]
+    repeated = sorted({n for n in names if names.count(n) > 1})
+    if repeated:
+        raise ConfigError(f"--param {', '.join(repeated)} given more than once; give each parameter once.")
+    assigned = parameter_names(notebook)
+    if assigned is None:
+        raise ConfigError(
+            f"--param given but {path!r} has no cell tagged 'parameters', so the notebook would not use them. "
+            "In Jupyter, put the defaults (e.g. year = 2012) in one cell and give it the tag 'parameters' "
+            "(View > Cell Toolbar > Tags, or the cell's property inspector)."
+        )
+    unknown = [n for n in params if n not in assigned]
+    if unknown:
+        raise ConfigError(
+            f"--param {', '.join(unknown)}: not assigned in the 'parameters' cell of {path!r}, which assigns "
+            f"{', '.join(assigned) or 'nothing'}. Check the spelling, or add a default for it to that cell."
+        )
+
+
+def _fail(message: str, status: int = 2) -> int:
+    print(f"mspass-cluster: {message}", file=sys.stderr)
+    return status
 
 
 def _submit(args, runner: CommandRunner) -> int:
     if not os.path.isfile(args.notebook):
-        print(f"mspass-cluster: no notebook {args.notebook!r}", file=sys.stderr)
-        return 2
-    if args.nodes < 1:
-        print(f"mspass-cluster: --nodes {args.nodes}: give 1 or more (the first runs the database and the notebook)",
-              file=sys.stderr)
-        return 2
+        return _fail(f"no notebook {args.notebook!r}: give the path of an .ipynb file")
+    backend = args.backend
+    nodes = args.nodes if args.nodes is not None else (1 if backend in ONE_NODE_BACKENDS else 2)
+    if nodes < 1:
+        return _fail(f"--nodes {nodes}: give 1 or more (the first runs the database and the notebook)")
+    if backend in ONE_NODE_BACKENDS and nodes > 1:
+        where = "on the job's first node" if backend == "local" else "in jobs of their own"
+        return _fail(
+            f"--backend {backend} --nodes {nodes}: with backend {backend!r} the database and workers run {where}, "
+            f"so the other {nodes - 1} node(s) would sit idle; use --nodes 1, or --backend allocation to use them"
+        )
     try:
         parse_walltime(args.walltime)
-        parse_params(args.param)
+        notebook = read_notebook(args.notebook)
+        if args.param:
+            _check_params(args.notebook, notebook, args.param)
+        _check_batch_tools(notebook)
+        work_dir = _check_work_dir(args.work_dir) if args.work_dir is not None else None
+        script = render_submit_script(
+            args.notebook, nodes=nodes, walltime=args.walltime, partition=args.partition, account=args.account,
+            qos=args.qos, extra_directives=args.directive, prologue=args.prologue, params=args.param,
+            work_dir=work_dir, backend=backend,
+        )
+    except ImportError as exc:
+        return _fail(f"{exc}; submitting notebooks needs: pip install 'mspass-cluster[batch]'")
     except (MsPASSClusterError, ValueError) as exc:
-        print(f"mspass-cluster: {exc}", file=sys.stderr)
-        return 2
-    script = render_submit_script(
-        args.notebook, nodes=args.nodes, walltime=args.walltime, partition=args.partition, account=args.account,
-        qos=args.qos, extra_directives=args.directive, prologue=args.prologue, params=args.param,
-    )
+        return _fail(str(exc))
     if args.dry_run:
         print(script, end="")
         return 0
@@ -84,22 +333,28 @@ def _submit(args, runner: CommandRunner) -> int:
     path = f"{stem}.sbatch"
     with open(path, "w") as f:
         f.write(script)
-    result = runner.run(["sbatch", "--parsable", path], check=False)
+    try:
+        result = runner.run(["sbatch", "--parsable", path], check=False)
+    except MsPASSClusterError:
+        os.unlink(path)
+        raise
     if result.returncode != 0:
-        print(f"mspass-cluster: Slurm refused the job: {result.stderr.strip() or result.stdout.strip()}", file=sys.stderr)
-        return 1
+        os.unlink(path)  # nothing was queued: leave nothing behind that looks as if it had been
+        return _fail(f"Slurm refused the job: {result.stderr.strip() or result.stdout.strip()}", 1)
     job_id = result.stdout.strip().split(";")[0]
     print(f"Submitted {args.notebook} as job {job_id}; log {stem}-{job_id}.log, executed notebook {stem}-{job_id}.ipynb")
     return 0
 
 
-def _own_jobs(runner: CommandRunner) -> list[tuple[str, str, str, str]]:
+def _own_jobs(runner: CommandRunner) -> list[tuple[str, str, str, str, str]]:
+    """``(job id, name, state, nodes or reason, cluster id or "")`` of this user's mspass_cluster jobs."""
     result = runner.run(["squeue", "--me", "--noheader", "--format=%i|%j|%T|%R"])
     jobs = []
     for line in result.stdout.splitlines():
         parts = line.strip().split("|")
-        if len(parts) == 4 and OWN_JOB.match(parts[1]):
-            jobs.append(tuple(parts))
+        match = OWN_JOB.match(parts[1]) if len(parts) == 4 else None
+        if match:
+            jobs.append((*parts, match.group("cluster") or ""))
     return jobs
 
 
@@ -108,49 +363,136 @@ def _status(args, runner: CommandRunner) -> int:
     if not jobs:
         print("No mspass_cluster jobs of yours in the queue.")
         return 0
-    print(f"{'JOBID':>10}  {'STATE':10}  {'NAME':40}  NODES/REASON")
-    for job_id, name, state, where in jobs:
-        print(f"{job_id:>10}  {state:10}  {name:40}  {where}")
+    print(f"{'JOBID':>10}  {'CLUSTER':8}  {'STATE':10}  {'NAME':40}  NODES/REASON")
+    for job_id, name, state, where, cluster in jobs:
+        print(f"{job_id:>10}  {cluster or '-':8}  {state:10}  {name:40}  {where}")
     return 0
 
 
+def _describe(jobs) -> str:
+    clusters = sorted({j[4] for j in jobs if j[4]})
+    others = [f"{j[0]} ({j[1]})" for j in jobs if not j[4]]
+    parts = []
+    if clusters:
+        parts.append(f"clusters {', '.join(clusters)}")
+    if others:
+        parts.append(f"jobs {', '.join(others)}")
+    return "; ".join(parts) or "none: you have no mspass_cluster jobs in the queue"
+
+
+def select_jobs(jobs, wanted) -> list:
+    """The jobs of ``jobs`` (as :func:`_own_jobs` lists them) that the ids in ``wanted`` name.
+
+    Each id is a cluster id, a unique prefix of one, or a Slurm job id;
+    exact matches win over prefixes.
+
+    Raises
+    ------
+    ConfigError
+        For an id that names nothing (the message lists the known ids) or
+        more than one cluster or job (it lists the candidates).
+    """
+    clusters = sorted({j[4] for j in jobs if j[4]})
+    chosen = []
+    for token in wanted:
+        key = token.strip().lower()
+        exact = [("cluster", c) for c in clusters if c == key] + [("job", j[0]) for j in jobs if j[0] == key]
+        prefixes = [("cluster", c) for c in clusters if len(key) >= MIN_PREFIX and c.startswith(key)]
+        targets = exact or prefixes
+        if not targets:
+            raise ConfigError(
+                f"{token!r} is not the id of a cluster or job of yours (ids are matched whole, or by a prefix of "
+                f"at least {MIN_PREFIX} characters of a cluster id). Yours: {_describe(jobs)}. "
+                "See mspass-cluster status."
+            )
+        if len(targets) > 1:
+            raise ConfigError(
+                f"{token!r} is ambiguous: it could be {', '.join(f'{kind} {value}' for kind, value in targets)}; "
+                "give more of the id."
+            )
+        kind, value = targets[0]
+        chosen += [j for j in jobs if (j[4] if kind == "cluster" else j[0]) == value and j not in chosen]
+    return chosen
+
+
 def _down(args, runner: CommandRunner) -> int:
+    if args.all and args.cluster:
+        return _fail(f"give cluster or job ids ({' '.join(args.cluster)}) or --all, not both")
+    if not args.all and not args.cluster:
+        return _fail(
+            "say what to cancel: cluster ids or job ids (see mspass-cluster status), e.g. mspass-cluster down "
+            "3f2a9c01, or --all for every mspass_cluster job of yours, the clusters of running notebooks included"
+        )
     jobs = _own_jobs(runner)
     if args.cluster:
-        jobs = [j for j in jobs if any(f"-{c}-" in j[1] for c in args.cluster)]
+        try:
+            jobs = select_jobs(jobs, args.cluster)
+        except ConfigError as exc:
+            return _fail(str(exc))
     if not jobs:
-        print("Nothing to cancel.")
+        print("Nothing to cancel: you have no mspass_cluster jobs in the queue.")
         return 0
-    for job_id, name, state, _ in jobs:
+    for job_id, name, state, _, _ in jobs:
         print(f"{job_id:>10}  {state:10}  {name}")
     if not args.yes:
-        answer = input(f"Cancel these {len(jobs)} job(s)? [y/N] ")
+        try:
+            answer = input(f"Cancel these {len(jobs)} job(s)? [y/N] ")
+        except EOFError:
+            return _fail("no answer (input is not a terminal); nothing cancelled. Add --yes to cancel without asking", 1)
         if answer.strip().lower() not in ("y", "yes"):
+            print("Nothing cancelled.")
             return 1
-    runner.run(build_scancel_argv([j[0] for j in jobs]), check=False)
+    result = runner.run(build_scancel_argv([j[0] for j in jobs]), check=False)
+    if result.returncode != 0:
+        return _fail(f"scancel failed (exit code {result.returncode}): {result.stderr.strip()}", 1)
     print(f"Cancelled {len(jobs)} job(s).")
     return 0
 
 
-def main(argv=None, runner: CommandRunner | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="mspass-cluster", description=__doc__.split("\n\n")[0])
-    commands = parser.add_subparsers(dest="command", required=True)
-    submit = commands.add_parser("submit", help="run a notebook as a batch job")
-    submit.add_argument("notebook")
-    submit.add_argument("--nodes", type=int, default=2, help="nodes: the first runs database and notebook (default 2)")
-    submit.add_argument("--walltime", default="01:00:00")
-    submit.add_argument("--partition")
-    submit.add_argument("--account")
-    submit.add_argument("--qos")
-    submit.add_argument("--directive", action="append", default=[], help="extra #SBATCH option, repeatable")
-    submit.add_argument("--prologue", action="append", default=[], help="shell line run first, e.g. 'module load x'")
-    submit.add_argument("--param", action="append", default=[], metavar="KEY=VALUE", help="notebook parameter")
+def build_parser() -> argparse.ArgumentParser:
+    """The command line of ``mspass-cluster``."""
+    parser = argparse.ArgumentParser(prog="mspass-cluster", description=DESCRIPTION, epilog=EPILOG,
+                                     formatter_class=_HelpFormatter)
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    submit = commands.add_parser("submit", help="run a notebook as a batch job", description=SUBMIT_DESCRIPTION,
+                                 epilog=SUBMIT_EPILOG, formatter_class=_HelpFormatter)
+    submit.add_argument("notebook", metavar="NOTEBOOK", help="the .ipynb file to run")
+    submit.add_argument("--nodes", type=int, metavar="N",
+                        help="nodes of the job: the first runs the database and the notebook, each other one a "
+                             "worker node (default: 2; 1 with --backend local or slurm)")
+    submit.add_argument("--walltime", default="01:00:00", metavar="TIME",
+                        help="time limit of the job, in Slurm's formats: MM, HH:MM:SS, D-HH:MM")
+    submit.add_argument("--partition", metavar="NAME", help="Slurm partition (default: Slurm's default partition)")
+    submit.add_argument("--account", metavar="NAME", help="Slurm account charged (default: your default account)")
+    submit.add_argument("--qos", metavar="NAME", help="Slurm quality of service (default: the account's default)")
+    submit.add_argument("--directive", action="append", default=[], metavar="OPTION",
+                        help="extra sbatch option, repeatable, e.g. --directive=--constraint=ib")
+    submit.add_argument("--prologue", action="append", default=[], metavar="LINE",
+                        help="shell line run before the notebook, repeatable, e.g. --prologue 'module load mongodb'")
+    submit.add_argument("--param", action="append", default=[], metavar="NAME=VALUE",
+                        help="notebook parameter, repeatable: a Python literal, else a string; NAME must be "
+                             "assigned in the notebook's cell tagged 'parameters'")
+    submit.add_argument("--work-dir", metavar="DIR",
+                        help="the cluster's run directory, on a file system all nodes share; overrides work-dir "
+                             "in your dask config (default: the config's, else $MSPASS_WORK_DIR, else the notebook's directory)")
+    submit.add_argument("--backend", choices=CHOICES["backend"],
+                        help="where the cluster runs its database and workers; overrides backend in your dask "
+                             "config (default: the config's, else auto: the job's own nodes)")
     submit.add_argument("--dry-run", action="store_true", help="print the sbatch script, submit nothing")
-    commands.add_parser("status", help="list your mspass_cluster jobs")
-    down = commands.add_parser("down", help="cancel your mspass_cluster jobs")
-    down.add_argument("cluster", nargs="*", help="only these cluster ids")
+    commands.add_parser("status", help="list your mspass_cluster jobs", formatter_class=_HelpFormatter,
+                        description="List your mspass_cluster jobs: clusters' database and worker jobs, "
+                                    "and submitted notebooks.")
+    down = commands.add_parser("down", help="cancel clusters or jobs by id, or --all", description=DOWN_DESCRIPTION,
+                               epilog=DOWN_EPILOG, formatter_class=_HelpFormatter)
+    down.add_argument("cluster", nargs="*", metavar="ID", help="a cluster id (or a unique prefix) or a job id")
+    down.add_argument("--all", action="store_true", help="cancel every mspass_cluster job of yours")
     down.add_argument("--yes", action="store_true", help="do not ask")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv=None, runner: CommandRunner | None = None) -> int:
+    """Run ``mspass-cluster`` with ``argv``; return the exit status."""
+    args = build_parser().parse_args(argv)
     runner = runner or CommandRunner()
     handler = {"submit": _submit, "status": _status, "down": _down}[args.command]
     try:

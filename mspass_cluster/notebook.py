@@ -21,7 +21,8 @@ import signal
 import sys
 import time
 
-__all__ = ["parse_params", "inject_parameters", "execute", "default_output_path"]
+__all__ = ["parse_params", "inject_parameters", "execute", "default_output_path", "read_notebook",
+           "parameter_names"]
 
 
 def parse_params(items: list[str]) -> dict:
@@ -42,6 +43,93 @@ def parse_params(items: list[str]) -> dict:
         except (ValueError, SyntaxError):
             params[key] = text
     return params
+
+
+def read_notebook(path: str):
+    """Read the notebook at ``path`` as nbformat 4 and check it against the notebook schema.
+
+    Parameters
+    ----------
+    path : str
+        The notebook file.
+
+    Returns
+    -------
+    nbformat.NotebookNode
+        The notebook, as the batch job will read it.
+
+    Raises
+    ------
+    ValueError
+        When the file cannot be read, is not JSON, is not a notebook, or is
+        not a valid one; the message names the file and what is wrong.
+    """
+    import nbformat
+
+    try:
+        notebook = nbformat.read(path, as_version=4)
+        nbformat.validate(notebook)
+    except OSError as exc:
+        raise ValueError(f"{path!r} cannot be read: {exc.strerror or exc}.") from exc
+    except nbformat.reader.NotJSONError as exc:
+        raise ValueError(f"{path!r} is not a notebook: it is not JSON (it starts {_head(path)!r}).") from exc
+    except (nbformat.ValidationError, ValueError, KeyError, TypeError, AttributeError) as exc:
+        why = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ValueError(f"{path!r} is not a valid Jupyter notebook: {why}.") from exc
+    return notebook
+
+
+def _head(path: str, size: int = 40) -> str:
+    with open(path, "rb") as f:
+        return f.read(size).decode(errors="replace")
+
+
+def parameter_names(notebook) -> list[str] | None:
+    """Names the cell tagged ``parameters`` assigns, in order; None when no cell has that tag.
+
+    Magics (``%matplotlib``, ``!ls``) are allowed in the cell when IPython is
+    installed, as in a notebook.
+
+    Raises
+    ------
+    ValueError
+        When the ``parameters`` cell is not Python.
+    """
+    cell = next((c for c in notebook.cells if "parameters" in c.metadata.get("tags", [])), None)
+    if cell is None:
+        return None
+    source = cell.source
+    try:
+        from IPython.core.inputtransformer2 import TransformerManager
+    except ImportError:
+        pass
+    else:
+        source = TransformerManager().transform_cell(source)
+    try:
+        tree = ast.parse(source)
+    except SyntaxError as exc:
+        raise ValueError(
+            f"the cell tagged 'parameters' is not Python (line {exc.lineno}: {exc.msg}); it should hold "
+            "plain assignments such as 'year = 2012'."
+        ) from exc
+    names = []
+
+    def add(target):
+        if isinstance(target, ast.Name):
+            names.append(target.id)
+        elif isinstance(target, (ast.Tuple, ast.List)):
+            for element in target.elts:
+                add(element)
+        elif isinstance(target, ast.Starred):
+            add(target.value)
+
+    for node in tree.body:
+        if isinstance(node, ast.Assign):
+            for target in node.targets:
+                add(target)
+        elif isinstance(node, (ast.AnnAssign, ast.AugAssign)):
+            add(node.target)
+    return list(dict.fromkeys(names))
 
 
 def inject_parameters(notebook, params: dict) -> None:
