@@ -156,7 +156,7 @@ def _quote_directive(value: str) -> str:
 
 def render_submit_script(notebook: str, *, nodes: int, walltime: str, partition=None, account=None, qos=None,
                          extra_directives=(), prologue=(), params=(), python=None, work_dir=None,
-                         backend=None) -> str:
+                         backend="allocation") -> str:
     """The sbatch script that runs ``notebook`` headless on ``nodes`` nodes (pure).
 
     Parameters
@@ -180,7 +180,8 @@ def render_submit_script(notebook: str, *, nodes: int, walltime: str, partition=
     work_dir : str, optional
         The cluster's run directory, exported as ``DASK_MSPASS_CLUSTER__WORK_DIR``.
     backend : str, optional
-        The cluster's backend, exported as ``DASK_MSPASS_CLUSTER__BACKEND``.
+        The cluster's backend, exported as ``DASK_MSPASS_CLUSTER__BACKEND`` (default
+        ``allocation``: the job's own nodes; None exports nothing).
 
     Returns
     -------
@@ -475,9 +476,10 @@ def build_parser() -> argparse.ArgumentParser:
     submit.add_argument("--work-dir", metavar="DIR",
                         help="the cluster's run directory, on a file system all nodes share; overrides work-dir "
                              "in your dask config (default: the config's, else $MSPASS_WORK_DIR, else the notebook's directory)")
-    submit.add_argument("--backend", choices=CHOICES["backend"],
-                        help="where the cluster runs its database and workers; overrides backend in your dask "
-                             "config (default: the config's, else auto: the job's own nodes)")
+    submit.add_argument("--backend", choices=CHOICES["backend"], default="allocation",
+                        help="where the notebook's cluster runs its database and workers (overrides backend in "
+                             "your dask config): allocation, the job's own nodes; slurm, jobs of their own; "
+                             "local, processes on the job's node")
     submit.add_argument("--dry-run", action="store_true", help="print the sbatch script, submit nothing")
     commands.add_parser("status", help="list your mspass_cluster jobs", formatter_class=_HelpFormatter,
                         description="List your mspass_cluster jobs: clusters' database and worker jobs, "

@@ -353,3 +353,10 @@ def test_status_shows_cluster_ids(held_clusters):
     assert out.returncode == 0
     rows = {line.split()[0]: line.split() for line in out.stdout.splitlines()[1:]}
     assert rows[jobs[(first, "db")]][1] == first and rows[jobs[(second, "worker-0")]][1] == second
+
+
+def test_a_submitted_notebook_runs_its_cluster_on_the_jobs_own_nodes_by_default(tmp_path, capsys):
+    # backend='auto' would choose new jobs in a one-node job; a submitted notebook's nodes are for its cluster.
+    notebook = make_notebook(tmp_path / "flow.ipynb")
+    assert cli_main(["submit", str(notebook), "--nodes", "1", "--dry-run"]) == 0
+    assert f"export {ENV_BACKEND}=allocation" in capsys.readouterr().out
