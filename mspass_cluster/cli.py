@@ -34,7 +34,7 @@ from .commands import CommandRunner
 from .config import CHOICES, CONFIG_SECTION, parse_walltime
 from .errors import ConfigError, MsPASSClusterError
 from .notebook import parameter_names, parse_params, read_notebook
-from .slurm import build_scancel_argv
+from .slurm import build_scancel_argv, output_directive
 
 __all__ = ["main", "render_submit_script"]
 
@@ -149,11 +149,6 @@ def _check_notebook_path(path: str) -> None:
         )
 
 
-def _quote_directive(value: str) -> str:
-    """A value for an ``#SBATCH`` line: Slurm splits these lines on spaces unless quoted."""
-    return f'"{value}"' if re.search(r"\s", value) else value
-
-
 def render_submit_script(notebook: str, *, nodes: int, walltime: str, partition=None, account=None, qos=None,
                          extra_directives=(), prologue=(), params=(), python=None, work_dir=None,
                          backend="allocation") -> str:
@@ -202,10 +197,9 @@ def render_submit_script(notebook: str, *, nodes: int, walltime: str, partition=
     notebook = os.path.abspath(notebook)
     directory, name = os.path.split(notebook)
     stem = os.path.splitext(name)[0]
-    log = os.path.join(directory, stem).replace("%", "%%") + "-%j.log"  # %j is Slurm's; a % in a name is not
     directives = [
         f"--job-name=mspass-nb-{re.sub(r'[^A-Za-z0-9_.-]', '_', stem)}",
-        f"--output={_quote_directive(log)}",
+        output_directive(os.path.join(directory, stem) + "-%j.log"),
         f"--nodes={nodes}", "--ntasks-per-node=1", "--exclusive", "--mem=0", f"--time={str(walltime).strip()}",
     ]
     for flag, value in (("--partition", partition), ("--account", account), ("--qos", qos)):

@@ -139,6 +139,20 @@ def format_memory(value: str) -> str:
     return slurm_format_bytes_ceil(parse_bytes(value))
 
 
+def quote_directive(value: str) -> str:
+    """A value for an ``#SBATCH`` line: Slurm splits these lines on spaces unless quoted.
+
+    >>> quote_directive("/scratch/my run/x-%j.out")
+    '"/scratch/my run/x-%j.out"'
+    """
+    return f'"{value}"' if re.search(r"\s", value) else value
+
+
+def output_directive(pattern: str) -> str:
+    """``--output=`` for a log path in which only ``%j`` is Slurm's (a ``%`` in a folder name is not)."""
+    return "--output=" + quote_directive(pattern.replace("%", "%%").replace("%%j", "%j"))
+
+
 def build_directives(
     *,
     job_name: str,
@@ -173,7 +187,7 @@ def build_directives(
     >>> build_directives(job_name="j", output="/l/j-%j.out", walltime="10", cores=2, memory="1GiB")
     ['#SBATCH --job-name=j', '#SBATCH --output=/l/j-%j.out', '#SBATCH --nodes=1', '#SBATCH --ntasks=1', '#SBATCH --cpus-per-task=2', '#SBATCH --mem=1G', '#SBATCH --time=10']
     """
-    options = [f"--job-name={job_name}", f"--output={output}", "--nodes=1", "--ntasks=1"]
+    options = [f"--job-name={job_name}", output_directive(output), "--nodes=1", "--ntasks=1"]
     if cores is not None:
         options.append(f"--cpus-per-task={cores}")
     if memory is not None:

@@ -620,3 +620,11 @@ def partition_nodes():
     out = subprocess.run(["sinfo", "--noheader", "--Node", "--partition=debug", "--format=%N"],
                          capture_output=True, text=True, check=True).stdout
     return out.split()
+
+
+def test_a_work_dir_with_a_space_and_a_percent_sign_works(slurm_testbed, shared_dir):
+    work_dir = shared_dir / "my run 100%"
+    with MsPASSCluster(nodes=1, work_dir=str(work_dir), db_command=NX_MONGOD, walltime="10") as cluster:
+        assert cluster.get_client().submit(sum, [1, 2]).result() == 3
+        assert os.path.exists(cluster.db_job.log_path) and os.path.exists(cluster._worker_jobs()[0].log_path)
+    assert_nothing_left(cluster)
