@@ -1,15 +1,16 @@
-"""MsPASSCluster: a database job and worker-node jobs on Slurm, the scheduler in this process.
+"""MsPASSCluster: the facade a notebook uses; the roles' services do the work.
 
-Bring-up order: choose the scheduler's address, start the scheduler here,
-submit the database job and the worker jobs together, then watch them with
-one batched ``squeue`` per poll until the database answers ``ping`` and every
-worker process has connected. A job that ends first, or an ``sbatch``
-refusal, cancels everything and raises with Slurm's words and the log.
+Bring-up: options resolved and finalised for the backend, the scheduler
+started here on the address the nodes reach, then the database job and the
+worker jobs submitted together and watched by one :class:`~.services.Supervisor`
+until the database answers ``ping`` and every worker connected. A job that
+ends first, or a refused submission, cancels everything and raises with the
+job's story (state, exit code, node, log lines, fix).
 
 Teardown runs in reverse: workers retired and their jobs cancelled, the
 database sent SIGTERM and given time to shut down cleanly, then anything
-still listed by Slurm is cancelled. It is idempotent and also runs at
-interpreter exit.
+still listed is cancelled. It is idempotent and also runs at interpreter
+exit and on SIGTERM.
 """
 
 from __future__ import annotations
@@ -18,103 +19,36 @@ import asyncio
 import atexit
 import contextlib
 import functools
-import html
-import logging
 import math
 import os
-import re
 import secrets
 import shutil
 import signal
-import sys
 import threading
 import weakref
 
-from dask.system import CPU_COUNT
-from dask.utils import format_bytes, parse_bytes
 from distributed import Client, Scheduler
 from distributed.core import Status
-from distributed.deploy import Adaptive
 from distributed.deploy.cluster import Cluster
-from distributed.deploy.spec import ProcessInterface, SpecCluster
+from distributed.deploy.spec import SpecCluster
 from distributed.protocol.pickle import dumps
-from distributed.system import MEMORY_LIMIT
 
-from . import dbdir
+from .backends import LOCAL_HOST, auto_backend, backend_defaults, choose_backend, finalise_options, open_backend
 from .commands import CommandRunner
-from .config import MIN_MEMORY, ClusterOptions, parse_walltime, prepare_directories, resolve_options
-from .db import connection_string, get_db_client, ping
-from .errors import (
-    ClusterClosedError, CommandError, ConfigError, MsPASSClusterError, SlurmUnavailableError, StartupTimeoutError,
-)
-from .jobs import JobLauncher, SlurmClient, TrackedJob, server_exit_status, tail
-from .slurm import JobState
-from .allocation import AllocationSteps, allocation_nodes, auto_backend, in_allocation
-from .local import LOCAL_HOST, LocalProcesses, share_of_this_machine
-from .network import free_local_port, scheduler_host
+from .config import ClusterOptions, prepare_directories, resolve_options
+from .db import get_db_client
+from .errors import ClusterClosedError, CommandError, ConfigError, MsPASSClusterError, SlurmUnavailableError
+from .jobs import JOB_STOP_TIMEOUT, JobLauncher, TrackedJob
+from .network import scheduler_host
 from .progress import DaskChatter, logger, make_progress_visible
-from .roles import ROLES, SCHEDULER_PLACEHOLDER, db_data_path, service_environment
+from .roles import ROLES, ScriptContext, service_environment
+from .services import DatabaseService, NodeAdaptive, Supervisor, WorkerJob, WorkerNodes, node_of_worker
+from .status import ClusterView, JobRow, render_html, render_text
 from .worker_env import EnvironmentPlugin
 
 __all__ = ["MsPASSCluster"]
 
 make_progress_visible()
-
-#: The database server used by the local backend when there is no mongod: nx-27017 behind mongod's command line.
-EMBEDDED_DB_COMMAND = (sys.executable, "-m", "mspass_cluster.embedded_db")
-#: How servers say that their port is taken (mongod's "Address already in use", Python's errno 98, ...).
-_ADDRESS_IN_USE = re.compile(r"address already in use|EADDRINUSE|errno 98\b|errno 48\b", re.IGNORECASE)
-#: Seconds the database server gets to shut down cleanly after SIGTERM.
-DB_STOP_TIMEOUT = 300.0
-#: Seconds to wait for cancelled worker jobs to leave the queue (Slurm's KillWait is 30 s by default).
-JOB_STOP_TIMEOUT = 90.0
-#: Seconds of Slurm not answering (a controller restart, an overload) that start-up rides out.
-SLURM_OUTAGE_TOLERANCE = 300.0
-
-
-class WorkerJob(ProcessInterface):
-    """One worker node: one Slurm job running ``processes`` Dask workers.
-
-    The cluster's worker spec holds these; Dask's ``SpecCluster`` starts and
-    closes them as ``scale`` and ``adapt`` change the spec.
-    """
-
-    def __init__(self, scheduler=None, name=None, *, launcher: JobLauncher):
-        super().__init__(scheduler=scheduler, name=name)
-        self.name = name
-        self.launcher = launcher
-        self.job: TrackedJob | None = None
-
-    async def start(self):
-        try:
-            self.job = await self.launcher.submit("worker", self.name)
-        except BaseException:
-            self.status = Status.failed
-            raise
-        await super().start()
-
-    async def close(self):
-        if self.job is not None and not self.job.ended:
-            if not await self.launcher.cancel(self.job, timeout=JOB_STOP_TIMEOUT):
-                logger.warning("Worker job %s was still listed by Slurm %.0f s after scancel.", self.job.job_id, JOB_STOP_TIMEOUT)
-        await super().close()
-
-    def __repr__(self):
-        job = self.job.describe() if self.job else "not submitted"
-        return f"<WorkerJob {self.name}: {job}>"
-
-
-def _node_of_worker(grouped: bool, worker_state) -> str:
-    """The worker node (job name) of a worker: ``<job>-<i>`` when a node runs several processes."""
-    name = str(worker_state.name)
-    return name.rsplit("-", 1)[0] if grouped else name
-
-
-class _NodeAdaptive(Adaptive):
-    """Adaptive scaling whose decisions are carried out in whole worker nodes."""
-
-    async def scale_up(self, n):
-        self.cluster._set_worker_nodes(math.ceil(n / self.cluster.options.processes))
 
 
 class _hybridmethod:
@@ -162,69 +96,36 @@ class MsPASSCluster(SpecCluster):
     """
 
     def __init__(self, nodes=None, *, asynchronous=False, loop=None, command_runner=None, **options):
-        self.options: ClusterOptions = resolve_options(nodes=nodes, **options)
-        self.backend = self._choose_backend()
-        self.options = _options_for_backend(self.options, self.backend)
-        if self.backend == "local":
-            self._use_embedded_db_if_needed()
-            self._use_a_free_db_port()
-            self._check_the_share_of_this_machine()
-            logger.info(
-                "Local backend: each worker node gets %d core(s) and %s of this machine (set cores= and memory= "
-                "to change).", self.options.cores, self.options.memory,
-            )
+        requested = resolve_options(nodes=nodes, **options)
+        self.backend: str = choose_backend(requested.backend)
+        runner = command_runner or CommandRunner(requested.command_timeout)
+        backend = open_backend(self.backend, runner)
+        self.options: ClusterOptions = finalise_options(requested, self.backend, backend)
         prepare_directories(self.options)
-        self._refuse_a_db_dir_in_use()
         self.cluster_id = secrets.token_hex(4)
         name = f"{self.options.job_name}-{self.cluster_id}"
-        runner = command_runner or CommandRunner(self.options.command_timeout)
-        if self.backend == "local":
-            self._slurm = LocalProcesses()
-        elif self.backend == "allocation":
-            self._slurm = AllocationSteps(allocation_nodes(runner), runner)
-            self._fit_allocation(nodes)
-        else:
-            self._slurm = SlurmClient(runner)
-        self._launcher = JobLauncher(self.options, name, self._slurm, local=self.backend == "local")
-        self._launcher.heartbeat = os.path.join(self.options.log_dir, f"{name}.heartbeat")
+        context = ScriptContext(self.options, self.cluster_id, name, local=self.backend == "local",
+                                heartbeat=os.path.join(self.options.log_dir, f"{name}.heartbeat"))
+        self._launcher = JobLauncher(context, backend)
+        self.database = DatabaseService(self.options, self._launcher, name, local=self.backend == "local")
+        self.database.refuse_a_directory_in_use()
         # From here on SIGTERM (also while starting) stops what this cluster submitted.
         _LIVE_CLUSTERS.add(self)
         _stop_clusters_on_sigterm()
-        self._heartbeat_task: asyncio.Task | None = None
-        self.db_job: TrackedJob | None = None
-        self._db_uri: str | None = None
+
+        host, partition_nodes = self._scheduler_host(backend)
+        self.workers_service = WorkerNodes(self, capacity=getattr(backend, "worker_capacity", None),
+                                           partition_nodes=partition_nodes)
+        self.workers_service.warn_if_beyond_partition(self.options.nodes)
+        self._supervisor = Supervisor(self._launcher, self.database, self.workers_service)
+        self._tasks: list[asyncio.Task] = []
         self._client = None
         self._db_client = None
         self._saved_environ: dict[str, str | None] = {}
-        self._watcher: asyncio.Task | None = None
-        self._failures: list[MsPASSClusterError] = []
-        self._closing = False
-        self._slurm_silent_since: float | None = None
-        self._slurm_warned = 0.0
-        self._db_walltime_warned = False
-        self._partition_nodes: int | None = None  # nodes in `partition`, when it was named
-
-        if self.backend == "local":
-            host, reason = LOCAL_HOST, ""
-        else:
-            try:
-                nodes_seen = self._slurm.node_addresses(self.options.partition)
-            except SlurmUnavailableError:
-                raise
-            except CommandError as exc:
-                raise ConfigError(f"Could not list the nodes of partition {self.options.partition!r}: {exc}") from exc
-            host, reason = scheduler_host(self.options.interface, nodes_seen)
-            if self.backend == "slurm" and self.options.partition:
-                self._partition_nodes = len(set(nodes_seen))
-                self._warn_if_beyond_partition(self.options.nodes)
-        if self.backend == "local":
-            logger.debug("The Dask scheduler listens on %s (the local backend: loopback only).", host)
-        else:
-            logger.info("The Dask scheduler listens on %s, chosen from %s (set interface= to change it).", host, reason)
-
         self._holds_dask_chatter = not self.options.verbose
         if self._holds_dask_chatter:
             DaskChatter.hold()
+
         worker = {"cls": WorkerJob, "options": {"launcher": self._launcher}}
         if self.options.processes > 1:
             worker["group"] = [f"-{i}" for i in range(self.options.processes)]
@@ -237,9 +138,7 @@ class MsPASSCluster(SpecCluster):
             },
         }
         try:
-            super().__init__(
-                scheduler=scheduler, worker=worker, asynchronous=asynchronous, loop=loop, name=name,
-            )
+            super().__init__(scheduler=scheduler, worker=worker, asynchronous=asynchronous, loop=loop, name=name)
         except BaseException:
             # Also reached on Ctrl-C while waiting: nothing may stay queued.
             if getattr(self, "status", Status.closed) != Status.closed:
@@ -254,85 +153,21 @@ class MsPASSCluster(SpecCluster):
             raise
         atexit.register(_close_at_exit, weakref.ref(self))
 
-    def _choose_backend(self) -> str:
-        backend, has_sbatch = self.options.backend, shutil.which("sbatch") is not None
-        if backend == "auto":
-            backend, why = auto_backend(has_sbatch)
-            logger.info("backend='auto' chose %r: %s (set backend= to choose).", backend, why)
-        if backend == "allocation" and not in_allocation():
-            raise ConfigError(
-                "backend='allocation' needs a Slurm allocation (SLURM_JOB_ID and SLURM_JOB_NODELIST are not set): "
-                "run inside sbatch or salloc, or use backend='slurm'."
-            )
-        if backend == "slurm" and not has_sbatch:
-            raise ConfigError(
-                "backend='slurm' but Slurm's sbatch is not on PATH, so no job can be submitted from here. Run on a "
-                "Slurm login node (perhaps after `module load slurm`), start the test bed with `ci/testbed up`, "
-                "or use backend='local' to run everything on this machine."
-            )
-        return backend
-
-    def _fit_allocation(self, nodes_given):
-        capacity = self._slurm.worker_capacity
-        if nodes_given is None and self.options.sources["nodes"] == "default":
-            self.options = self.options.replace(nodes=capacity)
-        elif self.options.nodes > capacity:
-            raise ConfigError(
-                f"nodes={self.options.nodes} but this allocation ({', '.join(self._slurm.nodes)}) holds at most "
-                f"{capacity} worker node(s) beside the database's. Ask sbatch for --nodes={self.options.nodes + 1}, "
-                "or use backend='slurm' to get the worker nodes as new jobs of their own."
-            )
-        logger.info("Allocation %s: database on %s, worker nodes on %s.", os.environ["SLURM_JOB_ID"],
-                    self._slurm.nodes[0], ", ".join(self._slurm.nodes[1:]) or self._slurm.nodes[0])
-
-    def _use_embedded_db_if_needed(self):
-        if self.options.sources["db_command"] != "default" or self.options.in_container or shutil.which("mongod"):
-            return
-        self.options = self.options.replace(db_command=list(EMBEDDED_DB_COMMAND))
-        logger.warning(
-            "No mongod on PATH: the database is the embedded nx-27017 server, a stand-in for trying MsPASS on a "
-            "desktop. It stores documents and GridFS files, but has no authentication, replication or sharding, "
-            "serves one request at a time, and only pretends to run admin commands. Install MongoDB (mongod on "
-            "PATH), or set container= or db_command=, for real work."
-        )
-
-    def _check_the_share_of_this_machine(self):
-        """Desktop: ``nodes`` split this machine; too many leave each worker too little memory to run."""
-        opts = self.options
-        per_process = parse_bytes(opts.memory) // opts.processes
-        if per_process < MIN_MEMORY and opts.sources["memory"] == "default":
-            most = max(1, MEMORY_LIMIT // (MIN_MEMORY * opts.processes))
-            raise ConfigError(
-                f"nodes={opts.nodes} on this machine ({format_bytes(MEMORY_LIMIT)}) leaves each worker process "
-                f"{format_bytes(per_process)}, below the 256 MiB one needs. Start with nodes={most} or fewer, "
-                "or set memory= per node."
-            )
-        if opts.interface:
-            logger.warning("interface=%r is ignored on the local backend: everything runs on loopback.", opts.interface)
-
-    def _use_a_free_db_port(self):
-        """Desktop: a second notebook's database must not find the first one's port taken (or answer for it)."""
-        if self.options.sources["db_port"] != "default":
-            return
-        port = free_local_port(self.options.db_port)
-        if port != self.options.db_port:
-            logger.info("Port %d is taken on this machine; this cluster's database uses port %d.", self.options.db_port, port)
-            self.options = self.options.replace(db_port=port)
-
-    def _refuse_a_db_dir_in_use(self):
-        record = dbdir.holder(self.options.db_dir)
-        if record is not None:
-            raise ConfigError(self._db_dir_in_use_text(record))
-
-    def _db_dir_in_use_text(self, record: dict) -> str:
-        cluster_id = str(record.get("cluster", "")).rsplit("-", 1)[-1]
-        return (
-            f"db_dir={self.options.db_dir!r} is in use by {dbdir.describe_holder(record)}: two database servers "
-            "cannot share one directory. Either close that cluster first (cluster.close() in its notebook, or "
-            f"`mspass-cluster down {cluster_id}`), or give this cluster a directory of its own, e.g. "
-            "work_dir='<another folder>' or db_dir='<another folder>'. (Two notebooks started in one folder share "
-            "work_dir, and with it db_dir.)"
-        )
+    def _scheduler_host(self, backend) -> tuple[str, int | None]:
+        """The address the nodes reach the scheduler on (logged), and the partition's node count if named."""
+        if self.backend == "local":
+            logger.debug("The Dask scheduler listens on %s (the local backend: loopback only).", LOCAL_HOST)
+            return LOCAL_HOST, None
+        try:
+            nodes_seen = backend.node_addresses(self.options.partition)
+        except SlurmUnavailableError:
+            raise
+        except CommandError as exc:
+            raise ConfigError(f"Could not list the nodes of partition {self.options.partition!r}: {exc}") from exc
+        host, reason = scheduler_host(self.options.interface, nodes_seen)
+        logger.info("The Dask scheduler listens on %s, chosen from %s (set interface= to change it).", host, reason)
+        partition_nodes = len(set(nodes_seen)) if self.backend == "slurm" and self.options.partition else None
+        return host, partition_nodes
 
     # ------------------------------------------------------------------ names
     def _new_worker_name(self, worker_number):
@@ -340,7 +175,12 @@ class MsPASSCluster(SpecCluster):
 
     @property
     def db_job_name(self) -> str:
-        return f"{self._name}-db"
+        return self.database.job_name
+
+    @property
+    def db_job(self) -> TrackedJob | None:
+        """The database's job (``job_id``, ``node``, ``log_path``, ``phase``...)."""
+        return self.database.job
 
     # --------------------------------------------------------------- bring-up
     async def _start(self):
@@ -351,154 +191,32 @@ class MsPASSCluster(SpecCluster):
             await self._close()
             raise
 
-    async def _beat(self):
-        """Refresh the heartbeat file the database job watches (see ``orphan_timeout``)."""
-        path = self._launcher.heartbeat
-        while True:
-            with open(path, "a"):
-                os.utime(path)
-            await asyncio.sleep(max(1.0, min(10.0, self.options.orphan_timeout / 10)))
-
     async def _bring_up(self):
-        self._heartbeat_task = asyncio.ensure_future(self._beat())
-        self._launcher.scheduler_address = self.scheduler.address
+        self._tasks.append(asyncio.ensure_future(self._supervisor.beat()))
+        self._launcher.know(scheduler_address=self.scheduler.address)
         self._publish_environment(with_db=False)
         for _ in range(self.options.nodes):
             self.worker_spec.update(self.new_worker_spec())
-        results = await asyncio.gather(self._submit_db(), self._correct_state(), return_exceptions=True)
+        results = await asyncio.gather(self.database.submit(), self._correct_state(), return_exceptions=True)
         errors = [r for r in results if isinstance(r, BaseException)]
         if errors:
             raise errors[0]
-        await self._wait_ready()
+        await self._supervisor.wait_ready(lambda: self.plan)
         await self._share_db_address()
-        self._watcher = asyncio.ensure_future(self._watch())
+        self._tasks.append(asyncio.ensure_future(self._supervisor.watch()))
         logger.info(
             "MsPASS cluster %s ready: database %s, %d worker node(s), %d worker process(es); dashboard %s",
-            self._name, self._db_uri, len(self.worker_spec), len(self.scheduler.workers), self.dashboard_link,
+            self._name, self.database.uri, len(self.worker_spec), len(self.scheduler.workers), self.dashboard_link,
         )
 
-    async def _submit_db(self):
-        dbdir.claim(self.options.db_dir, self._name, heartbeat=self._launcher.heartbeat,
-                    orphan_timeout=self.options.orphan_timeout)
-        self.db_job = await self._launcher.submit("db", self.db_job_name)
-        dbdir.claim(self.options.db_dir, self._name, heartbeat=self._launcher.heartbeat,
-                    orphan_timeout=self.options.orphan_timeout, db_job=self.db_job.job_id)
-
-    def _connected_names(self) -> set:
-        return {ws.name for ws in self.scheduler.workers.values()}
-
-    def _job_worker_names(self, job_name: str) -> set:
-        spec = self.worker_spec.get(job_name) or self.new_spec
-        return {f"{job_name}{suffix}" for suffix in spec.get("group", [""])}
-
-    async def _wait_ready(self):
-        """Wait until the database answers and every requested worker connected; fail fast otherwise."""
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + self.options.startup_timeout
-        interval, next_poll, last_summary, last_logged, started = 0.25, 0.0, None, 0.0, loop.time()
-        db_error = "not started yet"
-        while True:
-            if self._closing:
-                raise MsPASSClusterError("The cluster was closed while it was starting.")
-            now = loop.time()
-            if now >= next_poll:
-                await self._poll_slurm(give_up=True)
-                self._raise_startup_failure()
-                next_poll, interval = now + interval, min(interval * 1.5, self.options.poll_interval)
-            if self._db_uri is None and self.db_job.state.kind == "running" and self.db_job.node:
-                uri = connection_string(self._db_host(self.db_job.node), self.options.db_port)
-                db_error = await asyncio.to_thread(ping, uri, 1.0, db_data_path(self.options))
-                if db_error is None:
-                    self._db_uri = uri
-                    self.db_job.ready = True
-                    logger.log(self._launcher.detail, "Database ready at %s (%s %s on %s).", uri, self.db_job.unit,
-                               self.db_job.job_id, self.db_job.node)
-            connected = self._mark_ready_workers()
-            if self._db_uri and self.plan <= connected:
-                return
-            summary = self._pending_summary(connected, db_error)
-            if summary != last_summary or now - last_logged > 60:
-                # A few lines for a user: a quick start says nothing, a slow one says what it waits for.
-                shown = now - started > 2 and (now - last_logged > 10 or last_summary is None)
-                logger.log(logging.INFO if shown else self._launcher.detail, "Waiting for %s", summary)
-                last_summary = summary
-                if shown:
-                    last_logged = now
-            if now >= deadline:
-                raise StartupTimeoutError(
-                    f"The cluster was not ready after startup_timeout={self.options.startup_timeout:g} s. Still waiting for "
-                    f"{summary}. Every job was cancelled. If the queue is busy, raise startup_timeout; "
-                    "if jobs ran but never connected, check the logs in " + self.options.log_dir + "."
-                )
-            await asyncio.sleep(0.1)
-
-    def _mark_ready_workers(self) -> set:
-        """Mark worker jobs whose every process has connected; return the connected worker names."""
-        connected = self._connected_names()
-        for job in self._worker_jobs():
-            if self._job_worker_names(job.name) <= connected:
-                job.ready = True
-        return connected
-
-    def _worker_jobs(self) -> list[TrackedJob]:
-        return [w.job for w in self.workers.values() if isinstance(w, WorkerJob) and w.job is not None]
-
-    def _db_host(self, node: str) -> str:
-        if self.options.hostname_base and self.backend != "local":
-            return f"{node}.{self.options.hostname_base}"
-        return node
-
-    def _pending_summary(self, connected: set, db_error: str | None) -> str:
-        parts = []
-        if self._db_uri is None:
-            text = self.db_job.describe()
-            if self.db_job.state.kind == "running":
-                text += f", not answering yet ({db_error})"
-            parts.append(text)
-        for job in self._worker_jobs():
-            if not job.ready:
-                names = self._job_worker_names(job.name)
-                parts.append(f"{job.describe()}, {len(names & connected)}/{len(names)} workers connected")
-        return "; ".join(parts) or "nothing"
-
-    def _raise_startup_failure(self):
-        if self.db_job.ended:
-            fix = "Check db_command and the log above; print(cluster.job_script('db')) shows what ran."
-            log = tail(self.db_job.log_path, 200)
-            record = dbdir.holder(self.options.db_dir)
-            if any(words in log for words in dbdir.LOCKED_WORDS):
-                fix = self._db_dir_in_use_text(record) if record and record.get("cluster") != self._name else (
-                    f"Another database server holds db_dir={self.options.db_dir!r}. Stop it, or give this cluster "
-                    "a directory of its own (work_dir= or db_dir=).")
-            elif _ADDRESS_IN_USE.search(log):
-                port = self.options.db_port
-                fix = (
-                    f"Another program already listens on db_port={port} on {self.db_job.node or 'its node'} (often "
-                    "another MongoDB, perhaps another user's on a shared node). Give this cluster a port of its own, "
-                    f"e.g. db_port={port + 100}, or a node of its own with db_extra_directives=['--exclusive']."
-                )
-            raise self.db_job.failure("ended before the database answered", "Every job of this cluster was cancelled. " + fix)
-        for job in self._worker_jobs():
-            if job.ended and not job.ready:
-                fix = ("Check python=, worker_extra_args and the log above; "
-                       "print(cluster.job_script('worker')) shows what ran.")
-                if "Timed out starting worker" in tail(job.log_path, 200):
-                    fix = (
-                        f"The workers on {job.node or 'the node'} could not reach the scheduler at "
-                        f"{self.scheduler.address} within death_timeout={self.options.death_timeout} s: that "
-                        "address is not reachable from the compute nodes. Set interface= to a network they share "
-                        "with this machine (e.g. interface='ib0'; `ip -brief addr` lists them)."
-                    )
-                raise job.failure("ended before its Dask workers connected", "Every job of this cluster was cancelled. " + fix)
-
     async def _share_db_address(self):
-        self._launcher.db_host = self._db_host(self.db_job.node)
+        self._launcher.know(db_host=self.database.host)
         self._publish_environment(with_db=True)
         plugin = EnvironmentPlugin(self._job_environment())
         await self.scheduler.register_worker_plugin(None, dumps(plugin), name=plugin.name, idempotent=False)
 
     def _job_environment(self) -> dict:
-        return service_environment(self.scheduler.address, self._launcher.db_host, self.options.db_port)
+        return service_environment(self.scheduler.address, self._launcher.context.db_host, self.options.db_port)
 
     def _publish_environment(self, with_db: bool):
         for key, value in self._job_environment().items():
@@ -515,110 +233,9 @@ class MsPASSCluster(SpecCluster):
                 os.environ[key] = value
         self._saved_environ.clear()
 
-    # ------------------------------------------------------------- watching
-    async def _watch(self):
-        """After start-up: keep watching the jobs, replace worker jobs lost after they had run."""
-        interval = self.options.poll_interval
-        while not self._closing:
-            await asyncio.sleep(interval)
-            if self._closing:
-                return
-            changed = await self._poll_slurm(give_up=False)
-            if changed is None:
-                continue
-            self._mark_ready_workers()
-            self._warn_before_db_walltime()
-            for job in changed:
-                self._on_job_change(job)
-
-    async def _poll_slurm(self, give_up: bool) -> list[TrackedJob] | None:
-        """Poll the jobs, riding out a Slurm controller outage (a restart, an overload).
-
-        Returns the jobs that changed, or None while Slurm does not answer.
-        With ``give_up`` (during start-up), an outage longer than
-        ``SLURM_OUTAGE_TOLERANCE`` raises; afterwards the running cluster
-        does not need Slurm and only warns (once a minute).
-        """
-        loop = asyncio.get_running_loop()
-        try:
-            changed = await self._launcher.poll()
-        except CommandError as exc:
-            now = loop.time()
-            first_line = exc.stderr.strip().splitlines()[-1] if exc.stderr.strip() else str(exc).splitlines()[0]
-            if self._slurm_silent_since is None:
-                self._slurm_silent_since = self._slurm_warned = now
-                logger.warning("Slurm did not answer (%s): %s Retrying.", exc.argv[0], first_line)
-            elif give_up and now - self._slurm_silent_since > SLURM_OUTAGE_TOLERANCE:
-                raise SlurmUnavailableError.explaining(
-                    exc,
-                    (
-                        f"Slurm did not answer for {now - self._slurm_silent_since:.0f} s while the cluster was "
-                        "starting. Its jobs were cancelled as far as Slurm could be reached; if any is still "
-                        "listed once `scontrol ping` says the controller is back, `mspass-cluster down` "
-                        "cancels it. Start the cluster again then."
-                    ),
-                ) from exc
-            elif now - self._slurm_warned >= 60:
-                self._slurm_warned = now
-                logger.warning("Slurm has not answered for %.0f s: %s", now - self._slurm_silent_since, first_line)
-            return None
-        if self._slurm_silent_since is not None:
-            logger.info("Slurm answers again, after %.0f s.", loop.time() - self._slurm_silent_since)
-            self._slurm_silent_since = None
-        return changed
-
-    def _warn_before_db_walltime(self):
-        """Warn once, minutes ahead, that the database job will reach its walltime (workers are replaced; it is not)."""
-        job = self.db_job
-        if self._db_walltime_warned or job is None or job.status is None or job.state.kind != "running":
-            return
-        left = job.status.time_left
-        notice = min(600, max(60, parse_walltime(self.options.db_walltime) // 6))
-        if left is None or left > notice:
-            return
-        self._db_walltime_warned = True
-        logger.warning(
-            "The database job %s reaches its walltime in %d min %02d s (db_walltime=%s). The database then stops, "
-            "and the cluster with it; what it stored stays in %s. Finish or save your work and close this cluster; "
-            "start the next one with a longer db_walltime.",
-            job.job_id, left // 60, left % 60, self.options.db_walltime, self.options.db_dir,
-        )
-
-    def _on_job_change(self, job: TrackedJob):
-        logger.log(self._launcher.detail, "%s", job.describe())
-        if not job.ended or self._closing:
-            return
-        if job.role == "db":
-            fix = "The database is gone: close this cluster and start a new one."
-            if job.state is JobState.TIMEOUT:
-                fix = (
-                    f"It reached its walltime (db_walltime={self.options.db_walltime}). What it stored is in "
-                    f"{self.options.db_dir}: close this cluster and start a new one with the same work_dir "
-                    "and a longer db_walltime to go on."
-                )
-            error = job.failure("ended while the cluster was running", fix)
-            self._failures.append(error)
-            logger.error("%s", error)
-            return
-        worker = self.workers.get(job.name)
-        if not isinstance(worker, WorkerJob) or worker.job is not job or job.name not in self.worker_spec:
-            return
-        del self.workers[job.name]
-        worker.status = Status.closed
-        if job.ready:
-            # COMPLETED: its workers reached worker_lifetime and left gracefully, as planned.
-            level = logging.INFO if job.state is JobState.COMPLETED else logging.WARNING
-            logger.log(level, "%s; submitting a replacement to keep %d worker node(s).", job.describe(), len(self.worker_spec))
-            self._correct_state()
-        else:
-            del self.worker_spec[job.name]
-            error = job.failure("ended before its Dask workers connected", "It was not replaced; check the log above.")
-            self._failures.append(error)
-            logger.error("%s", error)
-
     def _update_worker_status(self, op, msg):
         # SpecCluster closes a job 15 s after a worker of the same name leaves;
-        # this cluster follows Slurm's job states instead (see _watch).
+        # this cluster follows the jobs' own states instead (see Supervisor.watch).
         Cluster._update_worker_status(self, op, msg)
 
     # --------------------------------------------------------------- scaling
@@ -635,78 +252,25 @@ class MsPASSCluster(SpecCluster):
             Enough worker nodes for this many cores in total (needs ``cores=``).
 
         New jobs are submitted before this returns, so an ``sbatch`` refusal
-        raises here; use :meth:`wait_for_workers` to wait for them.
+        raises here; use :meth:`wait_for_workers` to wait for them. A running
+        :meth:`adapt` is turned off.
         """
         self._require_open(f"scale({n if n is not None else ''})")
-        target = self._nodes_for(n, jobs, memory, cores)
+        target = self.workers_service.nodes_for(n, jobs, memory, cores)
         if self._adaptive is not None and self._adaptive.periodic_callback is not None:
             self._adaptive.stop()
             logger.warning("scale(%d) turns off adapt(); call adapt() again to scale with the load.", target)
-        self._warn_if_beyond_partition(target)
-        self._set_worker_nodes(target)
+        self.workers_service.warn_if_beyond_partition(target)
+        self.workers_service.resize(target)
         if self.asynchronous:
             return self._submit_pending()
         return self.sync(self._submit_pending)
-
-    def _nodes_for(self, n, jobs, memory, cores) -> int:
-        target = n if n is not None else (jobs or 0)
-        if isinstance(target, bool) or not isinstance(target, int) or target < 0:
-            raise ConfigError(f"scale({target!r}): give a whole number of worker nodes, 0 or more.")
-        if memory is not None:
-            if self.options.memory_bytes is None:
-                raise ConfigError("scale(memory=...) needs memory= per worker node, e.g. MsPASSCluster(memory='64GiB').")
-            target = max(target, math.ceil(parse_bytes(memory) / self.options.memory_bytes))
-        if cores is not None:
-            if self.options.cores is None:
-                raise ConfigError("scale(cores=...) needs cores= per worker node, e.g. MsPASSCluster(cores=32).")
-            target = max(target, math.ceil(cores / self.options.cores))
-        if self.backend == "allocation" and target > self._slurm.worker_capacity:
-            raise ConfigError(
-                f"scale({target}) is beyond this allocation: it holds {self._slurm.worker_capacity} worker node(s) "
-                f"({', '.join(self._slurm.nodes[1:]) or self._slurm.nodes[0]}). Submit with more nodes, or use "
-                "backend='slurm' to get worker nodes as separate jobs."
-            )
-        return target
-
-    def _warn_if_beyond_partition(self, target: int):
-        """Say so when ``target`` whole-node worker jobs can never all run at once in the partition."""
-        if not (self._partition_nodes and self.options.exclusive):
-            return
-        room = self._partition_nodes - (1 if self.options.db_partition == self.options.partition else 0)
-        if target > room:
-            logger.warning(
-                "%d worker node(s) asked for, but partition %s has %d node(s)%s, and each worker job takes a whole "
-                "node: at most %d can run at once; the other %d will wait in the queue (Resources) until some end.",
-                target, self.options.partition, self._partition_nodes,
-                ", one of them for the database" if room < self._partition_nodes else "", max(room, 0),
-                target - max(room, 0),
-            )
-
-    def _set_worker_nodes(self, target: int):
-        """Edit the worker spec to ``target`` nodes; jobs are submitted or cancelled by ``_correct_state``.
-
-        Shrinking drops nodes whose workers have not connected first, then the newest.
-        """
-        if self.status in (Status.closing, Status.closed):
-            target = 0
-        if len(self.worker_spec) > target:
-            connected = self._connected_names()
-            newest_first = list(self.worker_spec)[::-1]
-            idle_first = sorted(newest_first, key=lambda name: bool(self._job_worker_names(name) & connected))
-            for name in idle_first[: len(self.worker_spec) - target]:
-                del self.worker_spec[name]
-        while len(self.worker_spec) < target:
-            self.worker_spec.update(self.new_worker_spec())
-        self.loop.add_callback(self._correct_state)
 
     async def _submit_pending(self):
         try:
             await self._correct_state()
         except CommandError:  # sbatch refused, or Slurm is unreachable
-            for name, worker in list(self.workers.items()):
-                if isinstance(worker, WorkerJob) and worker.job is None:
-                    del self.workers[name]
-                    self.worker_spec.pop(name, None)
+            self.workers_service.forget_unsubmitted()
             raise
 
     def adapt(self, minimum=0, maximum=math.inf, minimum_jobs=None, maximum_jobs=None, **kwargs):
@@ -718,52 +282,26 @@ class MsPASSCluster(SpecCluster):
         self._require_open("adapt()")
         minimum = minimum_jobs if minimum_jobs is not None else minimum
         maximum = maximum_jobs if maximum_jobs is not None else maximum
-        for name, value in (("minimum", minimum), ("maximum", maximum)):
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0 or (
-                    value != math.inf and value != int(value)):
-                raise ConfigError(f"adapt({name}={value!r}): give a whole number of worker nodes, 0 or more.")
-        if minimum > maximum:
-            raise ConfigError(
-                f"adapt(minimum={minimum}, maximum={maximum}): the minimum is above the maximum. "
-                f"Give e.g. adapt(minimum={maximum}, maximum={minimum})."
-            )
-        if self.backend == "allocation" and maximum > self._slurm.worker_capacity:
-            raise ConfigError(
-                f"adapt(maximum={maximum}) is beyond this allocation: it holds {self._slurm.worker_capacity} worker "
-                f"node(s). Give maximum={self._slurm.worker_capacity} or less, or use backend='slurm'."
-            )
+        self.workers_service.check_adapt_bounds(minimum, maximum)
         per_node = self.options.processes
         # The scheduler receives the key pickled: it must not drag this cluster (and its tasks) along.
-        kwargs.setdefault("worker_key", functools.partial(_node_of_worker, per_node > 1))
-        return super().adapt(Adaptive=_NodeAdaptive, minimum=minimum * per_node, maximum=maximum * per_node, **kwargs)
+        kwargs.setdefault("worker_key", functools.partial(node_of_worker, per_node > 1))
+        return super().adapt(Adaptive=NodeAdaptive, minimum=minimum * per_node, maximum=maximum * per_node, **kwargs)
 
     def wait_for_workers(self, n_workers=None, timeout=None):
         """Wait until every worker process of every requested node has connected, or ``n_workers`` workers.
 
-        Raises the failure of any worker job that ended first, with its log.
+        Raises the failure of any worker job that ended first, with its log,
+        and the database's if it was lost.
         """
         self._require_open("wait_for_workers()")
-        async def _wait():
-            loop = asyncio.get_running_loop()
-            deadline = loop.time() + (timeout or self.options.startup_timeout)
-            while True:
-                if self._failures:
-                    raise self._failures.pop(0)
-                connected = self._connected_names()
-                if n_workers is None:
-                    have, wanted = len(connected & self.plan), len(self.plan)
-                else:
-                    have, wanted = len(connected), n_workers
-                if have >= wanted:
-                    return
-                if loop.time() >= deadline:
-                    raise StartupTimeoutError(
-                        f"Only {have} of {wanted} workers connected within the timeout; "
-                        f"Slurm says: {self._pending_summary(connected, None)}."
-                    )
-                await asyncio.sleep(0.1)
 
-        return self.sync(_wait)
+        def wanted_of(connected):
+            if n_workers is None:
+                return len(connected & self.plan), len(self.plan)
+            return len(connected), n_workers
+
+        return self.sync(self._supervisor.wait_for_workers, wanted_of, timeout or self.options.startup_timeout)
 
     # ---------------------------------------------------------------- clients
     def get_client(self) -> Client:
@@ -774,16 +312,26 @@ class MsPASSCluster(SpecCluster):
         return self._client
 
     def get_db_client(self):
-        """A database client: ``mspasspy.db.client.DBClient`` if MsPASS is installed, else :class:`~mspass_cluster.db.DBClient`."""
+        """A database client: ``mspasspy.db.client.DBClient`` if MsPASS is installed, else :class:`~mspass_cluster.db.DBClient`.
+
+        Raises the database job's failure (state, exit code, node, log, fix)
+        at once if the database was lost, rather than a client that hangs.
+        """
         self._require_open("get_db_client()")
-        if self._db_uri is None:
+        if self.asynchronous:
+            error = self.database.lost()
+            if error is not None:
+                raise error
+        else:
+            self.sync(self.database.check)
+        if self.database.uri is None:
             raise MsPASSClusterError("The database is not ready: this cluster has not finished starting.")
         if self._db_client is None:
-            self._db_client = get_db_client(self._db_uri)
+            self._db_client = get_db_client(self.database.uri)
         return self._db_client
 
     def _require_open(self, call: str) -> None:
-        """Raise :class:`ClusterClosedError` for ``call`` on a closed (or closing) cluster."""
+        """Raise :class:`ClusterClosedError` for ``call`` on a closed cluster."""
         if self.status == Status.closed:
             raise ClusterClosedError(
                 f"{call}: cluster {self._name} is closed; its jobs and its scheduler are gone. Start a new "
@@ -797,20 +345,54 @@ class MsPASSCluster(SpecCluster):
         self._require_open("dashboard_link")
         return super().dashboard_link
 
-    def _repr_html_(self, cluster_status=None):
-        if self.status in (Status.closing, Status.closed):
-            return f"<pre>{html.escape(repr(self))}</pre>"
-        return super()._repr_html_(cluster_status)
-
     @property
     def db_address(self) -> str | None:
         """The database's connection string, ``mongodb://host:port/``."""
-        return self._db_uri
+        return self.database.uri
 
     @property
     def job_ids(self) -> dict:
         """Every job this cluster submitted: ``{job_id: (role, name, state)}``."""
         return {j.job_id: (j.role, j.name, j.state.value) for j in self._launcher.jobs.values()}
+
+    # ------------------------------------------------------------ what is true
+    def view(self) -> ClusterView:
+        """A snapshot of every role and job (what ``print(cluster)`` and the notebook show)."""
+        jobs = sorted(self._launcher.jobs.values(), key=lambda j: (j.role != "db", j.submitted))
+        problems = [str(j.error).splitlines()[0] for j in jobs if j.error is not None]
+        status = self.status.name if self.status != Status.running else "running"
+        if self.database.lost() is not None and self.status == Status.running:
+            status = "running, but its database is lost"
+        try:
+            scheduler_workers = len(self.scheduler.workers) if self.status != Status.closed else 0
+        except AttributeError:
+            scheduler_workers = 0
+        return ClusterView(
+            name=self._name, backend=self.backend, status=status, db_address=self.database.uri,
+            dashboard=super().dashboard_link if self.status == Status.running else None,
+            workers_connected=scheduler_workers, workers_planned=len(self.plan), nodes_planned=len(self.worker_spec),
+            problems=problems,
+            jobs=[JobRow(j.role, j.unit, j.job_id, j.name, j.phase.value,
+                         j.state.value + (f" ({j.status.reason})" if j.status and j.status.reason else ""),
+                         j.node, j.time_left, j.log_path) for j in jobs],
+        )
+
+    def __str__(self):
+        return render_text(self.view())
+
+    def _repr_html_(self, cluster_status=None):
+        return render_html(self.view())
+
+    def _ipython_display_(self, **kwargs):
+        from IPython.display import HTML, display
+        display(HTML(self._repr_html_()))
+
+    def __repr__(self):
+        db = self.database.uri or (self.db_job.describe() if self.db_job else "not started")
+        return (
+            f"<MsPASSCluster {self._name}: {len(self.worker_spec)} worker node(s), "
+            f"{len(getattr(self.scheduler, 'workers', {}) or {})} worker(s) connected, db {db}, status {self.view().status}>"
+        )
 
     # ------------------------------------------------------------ job scripts
     @_hybridmethod
@@ -827,11 +409,10 @@ class MsPASSCluster(SpecCluster):
         if isinstance(self_or_cls, type):
             opts = resolve_options(**options)
             backend = auto_backend(shutil.which("sbatch") is not None)[0] if opts.backend == "auto" else opts.backend
-            local = backend == "local"
-            opts = _options_for_backend(opts, backend)
-            launcher = JobLauncher(opts, f"{opts.job_name}-preview", SlurmClient(CommandRunner()), local=local)
-            name = launcher.cluster_name + ("-db" if role == "db" else "-worker-0")
-            return launcher.script(role, name, scheduler_address=SCHEDULER_PLACEHOLDER)[0]
+            opts = backend_defaults(opts, backend)
+            name = f"{opts.job_name}-preview"
+            context = ScriptContext(opts, "preview", name, local=backend == "local")
+            return context.render(role, name + ("-db" if role == "db" else "-worker-0"))[0]
         if options:
             raise ConfigError("cluster.job_script(role) takes no options; they were fixed when the cluster was made.")
         self = self_or_cls
@@ -842,62 +423,33 @@ class MsPASSCluster(SpecCluster):
     async def _close(self):
         if self.status == Status.closed:
             return
-        self._closing = True
-        for task in (self._watcher, self._heartbeat_task):
-            if task is not None:
-                task.cancel()
+        self._supervisor.closing = True
+        for task in self._tasks:
+            task.cancel()
         try:
             await super()._close()
         finally:
-            await self._stop_db()
+            await self.database.stop()
             leftovers = self._launcher.active()
             if leftovers:
                 await asyncio.gather(*(self._launcher.cancel(j, timeout=JOB_STOP_TIMEOUT) for j in leftovers))
             self._restore_environment()
-            self._db_uri = None
-            dbdir.release(self.options.db_dir, self._name)
+            self.database.release()
             if self._holds_dask_chatter:
                 self._holds_dask_chatter = False
                 DaskChatter.release()
             with contextlib.suppress(FileNotFoundError):
-                os.unlink(self._launcher.heartbeat)
-
-    async def _stop_db(self):
-        job = self.db_job
-        if job is None or job.ended:
-            return
-        if job.state.kind != "running":
-            await self._launcher.cancel(job, timeout=JOB_STOP_TIMEOUT)
-            return
-        # SIGTERM only: the server may take longer than Slurm's KillWait to
-        # flush, so it is given DB_STOP_TIMEOUT before a plain scancel.
-        stopped = await self._launcher.cancel(job, signal="TERM", timeout=DB_STOP_TIMEOUT)
-        if not stopped:
-            logger.error("The database job %s did not end %.0f s after SIGTERM; cancelling it.", job.job_id, DB_STOP_TIMEOUT)
-            await self._launcher.cancel(job, timeout=JOB_STOP_TIMEOUT)
-            return
-        status = server_exit_status(job.log_path)
-        if status is None:
-            logger.info("Database %s %s ended before its server ran (%s).", job.unit, job.job_id, job.state.value)
-        elif not job.ready:
-            logger.info("Database %s %s stopped while its server was starting (exit status %s).", job.unit, job.job_id,
-                        status)
-        elif status == 0:
-            logger.info("Cluster %s closed; its database stopped cleanly (%s %s, server exit status 0).",
-                        self._name, job.unit, job.job_id)
-        else:
-            logger.warning("Database %s %s ended with server exit status %s; see %s.", job.unit, job.job_id, status,
-                           job.log_path)
+                os.unlink(self._launcher.context.heartbeat)
 
     def _stop_at_once(self):
         """This process is ending (SIGTERM): ask every job to stop cleanly, without waiting."""
-        if self.status == Status.closed or not hasattr(self, "_launcher"):
+        if self.status == Status.closed or not hasattr(self, "_supervisor"):
             return
-        self._closing = True
+        self._supervisor.closing = True
         ids = self._launcher.stop_everything_now()
         with contextlib.suppress(OSError):
-            os.unlink(self._launcher.heartbeat)
-        dbdir.release(self.options.db_dir, self._name)
+            os.unlink(self._launcher.context.heartbeat)
+        self.database.release()
         logger.warning("SIGTERM: asked %s %s to stop cleanly; this process ends now.", self._name,
                        f"jobs {', '.join(ids)}" if ids else "(nothing was running)")
 
@@ -917,26 +469,6 @@ class MsPASSCluster(SpecCluster):
                 left = self._launcher.cancel_everything_now()
                 if left:
                     logger.warning("Cancelled jobs %s that were still listed after close().", ", ".join(left))
-
-    def __repr__(self):
-        db = self._db_uri or (self.db_job.describe() if self.db_job else "not started")
-        return (
-            f"<MsPASSCluster {self._name}: {len(self.worker_spec)} worker node(s), "
-            f"{len(getattr(self.scheduler, 'workers', {}) or {})} worker(s) connected, db {db}, status {self.status.name}>"
-        )
-
-
-def _options_for_backend(options: ClusterOptions, backend: str) -> ClusterOptions:
-    """The defaults that depend on where the roles run (for clusters and for script previews alike).
-
-    ``worker_lifetime='auto'`` means "before walltime", and only Slurm worker
-    jobs have a walltime of their own; local "nodes" share this machine.
-    """
-    if options.worker_lifetime == "auto" and backend in ("local", "allocation"):
-        options = options.replace(worker_lifetime="none")
-    if backend == "local":
-        options = share_of_this_machine(options, CPU_COUNT, MEMORY_LIMIT)
-    return options
 
 
 _LIVE_CLUSTERS: weakref.WeakSet = weakref.WeakSet()

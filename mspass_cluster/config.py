@@ -468,30 +468,43 @@ def resolve_options(environ=None, **kwargs) -> ClusterOptions:
     values["python"] = values["python"] or ("python" if in_container else _default_python())
     values["db_partition"] = values["db_partition"] or values["partition"]
     values["db_walltime"] = values["db_walltime"] or values["walltime"]
-    if not values["db_command"]:
+    options = ClusterOptions(**values, sources=sources)
+    check_consistency(options)
+    return options
+
+
+def check_consistency(options: ClusterOptions) -> None:
+    """The checks between options, run on the resolved options and again once a backend finalised them.
+
+    Raises
+    ------
+    ConfigError
+        Naming the values that do not fit together and the fix.
+    """
+    if not options.db_command:
         raise ConfigError("db_command is empty; give the server program, e.g. db_command=['mongod'].")
 
-    if values["cores"] is not None and values["cores"] < values["processes"]:
+    if options.cores is not None and options.cores < options.processes:
         raise ConfigError(
-            f"cores={values['cores']} is fewer than processes={values['processes']}: every Dask worker "
-            f"process needs at least one core. Use processes={values['cores']} or cores>={values['processes']}."
+            f"cores={options.cores} is fewer than processes={options.processes}: every Dask worker "
+            f"process needs at least one core. Use processes={options.cores} or cores>={options.processes}."
         )
-    if values["cores"] is not None and values["cores"] % values["processes"]:
+    if options.cores is not None and options.cores % options.processes:
         raise ConfigError(
-            f"cores={values['cores']} does not split evenly over processes={values['processes']}; "
+            f"cores={options.cores} does not split evenly over processes={options.processes}; "
             "choose cores as a multiple of processes."
         )
-    per_process = values["memory"] and parse_bytes(values["memory"]) // values["processes"]
+    per_process = options.memory and parse_bytes(options.memory) // options.processes
     if per_process and per_process < MIN_MEMORY:
         raise ConfigError(
-            f"memory={values['memory']!r} over processes={values['processes']} leaves each Dask worker process "
+            f"memory={options.memory!r} over processes={options.processes} leaves each Dask worker process "
             f"{per_process // 2**20} MiB, below the 256 MiB one needs. Give more memory or fewer processes."
         )
-    if not re.fullmatch(r"[A-Za-z0-9_.-]+", values["job_name"]):
+    if not re.fullmatch(r"[A-Za-z0-9_.-]+", options.job_name):
         raise ConfigError(
-            f"job_name={values['job_name']!r} may only hold letters, digits, '.', '_' and '-', e.g. job_name='mspass'."
+            f"job_name={options.job_name!r} may only hold letters, digits, '.', '_' and '-', e.g. job_name='mspass'."
         )
-    return ClusterOptions(**values, sources=sources)
+
 
 
 def prepare_directories(options: ClusterOptions) -> None:

@@ -69,7 +69,10 @@ def release(db_dir: str, cluster: str) -> None:
 
 
 def describe_holder(record: dict) -> str:
-    """``cluster mspass-1a2b3c4d (started 2026-11-30 11:02:03 by process 123 on login1; database job 456)``."""
-    job = f"; database job {record['db_job']}" if record.get("db_job") else ""
+    """``cluster mspass-1a2b3c4d (started 2026-11-30 11:02:03 by process 123 on login1; database job 456)``.
+
+    ``db_job`` is recorded with its unit, e.g. ``"job 456"`` (Slurm) or ``"process 789"`` (desktop).
+    """
+    job = f"; database {record['db_job']}" if record.get("db_job") else ""  # "job 456", "process 789"
     return (f"cluster {record.get('cluster')} (started {record.get('started')} by process {record.get('pid')} on "
             f"{record.get('host')}{job})")

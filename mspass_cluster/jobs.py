@@ -1,15 +1,19 @@
-"""Slurm jobs of one cluster: submit, watch (one batched query per poll), cancel.
+"""The jobs of one cluster, each with one state a user can see, and the launcher that runs them.
 
-:class:`SlurmClient` turns the pure builders of :mod:`mspass_cluster.slurm`
-into commands through a :class:`~mspass_cluster.commands.CommandRunner`.
-:class:`JobLauncher` owns every job a cluster submitted: it writes each job
-script next to its log, submits it, keeps its latest status, and cancels
-jobs in batches, waiting until Slurm lists them no more.
+:class:`TrackedJob` is one job (a Slurm job, an ``srun`` step or a local
+process) and what is known of it; its :attr:`~TrackedJob.phase` is the one
+state the wait loop, the watcher, the log, the repr and the errors all read.
+:class:`JobLauncher` owns every job of a cluster: it renders each script
+from the cluster's :class:`~mspass_cluster.roles.ScriptContext`, writes it
+next to its log, submits it through the backend, polls all jobs with one
+batched query (riding out a Slurm controller outage), and cancels jobs in
+batches, waiting until they are gone.
 """
 
 from __future__ import annotations
 
 import asyncio
+import enum
 import logging
 import os
 import re
@@ -17,16 +21,30 @@ import time
 from collections import deque
 from dataclasses import dataclass, field
 
-from . import slurm
-from .commands import CommandRunner
-from .config import ClusterOptions
-from .errors import CommandError, JobFailedError, SlurmUnavailableError, SubmitError
-from .roles import build_job_script
+from .errors import CommandError, JobFailedError, SlurmUnavailableError
+from .roles import ScriptContext
 from .slurm import JobState, JobStatus
 
-__all__ = ["SlurmClient", "JobLauncher", "TrackedJob", "tail", "error_lines"]
+__all__ = ["JOB_STOP_TIMEOUT", "JobPhase", "JobLauncher", "TrackedJob", "tail", "error_lines", "server_exit_status"]
 
 logger = logging.getLogger(__name__)
+
+#: Seconds to wait for a cancelled job to leave the queue (Slurm's KillWait is 30 s by default).
+JOB_STOP_TIMEOUT = 90.0
+#: Seconds of Slurm not answering (a controller restart, an overload) that start-up rides out.
+SLURM_OUTAGE_TOLERANCE = 300.0
+
+
+class JobPhase(enum.Enum):
+    """Where a job is in its life, as a user asks it: is it there yet, does it serve, did it end as planned?"""
+
+    SUBMITTED = "submitted"   #: handed to the backend, not yet seen by a poll
+    PENDING = "pending"       #: queued (Slurm's reason says why)
+    RUNNING = "running"       #: on a node, its service not answering yet
+    READY = "ready"           #: its service answered (database ping, every worker connected)
+    STOPPING = "stopping"     #: asked to stop, not gone yet
+    STOPPED = "stopped"       #: ended as planned (asked to, or workers leaving at worker_lifetime)
+    FAILED = "failed"         #: ended when it was still needed
 
 
 def tail(path: str, lines: int = 20) -> str:
@@ -53,130 +71,6 @@ def error_lines(path: str, most: int = 5) -> list[str]:
             and not line.startswith("mspass_cluster:")][:most]
 
 
-class SlurmClient:
-    """Slurm's commands, batched and with timeouts.
-
-    Parameters
-    ----------
-    runner : CommandRunner
-        Runs (and counts) the commands.
-    """
-
-    def __init__(self, runner: CommandRunner):
-        self.runner = runner
-        self._sacct_works: bool | None = None
-
-    #: What runs a role, in words for messages.
-    unit = "job"
-
-    async def submit(self, script_path: str, what: str, output: str = "", role: str = "") -> str:
-        """Submit a script; return its job id (``output`` is already in the script's directives).
-
-        Raises
-        ------
-        SubmitError
-            With sbatch's own message when Slurm refuses the job.
-        """
-        argv = slurm.build_sbatch_argv(script_path)
-        try:
-            result = await self.runner.arun(argv, error_cls=SubmitError)
-        except SubmitError as exc:
-            words = exc.stderr.strip() or exc.stdout.strip() or "(sbatch printed nothing)"
-            if slurm.controller_unreachable(words):
-                raise SlurmUnavailableError.explaining(
-                    exc,
-                    (
-                        f"Slurm's controller did not answer sbatch for the {what}: {words}\n"
-                        "Nothing is wrong with the cluster's options. `scontrol ping` shows when the "
-                        "controller is back; try again then, or ask your cluster's support."
-                    ),
-                ) from exc
-            raise SubmitError.explaining(
-                exc,
-                (
-                    f"Slurm refused the {what}: {words}\n"
-                    "Check partition, account, qos, walltime, cores and memory against "
-                    "`sinfo` and your allocation; the job script is " + script_path + "."
-                ),
-            ) from exc
-        try:
-            return slurm.parse_sbatch_job_id(result.stdout)
-        except ValueError as exc:
-            raise SubmitError(argv, 0, result.stdout, result.stderr, reason=f"sbatch printed no job id for the {what}.") from exc
-
-    async def statuses(self, job_ids) -> dict[str, JobStatus]:
-        """The status of every job in ``job_ids``, with one ``squeue`` call.
-
-        Jobs squeue no longer lists are asked of ``sacct`` when accounting
-        works here, else ``scontrol show job``; jobs Slurm has forgotten get
-        :attr:`JobState.UNKNOWN`.
-        """
-        job_ids = list(job_ids)
-        if not job_ids:
-            return {}
-        result = await self.runner.arun(slurm.build_squeue_argv(job_ids), check=False)
-        found = slurm.parse_squeue(result.stdout)
-        if result.returncode != 0 and not found and "Invalid job id" not in result.stderr:
-            error = SlurmUnavailableError if slurm.controller_unreachable(result.stderr) else CommandError
-            raise error(result.argv, result.returncode, result.stdout, result.stderr,
-                        reason="squeue failed while watching the cluster's jobs.")
-        missing = [j for j in job_ids if j not in found]
-        if missing:
-            found.update(await self.final_statuses(missing))
-        return found
-
-    async def final_statuses(self, job_ids) -> dict[str, JobStatus]:
-        """Final state and exit code of ended jobs (sacct, else scontrol)."""
-        found: dict[str, JobStatus] = {}
-        if self._sacct_works is not False:
-            result = await self.runner.arun(slurm.build_sacct_argv(job_ids), check=False)
-            self._sacct_works = result.returncode == 0
-            if self._sacct_works:
-                found.update(slurm.parse_sacct(result.stdout))
-        for job_id in job_ids:
-            if job_id in found:
-                continue
-            result = await self.runner.arun(slurm.build_scontrol_job_argv(job_id), check=False)
-            status = slurm.parse_scontrol_job(result.stdout) if result.returncode == 0 else None
-            found[job_id] = status or JobStatus(job_id, JobState.UNKNOWN, "Slurm no longer knows this job")
-        return found
-
-    async def cancel(self, job_ids, signal: str | None = None) -> None:
-        """``scancel`` the jobs (or only send them ``signal``); jobs already gone are fine."""
-        if job_ids:
-            await self.runner.arun(slurm.build_scancel_argv(job_ids, signal), check=False)
-
-    def cancel_now(self, job_ids) -> None:
-        """Synchronous ``scancel``, for interpreter exit and other last resorts."""
-        if job_ids:
-            self.runner.run(slurm.build_scancel_argv(job_ids), check=False, timeout=30)
-
-    def signal_now(self, job_ids, signal: str = "TERM") -> None:
-        """Synchronous: send ``signal`` to every process of the jobs and return at once."""
-        if job_ids:
-            self.runner.run(slurm.build_scancel_argv(job_ids, signal), check=False, timeout=10)
-
-    def node_addresses(self, partition: str | None) -> list[str]:
-        """Addresses of the partition's nodes (``sinfo``), for choosing the scheduler's address."""
-        argv = ["sinfo", "--noheader", "--Node", "--format=%o"]
-        if partition:
-            argv.append(f"--partition={partition}")
-        result = self.runner.run(argv, check=False)
-        if result.returncode != 0:
-            if slurm.controller_unreachable(result.stderr):
-                raise SlurmUnavailableError(
-                    argv, result.returncode, result.stdout, result.stderr,
-                    reason=(
-                        "Slurm's controller is not answering, so no job can be submitted now; nothing was "
-                        "queued. `scontrol ping` shows when it is back; try again then, or ask your "
-                        "cluster's support."
-                    ),
-                )
-            logger.warning("sinfo failed (%s); the scheduler's address is chosen without the nodes' addresses.",
-                           result.stderr.strip() or f"exit code {result.returncode}")
-        return [line.strip() for line in result.stdout.splitlines() if line.strip()]
-
-
 @dataclass
 class TrackedJob:
     """One job a cluster submitted, and what Slurm last said about it."""
@@ -190,6 +84,26 @@ class TrackedJob:
     status: JobStatus | None = None
     ready: bool = False  #: its service answered at least once
     unit: str = "job"  #: what runs it, in words: a Slurm "job", a local "process", an srun "step"
+    stopping: bool = False  #: this cluster asked it to stop
+    error: JobFailedError | None = None  #: why it failed, once a service has said so
+
+    @property
+    def phase(self) -> JobPhase:
+        """The one state of this job (see :class:`JobPhase`)."""
+        kind = self.state.kind if self.status else None
+        if kind is None:
+            return JobPhase.SUBMITTED
+        if kind == "pending":
+            return JobPhase.STOPPING if self.stopping else JobPhase.PENDING
+        if kind == "running":
+            return JobPhase.STOPPING if self.stopping else (JobPhase.READY if self.ready else JobPhase.RUNNING)
+        planned = self.stopping or (self.role == "worker" and self.ready and self.state is JobState.COMPLETED)
+        return JobPhase.STOPPED if planned else JobPhase.FAILED
+
+    @property
+    def time_left(self) -> int | None:
+        """Seconds until its walltime, from the last poll (Slurm's count), or None."""
+        return self.status.time_left if self.status and self.state.kind == "running" else None
 
     @property
     def state(self) -> JobState:
@@ -242,41 +156,36 @@ class JobLauncher:
 
     Parameters
     ----------
-    options : ClusterOptions
-    cluster_name : str
-        Unique prefix of every job name, ``<job_name>-<id>``.
-    slurm_client : SlurmClient or LocalProcesses
-        Where jobs run: Slurm, or local processes for the desktop backend.
-    local : bool
-        Build scripts for the desktop backend (loopback addresses only).
+    context : ScriptContext
+        What every job script is rendered from; :meth:`know` replaces it
+        when the scheduler's or the database's address becomes known.
+    backend : Backend
+        Where jobs run (see :mod:`mspass_cluster.backends`).
     """
 
-    def __init__(self, options: ClusterOptions, cluster_name: str, slurm_client, local: bool = False):
-        self.options = options
-        self.cluster_name = cluster_name
-        self.slurm = slurm_client
-        self.local = local
-        self.scheduler_address: str | None = None
-        self.db_host: str | None = None
-        self.heartbeat: str | None = None
+    def __init__(self, context: ScriptContext, backend):
+        self.context = context
+        self.backend = backend
         self.jobs: dict[str, TrackedJob] = {}
         #: Log level of routine events (submissions): INFO with ``verbose``, else DEBUG.
-        self.detail = logging.INFO if options.verbose else logging.DEBUG
+        self.detail = logging.INFO if context.options.verbose else logging.DEBUG
         self._gone: dict[str, asyncio.Future] = {}
         self._cancel_queue: list[tuple[str, str | None]] = []
         self._canceller: asyncio.Task | None = None
+        self._silent_since: float | None = None
+        self._silence_warned = 0.0
 
     @property
-    def cluster_id(self) -> str:
-        return self.cluster_name.rsplit("-", 1)[-1]
+    def options(self):
+        return self.context.options
 
-    def script(self, role: str, name: str, scheduler_address: str | None = None) -> tuple[str, str]:
+    def know(self, **facts) -> None:
+        """Scripts rendered from now on carry ``facts`` (``scheduler_address=``, ``db_host=``)."""
+        self.context = self.context.knowing(**facts)
+
+    def script(self, role: str, name: str) -> tuple[str, str]:
         """The job script for ``role`` named ``name``, and its log pattern."""
-        return build_job_script(
-            self.options, role, cluster_id=self.cluster_id, job_name=name,
-            scheduler_address=scheduler_address or self.scheduler_address,
-            db_host=self.db_host, local=self.local, heartbeat=self.heartbeat,
-        )
+        return self.context.render(role, name)
 
     async def submit(self, role: str, name: str) -> TrackedJob:
         """Write the script to ``<log_dir>/<name>.sh`` and submit it."""
@@ -284,8 +193,8 @@ class JobLauncher:
         path = os.path.join(self.options.log_dir, f"{name}.sh")
         with open(path, "w") as f:
             f.write(script)
-        job_id = await self.slurm.submit(path, f"{role} job {name}", output, role)
-        unit = getattr(self.slurm, "unit", "job")
+        unit = self.backend.unit
+        job_id = await self.backend.submit(path, f"{role} {unit} {name}", output, role)
         job = TrackedJob(role, name, job_id, output.replace("%j", job_id), path, unit=unit)
         self.jobs[job_id] = job
         logger.log(self.detail, "Submitted %s %s %s (%s); log: %s", role, unit, job_id, name, job.log_path)
@@ -301,18 +210,54 @@ class JobLauncher:
         Returns the jobs whose state changed.
         """
         active = self.active() if job_ids is None else [self.jobs[j] for j in job_ids if j in self.jobs]
-        statuses = await self.slurm.statuses([j.job_id for j in active])
+        statuses = await self.backend.statuses([j.job_id for j in active])
         changed = []
         for job in active:
             new = statuses.get(job.job_id)
             if new is None:
                 continue
             if new.state.kind == "ended" and new.exit_code is None:
-                new = (await self.slurm.final_statuses([job.job_id])).get(job.job_id, new)
+                new = (await self.backend.final_statuses([job.job_id])).get(job.job_id, new)
             old = job.status
             job.status = new
             if old is None or (old.state, old.reason, old.nodes) != (new.state, new.reason, new.nodes):
                 changed.append(job)
+        return changed
+
+    async def poll_riding_outages(self, give_up: bool) -> list[TrackedJob] | None:
+        """:meth:`poll`, riding out a Slurm controller outage (a restart, an overload).
+
+        Returns the jobs that changed, or None while Slurm does not answer.
+        With ``give_up`` (during start-up), an outage longer than
+        ``SLURM_OUTAGE_TOLERANCE`` raises; afterwards the running cluster
+        does not need Slurm and only warns (once a minute).
+        """
+        loop = asyncio.get_running_loop()
+        try:
+            changed = await self.poll()
+        except CommandError as exc:
+            now = loop.time()
+            first_line = exc.stderr.strip().splitlines()[-1] if exc.stderr.strip() else str(exc).splitlines()[0]
+            if self._silent_since is None:
+                self._silent_since = self._silence_warned = now
+                logger.warning("Slurm did not answer (%s): %s Retrying.", exc.argv[0], first_line)
+            elif give_up and now - self._silent_since > SLURM_OUTAGE_TOLERANCE:
+                raise SlurmUnavailableError.explaining(
+                    exc,
+                    (
+                        f"Slurm did not answer for {now - self._silent_since:.0f} s while the cluster was "
+                        "starting. Its jobs were cancelled as far as Slurm could be reached; if any is still "
+                        "listed once `scontrol ping` says the controller is back, `mspass-cluster down` "
+                        "cancels it. Start the cluster again then."
+                    ),
+                ) from exc
+            elif now - self._silence_warned >= 60:
+                self._silence_warned = now
+                logger.warning("Slurm has not answered for %.0f s: %s", now - self._silent_since, first_line)
+            return None
+        if self._silent_since is not None:
+            logger.info("Slurm answers again, after %.0f s.", loop.time() - self._silent_since)
+            self._silent_since = None
         return changed
 
     async def cancel(self, job: TrackedJob, *, signal: str | None = None, timeout: float = 120.0) -> bool:
@@ -321,6 +266,7 @@ class JobLauncher:
         Calls made together are batched into one ``scancel`` and one poll
         loop. Returns False when the job was still listed at ``timeout``.
         """
+        job.stopping = True
         loop = asyncio.get_running_loop()
         future = self._gone.get(job.job_id)
         if future is None or future.done():
@@ -342,10 +288,10 @@ class JobLauncher:
             for signal in {s for _, s in batch}:
                 ids = [j for j, s in batch if s == signal]
                 try:
-                    await self.slurm.cancel(ids, signal=signal)
+                    await self.backend.cancel(ids, signal=signal)
                 except CommandError as exc:
                     logger.warning("%s; cancelling jobs %s outright.", exc, ", ".join(ids))
-                    await self.slurm.cancel(ids)
+                    await self.backend.cancel(ids)
             waiting = [j for j, f in self._gone.items() if not f.done()]
             if not waiting:
                 return
@@ -372,8 +318,10 @@ class JobLauncher:
         to end (it was sent SIGTERM) and cannot wait.
         """
         ids = [j.job_id for j in self.active()]
+        for job in self.active():
+            job.stopping = True
         try:
-            self.slurm.signal_now(ids, "TERM")
+            self.backend.signal_now(ids, "TERM")
         except CommandError as exc:
             logger.error("Could not stop jobs %s: %s", ids, exc)
         return ids
@@ -383,7 +331,7 @@ class JobLauncher:
         ids = [j.job_id for j in self.active()]
         if ids:
             try:
-                self.slurm.cancel_now(ids)
+                self.backend.cancel_now(ids)
             except CommandError as exc:
                 logger.error("Could not cancel jobs %s: %s", ids, exc)
         return ids

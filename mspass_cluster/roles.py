@@ -13,6 +13,7 @@ The notebook process hosts the Dask scheduler (the ``scheduler`` and
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import shlex
 import string
@@ -35,6 +36,7 @@ __all__ = [
     "role_environment",
     "render_job_script",
     "build_job_script",
+    "ScriptContext",
 ]
 
 ROLES = ("db", "worker")
@@ -317,3 +319,33 @@ def build_job_script(
         prologue=options.job_script_prologue, setup=setup, argv=argv, watchdog=watchdog,
     )
     return script, output
+
+
+@dataclasses.dataclass(frozen=True)
+class ScriptContext:
+    """Everything a cluster's job scripts are rendered from, fixed once known (immutable).
+
+    The cluster makes one when its options are final and makes a new one,
+    with :meth:`knowing`, when the scheduler's address, then the database's
+    host, become known; a script never depends on when it is rendered.
+    """
+
+    options: ClusterOptions
+    cluster_id: str
+    cluster_name: str
+    local: bool = False
+    heartbeat: str | None = None
+    scheduler_address: str = SCHEDULER_PLACEHOLDER
+    db_host: str | None = None
+
+    def knowing(self, **facts) -> "ScriptContext":
+        """This context with ``facts`` (``scheduler_address=``, ``db_host=``) added."""
+        return dataclasses.replace(self, **facts)
+
+    def render(self, role: str, job_name: str) -> tuple[str, str]:
+        """The job script of ``role`` named ``job_name``, and its log pattern."""
+        return build_job_script(
+            self.options, role, cluster_id=self.cluster_id, job_name=job_name,
+            scheduler_address=self.scheduler_address, db_host=self.db_host, local=self.local,
+            heartbeat=self.heartbeat,
+        )

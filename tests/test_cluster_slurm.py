@@ -626,5 +626,5 @@ def test_a_work_dir_with_a_space_and_a_percent_sign_works(slurm_testbed, shared_
     work_dir = shared_dir / "my run 100%"
     with MsPASSCluster(nodes=1, work_dir=str(work_dir), db_command=NX_MONGOD, walltime="10") as cluster:
         assert cluster.get_client().submit(sum, [1, 2]).result() == 3
-        assert os.path.exists(cluster.db_job.log_path) and os.path.exists(cluster._worker_jobs()[0].log_path)
+        assert os.path.exists(cluster.db_job.log_path) and os.path.exists(cluster.workers_service.jobs()[0].log_path)
     assert_nothing_left(cluster)

@@ -82,7 +82,7 @@ def test_the_demo_round_trips_every_record_and_leaves_nothing(tmp_path):
 
 def test_local_nodes_share_the_machine_unless_told_otherwise():
     from mspass_cluster.config import resolve_options
-    from mspass_cluster.local import share_of_this_machine
+    from mspass_cluster.backends.local import share_of_this_machine
 
     def share(**kw):
         opts = share_of_this_machine(resolve_options(environ={}, backend="local", **kw), cpus=16, memory=64 * 2**30)

@@ -15,7 +15,7 @@ import sys
 import dask.config
 import pytest
 
-from mspass_cluster.allocation import auto_backend
+from mspass_cluster.backends import auto_backend
 from mspass_cluster.config import resolve_options
 from mspass_cluster.errors import ConfigError
 

@@ -8,20 +8,21 @@ worker node is a step on one of the other nodes, as MsPASS's
 so that they never wait for each other's resources, and are tracked through
 their ``srun`` processes, whose exit status is the step's. The readiness,
 fail-fast and teardown logic is the cluster's own; only where scripts run
-differs (see :class:`~mspass_cluster.local.LocalProcesses`).
+differs (see :class:`~mspass_cluster.backends.local.LocalBackend`).
 """
 
 from __future__ import annotations
 
+import asyncio
 import os
 import signal
 import time
 
-from .commands import CommandRunner
-from .errors import ConfigError
-from .local import KILL_WAIT, LocalProcesses
+from ..commands import CommandRunner
+from ..errors import ConfigError
+from .local import KILL_WAIT, LocalBackend
 
-__all__ = ["AllocationSteps", "in_allocation", "allocation_size", "auto_backend", "allocation_nodes"]
+__all__ = ["AllocationBackend", "in_allocation", "allocation_size", "allocation_nodes"]
 
 
 def in_allocation(environ=None) -> bool:
@@ -37,37 +38,6 @@ def allocation_size(environ=None) -> int | None:
     return int(text) if text.isdigit() else None
 
 
-def auto_backend(has_sbatch: bool, environ=None) -> tuple[str, str]:
-    """What ``backend='auto'`` means here, and why, in words for the log.
-
-    * inside a Slurm job of two or more nodes (a batch job or ``salloc`` made
-      for the cluster): ``allocation``, its nodes run the roles;
-    * inside a one-node Slurm job (Jupyter through Open OnDemand, ``srun
-      --pty``, an interactive session): ``slurm``, new jobs bring the
-      nodes, when ``sbatch`` is there; else ``allocation`` on that node;
-    * outside Slurm jobs: ``slurm`` when ``sbatch`` is on PATH, else ``local``.
-
-    >>> auto_backend(True, {"SLURM_JOB_ID": "7", "SLURM_JOB_NODELIST": "n1", "SLURM_JOB_NUM_NODES": "1"})[0]
-    'slurm'
-    """
-    environ = os.environ if environ is None else environ
-    if in_allocation(environ):
-        job, size = environ["SLURM_JOB_ID"], allocation_size(environ)
-        if size == 1 and has_sbatch:
-            return "slurm", (
-                f"this notebook runs in one-node Slurm job {job}, an interactive session: the database and worker "
-                "nodes are new jobs. backend='allocation' would put them all on this job's node instead"
-            )
-        nodes = f"{size}-node" if size else "this"
-        return "allocation", (
-            f"this notebook runs in {nodes} Slurm job {job}: the database and worker nodes run on its nodes as "
-            "srun steps. backend='slurm' would submit new jobs for them instead"
-        )
-    if has_sbatch:
-        return "slurm", "sbatch is on PATH: the database and each worker node are Slurm jobs"
-    return "local", "sbatch is not on PATH: the database and worker nodes are processes on this machine"
-
-
 def allocation_nodes(runner: CommandRunner, environ=None) -> list[str]:
     """The allocation's node names, in Slurm's order (``scontrol show hostnames``)."""
     environ = os.environ if environ is None else environ
@@ -75,7 +45,7 @@ def allocation_nodes(runner: CommandRunner, environ=None) -> list[str]:
     return [line.strip() for line in result.stdout.splitlines() if line.strip()]
 
 
-class AllocationSteps(LocalProcesses):
+class AllocationBackend(LocalBackend):
     """Runs job scripts as ``srun`` steps on the allocation's nodes.
 
     Parameters
@@ -97,6 +67,10 @@ class AllocationSteps(LocalProcesses):
         self.nodes = list(nodes)
         self.runner = runner
         self._step_names: dict[str, str] = {}
+
+    async def cancel(self, job_ids, signal: str | None = None) -> None:
+        """``scancel --signal=TERM`` the steps, in a thread: squeue and scancel must not block the scheduler's loop."""
+        await asyncio.to_thread(self._terminate, job_ids, signal is None)
 
     def _terminate(self, job_ids, escalate: bool) -> None:
         steps = self._running_steps()

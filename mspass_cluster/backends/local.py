@@ -1,7 +1,7 @@
 """The all-in-one desktop backend: the same job scripts, run as local processes.
 
-:class:`LocalProcesses` has the interface of :class:`~mspass_cluster.jobs.SlurmClient`
-(submit, statuses, cancel), so the cluster's readiness checks, fail-fast
+:class:`LocalBackend` has the interface of the Slurm backend
+(:class:`~mspass_cluster.backends.Backend`), so the cluster's readiness checks, fail-fast
 errors, scaling and teardown are the very ones used on Slurm; only where the
 scripts run differs. Each "job" is ``bash <script>`` in its own process
 group, its output in the log file the script names. Cancelling sends SIGTERM
@@ -20,10 +20,10 @@ import time
 
 from dask.utils import format_bytes
 
-from .config import ClusterOptions
-from .slurm import JobState, JobStatus
+from ..config import ClusterOptions
+from ..slurm import JobState, JobStatus
 
-__all__ = ["LocalProcesses", "LOCAL_HOST", "share_of_this_machine"]
+__all__ = ["LocalBackend", "LOCAL_HOST", "share_of_this_machine"]
 
 logger = logging.getLogger(__name__)
 
@@ -55,8 +55,8 @@ def share_of_this_machine(options: ClusterOptions, cpus: int, memory: int) -> Cl
     return options.replace(**changes) if changes else options
 
 
-class LocalProcesses:
-    """Runs job scripts as local process groups; a drop-in for :class:`~mspass_cluster.jobs.SlurmClient`."""
+class LocalBackend:
+    """Runs job scripts as local process groups (the desktop), with the :class:`~mspass_cluster.backends.Backend` protocol."""
 
     #: Asks a job to stop (its script forwards SIGTERM to the server and waits).
     stop_signal = signals.SIGTERM

@@ -1,0 +1,143 @@
+"""The Slurm backend: each role is a Slurm job of its own.
+
+Turns the pure builders and parsers of :mod:`mspass_cluster.slurm` into
+commands through a :class:`~mspass_cluster.commands.CommandRunner`, the one
+place commands run.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from .. import slurm
+from ..commands import CommandRunner
+from ..errors import CommandError, SlurmUnavailableError, SubmitError
+from ..slurm import JobState, JobStatus
+
+__all__ = ["SlurmBackend"]
+
+logger = logging.getLogger(__name__)
+
+
+class SlurmBackend:
+    """Each role a Slurm job: ``sbatch``, one batched ``squeue`` per poll, ``scancel``; with timeouts.
+
+    Parameters
+    ----------
+    runner : CommandRunner
+        Runs (and counts) the commands.
+    """
+
+    def __init__(self, runner: CommandRunner):
+        self.runner = runner
+        self._sacct_works: bool | None = None
+
+    #: What runs a role, in words for messages.
+    unit = "job"
+
+    async def submit(self, script_path: str, what: str, output: str = "", role: str = "") -> str:
+        """Submit a script; return its job id (``output`` is already in the script's directives).
+
+        Raises
+        ------
+        SubmitError
+            With sbatch's own message when Slurm refuses the job.
+        """
+        argv = slurm.build_sbatch_argv(script_path)
+        try:
+            result = await self.runner.arun(argv, error_cls=SubmitError)
+        except SubmitError as exc:
+            words = exc.stderr.strip() or exc.stdout.strip() or "(sbatch printed nothing)"
+            if slurm.controller_unreachable(words):
+                raise SlurmUnavailableError.explaining(
+                    exc,
+                    (
+                        f"Slurm's controller did not answer sbatch for the {what}: {words}\n"
+                        "Nothing is wrong with the cluster's options. `scontrol ping` shows when the "
+                        "controller is back; try again then, or ask your cluster's support."
+                    ),
+                ) from exc
+            raise SubmitError.explaining(
+                exc,
+                (
+                    f"Slurm refused the {what}: {words}\n"
+                    "Check partition, account, qos, walltime, cores and memory against "
+                    "`sinfo` and your allocation; the job script is " + script_path + "."
+                ),
+            ) from exc
+        try:
+            return slurm.parse_sbatch_job_id(result.stdout)
+        except ValueError as exc:
+            raise SubmitError(argv, 0, result.stdout, result.stderr, reason=f"sbatch printed no job id for the {what}.") from exc
+
+    async def statuses(self, job_ids) -> dict[str, JobStatus]:
+        """The status of every job in ``job_ids``, with one ``squeue`` call.
+
+        Jobs squeue no longer lists are asked of ``sacct`` when accounting
+        works here, else ``scontrol show job``; jobs Slurm has forgotten get
+        :attr:`JobState.UNKNOWN`.
+        """
+        job_ids = list(job_ids)
+        if not job_ids:
+            return {}
+        result = await self.runner.arun(slurm.build_squeue_argv(job_ids), check=False)
+        found = slurm.parse_squeue(result.stdout)
+        if result.returncode != 0 and not found and "Invalid job id" not in result.stderr:
+            error = SlurmUnavailableError if slurm.controller_unreachable(result.stderr) else CommandError
+            raise error(result.argv, result.returncode, result.stdout, result.stderr,
+                        reason="squeue failed while watching the cluster's jobs.")
+        missing = [j for j in job_ids if j not in found]
+        if missing:
+            found.update(await self.final_statuses(missing))
+        return found
+
+    async def final_statuses(self, job_ids) -> dict[str, JobStatus]:
+        """Final state and exit code of ended jobs (sacct, else scontrol)."""
+        found: dict[str, JobStatus] = {}
+        if self._sacct_works is not False:
+            result = await self.runner.arun(slurm.build_sacct_argv(job_ids), check=False)
+            self._sacct_works = result.returncode == 0
+            if self._sacct_works:
+                found.update(slurm.parse_sacct(result.stdout))
+        for job_id in job_ids:
+            if job_id in found:
+                continue
+            result = await self.runner.arun(slurm.build_scontrol_job_argv(job_id), check=False)
+            status = slurm.parse_scontrol_job(result.stdout) if result.returncode == 0 else None
+            found[job_id] = status or JobStatus(job_id, JobState.UNKNOWN, "Slurm no longer knows this job")
+        return found
+
+    async def cancel(self, job_ids, signal: str | None = None) -> None:
+        """``scancel`` the jobs (or only send them ``signal``); jobs already gone are fine."""
+        if job_ids:
+            await self.runner.arun(slurm.build_scancel_argv(job_ids, signal), check=False)
+
+    def cancel_now(self, job_ids) -> None:
+        """Synchronous ``scancel``, for interpreter exit and other last resorts."""
+        if job_ids:
+            self.runner.run(slurm.build_scancel_argv(job_ids), check=False, timeout=30)
+
+    def signal_now(self, job_ids, signal: str = "TERM") -> None:
+        """Synchronous: send ``signal`` to every process of the jobs and return at once."""
+        if job_ids:
+            self.runner.run(slurm.build_scancel_argv(job_ids, signal), check=False, timeout=10)
+
+    def node_addresses(self, partition: str | None) -> list[str]:
+        """Addresses of the partition's nodes (``sinfo``), for choosing the scheduler's address."""
+        argv = ["sinfo", "--noheader", "--Node", "--format=%o"]
+        if partition:
+            argv.append(f"--partition={partition}")
+        result = self.runner.run(argv, check=False)
+        if result.returncode != 0:
+            if slurm.controller_unreachable(result.stderr):
+                raise SlurmUnavailableError(
+                    argv, result.returncode, result.stdout, result.stderr,
+                    reason=(
+                        "Slurm's controller is not answering, so no job can be submitted now; nothing was "
+                        "queued. `scontrol ping` shows when it is back; try again then, or ask your "
+                        "cluster's support."
+                    ),
+                )
+            logger.warning("sinfo failed (%s); the scheduler's address is chosen without the nodes' addresses.",
+                           result.stderr.strip() or f"exit code {result.returncode}")
+        return [line.strip() for line in result.stdout.splitlines() if line.strip()]

@@ -1,0 +1,132 @@
+"""Start-up and watching: the one loop that reads every job's state and acts on it.
+
+:meth:`Supervisor.wait_ready` polls all jobs with one batched query (0.25 s,
+backing off to ``poll_interval``), probes the database, counts workers, logs
+what it still waits for, and raises the first failure (a job that ended, a
+deadline) with its story. :meth:`Supervisor.watch` then keeps polling while
+the cluster runs, so a lost database or worker node is known within
+``poll_interval`` and handed to its service. :meth:`Supervisor.beat`
+refreshes the heartbeat the jobs' orphan guards watch.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+
+from ..errors import MsPASSClusterError, StartupTimeoutError
+from ..jobs import JobLauncher
+from .database import DatabaseService
+from .workers import WorkerNodes
+
+__all__ = ["Supervisor"]
+
+logger = logging.getLogger("mspass_cluster")
+
+
+class Supervisor:
+    """Watches one cluster's jobs through its services.
+
+    Parameters
+    ----------
+    launcher : JobLauncher
+    database : DatabaseService
+    workers : WorkerNodes
+    """
+
+    def __init__(self, launcher: JobLauncher, database: DatabaseService, workers: WorkerNodes):
+        self.launcher = launcher
+        self.database = database
+        self.workers = workers
+        self.options = launcher.options
+        self.closing = False
+
+    async def beat(self) -> None:
+        """Refresh the heartbeat file the jobs watch (see ``orphan_timeout``), off the event loop."""
+        path = self.launcher.context.heartbeat
+
+        def touch():
+            with open(path, "a"):
+                os.utime(path)
+
+        while True:
+            await asyncio.to_thread(touch)
+            await asyncio.sleep(max(1.0, min(10.0, self.options.orphan_timeout / 10)))
+
+    def waiting_for(self, connected: set) -> str:
+        parts = [self.database.waiting_for()] + self.workers.waiting_for(connected)
+        return "; ".join(p for p in parts if p) or "nothing"
+
+    async def wait_ready(self, plan) -> None:
+        """Wait until the database answers and every worker of ``plan()`` connected; fail fast otherwise."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.options.startup_timeout
+        interval, next_poll, last_summary, last_logged, started = 0.25, 0.0, None, 0.0, loop.time()
+        while True:
+            if self.closing:
+                raise MsPASSClusterError("The cluster was closed while it was starting.")
+            now = loop.time()
+            if now >= next_poll:
+                await self.launcher.poll_riding_outages(give_up=True)
+                error = self.database.startup_failure() or self.workers.startup_failure()
+                if error is not None:
+                    raise error
+                next_poll, interval = now + interval, min(interval * 1.5, self.options.poll_interval)
+            db_ready = await self.database.probe()
+            connected = self.workers.mark_ready()
+            if db_ready and plan() <= connected:
+                return
+            summary = self.waiting_for(connected)
+            if summary != last_summary or now - last_logged > 60:
+                # A few lines for a user: a quick start says nothing, a slow one says what it waits for.
+                shown = now - started > 2 and (now - last_logged > 10 or last_summary is None)
+                logger.log(logging.INFO if shown else self.launcher.detail, "Waiting for %s", summary)
+                last_summary = summary
+                if shown:
+                    last_logged = now
+            if now >= deadline:
+                raise StartupTimeoutError(
+                    f"The cluster was not ready after startup_timeout={self.options.startup_timeout:g} s. Still "
+                    f"waiting for {summary}. Every job was cancelled. If the queue is busy, raise startup_timeout; "
+                    "if jobs ran but never connected, check the logs in " + self.options.log_dir + "."
+                )
+            await asyncio.sleep(0.1)
+
+    async def watch(self) -> None:
+        """After start-up: keep polling; hand every job that changed to its service."""
+        while not self.closing:
+            await asyncio.sleep(self.options.poll_interval)
+            if self.closing:
+                return
+            changed = await self.launcher.poll_riding_outages(give_up=False)
+            if changed is None:
+                continue
+            self.workers.mark_ready()
+            self.database.warn_before_walltime()
+            for job in changed:
+                logger.log(self.launcher.detail, "%s", job.describe())
+                if self.closing:
+                    continue
+                (self.database if job.role == "db" else self.workers).on_change(job)
+
+    async def wait_for_workers(self, wanted_of, timeout: float) -> None:
+        """Until ``wanted_of(connected)`` says enough workers are there; raises a worker failure or at ``timeout``."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while True:
+            if self.workers.failures:
+                raise self.workers.failures.pop(0)
+            lost = self.database.lost()
+            if lost is not None:
+                raise lost
+            connected = self.workers.connected()
+            have, wanted = wanted_of(connected)
+            if have >= wanted:
+                return
+            if loop.time() >= deadline:
+                raise StartupTimeoutError(
+                    f"Only {have} of {wanted} workers connected within the timeout; "
+                    f"Slurm says: {'; '.join(self.workers.waiting_for(connected)) or 'nothing pending'}."
+                )
+            await asyncio.sleep(0.1)

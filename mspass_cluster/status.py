@@ -1,0 +1,113 @@
+"""What ``print(cluster)`` and the notebook show: every role, every job, what is true now (pure).
+
+A :class:`ClusterView` is a snapshot the cluster takes of itself; the text
+and the HTML (no ipywidgets needed) are both rendered from it, so they
+never disagree.
+"""
+
+from __future__ import annotations
+
+import html
+from dataclasses import dataclass, field
+
+__all__ = ["ClusterView", "JobRow", "render_text", "render_html", "format_seconds"]
+
+
+@dataclass(frozen=True)
+class JobRow:
+    """One job as a user asks about it."""
+
+    role: str
+    unit: str
+    job_id: str
+    name: str
+    phase: str
+    detail: str  #: Slurm's state and reason, e.g. ``PENDING (Resources)``
+    node: str
+    time_left: int | None
+    log_path: str
+    error: str | None = None  #: first line of its failure, if it failed
+
+
+@dataclass(frozen=True)
+class ClusterView:
+    """A snapshot of one cluster."""
+
+    name: str
+    backend: str
+    status: str
+    db_address: str | None
+    dashboard: str | None
+    workers_connected: int
+    workers_planned: int
+    nodes_planned: int
+    jobs: list[JobRow] = field(default_factory=list)
+    problems: list[str] = field(default_factory=list)
+
+
+def format_seconds(seconds: int | None) -> str:
+    """``'1:02:03'`` for 3723 s; ``'—'`` when unknown."""
+    if seconds is None:
+        return "—"
+    hours, rest = divmod(int(seconds), 3600)
+    return f"{hours}:{rest // 60:02d}:{rest % 60:02d}"
+
+
+def _state(job: JobRow) -> str:
+    return job.phase + (f" ({job.detail})" if job.detail and job.detail.lower() != job.phase else "")
+
+
+def render_text(view: ClusterView) -> str:
+    """Several lines: the cluster, its problems, then one line per job."""
+    lines = [
+        f"MsPASSCluster {view.name} ({view.backend} backend): {view.status}",
+        f"  database  {view.db_address or 'not answering'}",
+        f"  workers   {view.workers_connected} of {view.workers_planned} connected, on {view.nodes_planned} "
+        "worker node(s)",
+        f"  dashboard {view.dashboard or '—'}",
+    ]
+    lines += [f"  PROBLEM   {p}" for p in view.problems]
+    if view.jobs:
+        lines.append(f"  {'role':6} {view.jobs[0].unit:>8} {'state':28} {'node':10} {'left':>8}  log")
+        for job in view.jobs:
+            lines.append(f"  {job.role:6} {job.job_id:>8} {_state(job)[:28]:28} {job.node or '—':10} "
+                         f"{format_seconds(job.time_left):>8}  {job.log_path}")
+    return "\n".join(lines)
+
+
+_COLOURS = {"ready": "#1a7f37", "running": "#9a6700", "pending": "#9a6700", "submitted": "#9a6700",
+            "failed": "#cf222e", "stopping": "#57606a", "stopped": "#57606a"}
+
+
+def render_html(view: ClusterView) -> str:
+    """A self-contained HTML block for Jupyter (``_repr_html_``)."""
+    e = html.escape
+    link = f'<a href="{e(view.dashboard)}" target="_blank">{e(view.dashboard)}</a>' if view.dashboard else "—"
+    rows = "".join(
+        "<tr>"
+        f"<td>{e(j.role)}</td><td>{e(j.job_id)}</td><td>{e(j.name)}</td>"
+        f'<td style="color:{_COLOURS.get(j.phase, "inherit")}"><b>{e(j.phase)}</b>'
+        f"{' ' + e(j.detail) if j.detail and j.detail.lower() != j.phase else ''}</td>"
+        f"<td>{e(j.node or '—')}</td><td>{e(format_seconds(j.time_left))}</td>"
+        f"<td><code>{e(j.log_path)}</code></td>"
+        "</tr>"
+        for j in view.jobs
+    )
+    problems = "".join(f'<p style="color:#cf222e"><b>Problem:</b> {e(p)}</p>' for p in view.problems)
+    unit = view.jobs[0].unit if view.jobs else "job"
+    return (
+        '<div class="mspass-cluster">'
+        f"<h4 style=\"margin:0.2em 0\">MsPASSCluster {e(view.name)} "
+        f"<small>({e(view.backend)} backend): {e(view.status)}</small></h4>"
+        "<table><tbody>"
+        f"<tr><th style=\"text-align:left\">Database</th><td>{e(view.db_address or 'not answering')}</td></tr>"
+        f"<tr><th style=\"text-align:left\">Workers</th><td>{view.workers_connected} of {view.workers_planned} "
+        f"connected, on {view.nodes_planned} worker node(s)</td></tr>"
+        f"<tr><th style=\"text-align:left\">Dashboard</th><td>{link}</td></tr>"
+        "</tbody></table>"
+        f"{problems}"
+        "<table><thead><tr>"
+        f"<th>role</th><th>{e(unit)}</th><th>name</th><th>state</th><th>node</th><th>time left</th><th>log</th>"
+        f"</tr></thead><tbody>{rows}</tbody></table>"
+        "</div>"
+    )
