@@ -360,15 +360,17 @@ class MsPASSCluster(SpecCluster):
         """A snapshot of every role and job (what ``print(cluster)`` and the notebook show)."""
         jobs = sorted(self._launcher.jobs.values(), key=lambda j: (j.role != "db", j.submitted))
         problems = [str(j.error).splitlines()[0] for j in jobs if j.error is not None]
-        status = self.status.name if self.status != Status.running else "running"
-        if self.database.lost() is not None and self.status == Status.running:
-            status = "running, but its database is lost"
+        status, db_address = self.status.name if self.status != Status.running else "running", self.database.uri
+        if self.database.lost() is not None:
+            db_address = f"lost ({self.db_job.describe()})"
+            if self.status == Status.running:
+                status = "running, but its database is lost"
         try:
             scheduler_workers = len(self.scheduler.workers) if self.status != Status.closed else 0
         except AttributeError:
             scheduler_workers = 0
         return ClusterView(
-            name=self._name, backend=self.backend, status=status, db_address=self.database.uri,
+            name=self._name, backend=self.backend, status=status, db_address=db_address,
             dashboard=super().dashboard_link if self.status == Status.running else None,
             workers_connected=scheduler_workers, workers_planned=len(self.plan), nodes_planned=len(self.worker_spec),
             problems=problems,

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import socket
 import sys
 
@@ -627,4 +628,38 @@ def test_a_work_dir_with_a_space_and_a_percent_sign_works(slurm_testbed, shared_
     with MsPASSCluster(nodes=1, work_dir=str(work_dir), db_command=NX_MONGOD, walltime="10") as cluster:
         assert cluster.get_client().submit(sum, [1, 2]).result() == 3
         assert os.path.exists(cluster.db_job.log_path) and os.path.exists(cluster.workers_service.jobs()[0].log_path)
+    assert_nothing_left(cluster)
+
+
+def test_a_lost_database_is_raised_by_the_next_call_with_its_story(slurm_testbed, shared_dir):
+    """scancel of the database job: get_db_client() says so at once, not after a 30 s pymongo timeout."""
+    import subprocess
+    import time
+    from mspass_cluster.jobs import JobPhase
+    with MsPASSCluster(nodes=1, work_dir=str(shared_dir), db_command=NX_MONGOD, walltime="10") as cluster:
+        db = cluster.get_db_client()
+        db.t.c.insert_one({"x": 1})
+        job_id = cluster.db_job.job_id
+        subprocess.run(["scancel", job_id], check=True)
+        started = time.monotonic()
+        deadline = started + 60
+        error = None
+        while time.monotonic() < deadline:
+            try:
+                cluster.get_db_client()
+            except JobFailedError as exc:
+                error = exc
+                break
+            time.sleep(0.2)
+        assert error is not None, "get_db_client() kept handing out a dead database"
+        assert time.monotonic() - started < 5
+        assert error.role == "db" and error.job_id == job_id and error.state == "CANCELLED"
+        assert f"The db job {job_id}" in str(error) and "ended while the cluster was running" in str(error)
+        assert cluster.db_job.phase is JobPhase.FAILED
+        text = str(cluster)
+        assert "running, but its database is lost" in text and "database  lost (db job" in text
+        assert re.search(rf"\n  db +{job_id} failed \(CANCELLED\)", text), text
+        assert "failed" in cluster._repr_html_() and job_id in cluster._repr_html_()
+        with pytest.raises(JobFailedError):
+            cluster.wait_for_workers()
     assert_nothing_left(cluster)
