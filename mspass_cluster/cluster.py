@@ -16,16 +16,12 @@ exit and on SIGTERM.
 from __future__ import annotations
 
 import asyncio
-import atexit
 import contextlib
 import functools
 import math
 import os
 import secrets
 import shutil
-import signal
-import threading
-import weakref
 
 from distributed import Client, Scheduler
 from distributed.core import Status
@@ -33,6 +29,7 @@ from distributed.deploy.cluster import Cluster
 from distributed.deploy.spec import SpecCluster
 from distributed.protocol.pickle import dumps
 
+from . import exit_guard
 from .backends import LOCAL_HOST, auto_backend, backend_defaults, choose_backend, finalise_options, open_backend
 from .commands import CommandRunner
 from .config import ClusterOptions, prepare_directories, resolve_options
@@ -43,8 +40,8 @@ from .network import scheduler_host
 from .progress import DaskChatter, logger, make_progress_visible
 from .roles import ROLES, ScriptContext, service_environment
 from .services import DatabaseService, NodeAdaptive, Supervisor, WorkerJob, WorkerNodes, node_of_worker
-from .status import ClusterView, JobRow, render_html, render_text
-from .worker_env import EnvironmentPlugin
+from .status import ClusterView, render_html, render_text, view_of
+from .worker_env import EnvironmentPlugin, PublishedEnvironment
 
 __all__ = ["MsPASSCluster"]
 
@@ -109,9 +106,7 @@ class MsPASSCluster(SpecCluster):
         self._launcher = JobLauncher(context, backend)
         self.database = DatabaseService(self.options, self._launcher, name, local=self.backend == "local")
         self.database.refuse_a_directory_in_use()
-        # From here on SIGTERM (also while starting) stops what this cluster submitted.
-        _LIVE_CLUSTERS.add(self)
-        _stop_clusters_on_sigterm()
+        exit_guard.guard(self)  # from here on SIGTERM (also while starting) stops what this cluster submitted
 
         host, partition_nodes = self._scheduler_host(backend)
         self.workers_service = WorkerNodes(self, capacity=getattr(backend, "worker_capacity", None),
@@ -121,7 +116,7 @@ class MsPASSCluster(SpecCluster):
         self._tasks: list[asyncio.Task] = []
         self._client = None
         self._db_client = None
-        self._saved_environ: dict[str, str | None] = {}
+        self._environment = PublishedEnvironment()
         self._holds_dask_chatter = not self.options.verbose
         if self._holds_dask_chatter:
             DaskChatter.hold()
@@ -151,7 +146,7 @@ class MsPASSCluster(SpecCluster):
             if runner is not None:
                 runner.stop()
             raise
-        atexit.register(_close_at_exit, weakref.ref(self))
+        exit_guard.guard_at_exit(self)
 
     def _scheduler_host(self, backend) -> tuple[str, int | None]:
         """The address the nodes reach the scheduler on (logged), and the partition's node count if named."""
@@ -194,7 +189,7 @@ class MsPASSCluster(SpecCluster):
     async def _bring_up(self):
         self._tasks.append(asyncio.ensure_future(self._supervisor.beat()))
         self._launcher.know(scheduler_address=self.scheduler.address)
-        self._publish_environment(with_db=False)
+        self._environment.publish(self._job_environment(), but=("MSPASS_DB_ADDRESS",))
         for _ in range(self.options.nodes):
             self.worker_spec.update(self.new_worker_spec())
         results = await asyncio.gather(self.database.submit(), self._correct_state(), return_exceptions=True)
@@ -211,27 +206,12 @@ class MsPASSCluster(SpecCluster):
 
     async def _share_db_address(self):
         self._launcher.know(db_host=self.database.host)
-        self._publish_environment(with_db=True)
+        self._environment.publish(self._job_environment())
         plugin = EnvironmentPlugin(self._job_environment())
         await self.scheduler.register_worker_plugin(None, dumps(plugin), name=plugin.name, idempotent=False)
 
     def _job_environment(self) -> dict:
         return service_environment(self.scheduler.address, self._launcher.context.db_host, self.options.db_port)
-
-    def _publish_environment(self, with_db: bool):
-        for key, value in self._job_environment().items():
-            if key == "MSPASS_DB_ADDRESS" and not with_db:
-                continue
-            self._saved_environ.setdefault(key, os.environ.get(key))
-            os.environ[key] = value
-
-    def _restore_environment(self):
-        for key, value in self._saved_environ.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
-        self._saved_environ.clear()
 
     def _update_worker_status(self, op, msg):
         # SpecCluster closes a job 15 s after a worker of the same name leaves;
@@ -358,26 +338,7 @@ class MsPASSCluster(SpecCluster):
     # ------------------------------------------------------------ what is true
     def view(self) -> ClusterView:
         """A snapshot of every role and job (what ``print(cluster)`` and the notebook show)."""
-        jobs = sorted(self._launcher.jobs.values(), key=lambda j: (j.role != "db", j.submitted))
-        problems = [str(j.error).splitlines()[0] for j in jobs if j.error is not None]
-        status, db_address = self.status.name if self.status != Status.running else "running", self.database.uri
-        if self.database.lost() is not None:
-            db_address = f"lost ({self.db_job.describe()})"
-            if self.status == Status.running:
-                status = "running, but its database is lost"
-        try:
-            scheduler_workers = len(self.scheduler.workers) if self.status != Status.closed else 0
-        except AttributeError:
-            scheduler_workers = 0
-        return ClusterView(
-            name=self._name, backend=self.backend, status=status, db_address=db_address,
-            dashboard=super().dashboard_link if self.status == Status.running else None,
-            workers_connected=scheduler_workers, workers_planned=len(self.plan), nodes_planned=len(self.worker_spec),
-            problems=problems,
-            jobs=[JobRow(j.role, j.unit, j.job_id, j.name, j.phase.value,
-                         j.state.value + (f" ({j.status.reason})" if j.status and j.status.reason else ""),
-                         j.node, j.time_left, j.log_path) for j in jobs],
-        )
+        return view_of(self)
 
     def __str__(self):
         return render_text(self.view())
@@ -435,7 +396,7 @@ class MsPASSCluster(SpecCluster):
             leftovers = self._launcher.active()
             if leftovers:
                 await asyncio.gather(*(self._launcher.cancel(j, timeout=JOB_STOP_TIMEOUT) for j in leftovers))
-            self._restore_environment()
+            self._environment.restore()
             self.database.release()
             if self._holds_dask_chatter:
                 self._holds_dask_chatter = False
@@ -471,40 +432,3 @@ class MsPASSCluster(SpecCluster):
                 left = self._launcher.cancel_everything_now()
                 if left:
                     logger.warning("Cancelled jobs %s that were still listed after close().", ", ".join(left))
-
-
-_LIVE_CLUSTERS: weakref.WeakSet = weakref.WeakSet()
-_SIGTERM_PREVIOUS: list = []
-
-
-def _stop_clusters_on_sigterm() -> None:
-    """Make SIGTERM to this process (``kill``, Slurm's walltime or ``scancel`` of a Jupyter job) stop the clusters.
-
-    Python ends at SIGTERM without running ``atexit``: the database would stay
-    until ``orphan_timeout``. Installed once, from the main thread, over
-    Python's default action or another handler (which is then called too).
-    """
-    if _SIGTERM_PREVIOUS or threading.current_thread() is not threading.main_thread():
-        return
-    previous = signal.getsignal(signal.SIGTERM)
-    if previous is signal.SIG_IGN or previous is None:
-        return
-    _SIGTERM_PREVIOUS.append(previous)
-    signal.signal(signal.SIGTERM, _on_sigterm)
-
-
-def _on_sigterm(signum, frame):
-    for cluster in list(_LIVE_CLUSTERS):
-        cluster._stop_at_once()
-    previous = _SIGTERM_PREVIOUS[0]
-    if callable(previous):
-        previous(signum, frame)
-    else:  # Python's default: die of SIGTERM, as the sender expects
-        signal.signal(signal.SIGTERM, signal.SIG_DFL)
-        os.kill(os.getpid(), signal.SIGTERM)
-
-
-def _close_at_exit(ref):
-    cluster = ref()
-    if cluster is not None and cluster.status != Status.closed:
-        cluster.close()

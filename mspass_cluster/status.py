@@ -1,8 +1,8 @@
-"""What ``print(cluster)`` and the notebook show: every role, every job, what is true now (pure).
+"""What ``print(cluster)`` and the notebook show: every role, every job, what is true now.
 
-A :class:`ClusterView` is a snapshot the cluster takes of itself; the text
-and the HTML (no ipywidgets needed) are both rendered from it, so they
-never disagree.
+:func:`view_of` takes a :class:`ClusterView` snapshot of a cluster; the text
+and the HTML (no ipywidgets needed) are both rendered from it (pure), so
+they never disagree.
 """
 
 from __future__ import annotations
@@ -10,7 +10,10 @@ from __future__ import annotations
 import html
 from dataclasses import dataclass, field
 
-__all__ = ["ClusterView", "JobRow", "render_text", "render_html", "format_seconds"]
+from distributed.core import Status
+from distributed.deploy.cluster import Cluster
+
+__all__ = ["ClusterView", "JobRow", "view_of", "render_text", "render_html", "format_seconds"]
 
 
 @dataclass(frozen=True)
@@ -43,6 +46,28 @@ class ClusterView:
     nodes_planned: int
     jobs: list[JobRow] = field(default_factory=list)
     problems: list[str] = field(default_factory=list)
+
+
+def view_of(cluster) -> ClusterView:
+    """A snapshot of ``cluster`` (an :class:`~mspass_cluster.MsPASSCluster`): its roles, jobs and problems."""
+    jobs = sorted(cluster._launcher.jobs.values(), key=lambda j: (j.role != "db", j.submitted))
+    running = cluster.status == Status.running
+    status, db_address = "running" if running else cluster.status.name, cluster.database.uri
+    if cluster.database.lost() is not None:
+        db_address = f"lost ({cluster.db_job.describe()})"
+        if running:
+            status = "running, but its database is lost"
+    scheduler = getattr(cluster, "scheduler", None)
+    return ClusterView(
+        name=cluster.name, backend=cluster.backend, status=status, db_address=db_address,
+        dashboard=Cluster.dashboard_link.fget(cluster) if running else None,
+        workers_connected=len(getattr(scheduler, "workers", None) or {}) if running else 0,
+        workers_planned=len(cluster.plan), nodes_planned=len(cluster.worker_spec),
+        problems=[str(j.error).splitlines()[0] for j in jobs if j.error is not None],
+        jobs=[JobRow(j.role, j.unit, j.job_id, j.name, j.phase.value,
+                     j.state.value + (f" ({j.status.reason})" if j.status and j.status.reason else ""),
+                     j.node, j.time_left, j.log_path) for j in jobs],
+    )
 
 
 def format_seconds(seconds: int | None) -> str:
