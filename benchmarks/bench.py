@@ -626,6 +626,7 @@ def run(plan: Plan, out: Path) -> dict:
     results["errors"] = harness.errors
     results["sequence"] = harness.sequence
     results["foreign_jobs"] = harness.foreign
+    results["tags"] = sorted(harness.tags)
     return results
 
 

@@ -57,13 +57,20 @@ def _run(argv: list[str], timeout: float = 30.0) -> subprocess.CompletedProcess:
 def queued_jobs(tag: str | None = None) -> dict[str, str]:
     """Jobs squeue lists (pending, running, completing), ``{job_id: name}``.
 
+    Raises ``RuntimeError`` when squeue fails.
+
     Parameters
     ----------
     tag : str, optional
         Keep only the jobs of one benchmark cluster: named ``tag`` exactly
         (dask-jobqueue) or ``tag-...`` (MsPASSCluster adds ``-<id>-worker-<n>``).
     """
-    out = _run([slurm_path("squeue"), "--noheader", "--format=%i|%j"])
+    argv = [slurm_path("squeue"), "--noheader", "--format=%i|%j"]
+    out = _run(argv)
+    if out.returncode != 0:
+        # An outage must not read as "nothing queued": the harness would take leftovers for gone.
+        raise RuntimeError(f"{shlex.join(argv)} failed with exit code {out.returncode}: {out.stderr.strip()}; "
+                           "the harness cannot tell which jobs are left. Check `scontrol ping`.")
     jobs = {}
     for line in out.stdout.splitlines():
         job_id, _, name = line.strip().partition("|")

@@ -1,95 +1,46 @@
-"""The ``mongod`` command line and startup log, shared by the stand-ins for mongod.
+"""The ``mongod`` command line of the embedded database.
 
-Used by :mod:`mspass_cluster.embedded_db` (nx-27017 behind mongod's command
-line: the local backend's database when no mongod is installed, and the
-tests' data-path stand-in) and by the tests' ``tests/bin/fake_mongod.py``
-(process handling). Neither is a MongoDB server.
+:mod:`mspass_cluster.embedded_db` runs nx-27017 behind mongod's command line,
+so that the cluster starts it exactly as it starts ``mongod``. This module is
+that command line: the options :func:`mspass_cluster.roles.db_argv` emits
+(``--port``, ``--dbpath``, ``--bind_ip`` or ``--bind_ip_all``,
+``--nounixsocket``, ``--wiredTigerCacheSizeGB``), the two that place
+nx-27017's own files (``--logpath``, ``--pidfilepath``), ``--version`` and
+``--help``. Its log lines are in :mod:`mspass_cluster._mongod_log`.
 
-What is faithful to ``mongod`` 7.0: the option names the package and its
-users pass (both ``--opt value`` and ``--opt=value``, and the single-dash
-``-opt value`` that mongod's option parser also accepts), its messages and
-exit statuses for command-line errors (exit 2), the JSON-lines log format of
-mongod 4.4+ written to stdout or ``--logpath`` (an existing log file is
-renamed aside unless ``--logappend``), the log lines and exit statuses of the
-startup failures the package must recognise (listener setup, exit 48;
-missing data directory, exit 100) and the default ports of ``--configsvr``
-and ``--shardsvr``.
+What is faithful to ``mongod`` 7.0: the spellings ``--opt value``,
+``--opt=value`` and ``-opt value``; the messages and exit status (2) of
+command-line errors, an unrecognised option included; the addresses
+``--bind_ip`` and ``--bind_ip_all`` mean.
 
-What is not: most mongod options are unknown here and are rejected as
-unrecognised; ``--fork`` is refused (mongod would daemonise; the package must
-never ask for that); ``--config`` files, ``--ipv6`` and option abbreviations
-do not exist; values are validated only for type.
+What is not: every other mongod option is refused as unrecognised, ``--fork``
+with a message of its own (the package must never daemonise its database);
+no ``--config`` files, ``--ipv6`` or option abbreviations; values are
+validated only for type and range.
+
+The tests' fake mongod (``tests/bin/fake_mongod_cli.py``) subclasses
+:class:`MongodOptions` with the options only it needs.
 """
 
 from __future__ import annotations
 
-import datetime
 import ipaddress
-import json
-import os
-import platform
 import socket
 import sys
 from dataclasses import dataclass, field
-from typing import Any, Callable, NoReturn, Sequence, TextIO
+from typing import Any, Callable, ClassVar, NoReturn, Sequence
 
-#: mongod's exit statuses (``mongo::ExitCode``) that the stand-ins use.
+#: mongod's exit statuses (``mongo::ExitCode``).
 EXIT_CLEAN = 0
 EXIT_FAILURE = 1
 EXIT_BADOPTIONS = 2
 EXIT_NET_ERROR = 48
 EXIT_UNCAUGHT = 100
 
-#: The MongoDB release whose behaviour the stand-ins imitate.
+#: The MongoDB release whose command line and log the embedded database imitates.
 MONGODB_VERSION = "7.0.0"
-MAX_WIRE_VERSION = 21
 
 _HELP_HINT = "try 'mongod --help' for more information"
-
-# Options that take a value: name -> (converter, may repeat).
-_VALUE_OPTIONS: dict[str, tuple[Callable[[str], Any], bool]] = {
-    "port": (int, False),
-    "dbpath": (str, False),
-    "bind_ip": (str, False),
-    "logpath": (str, False),
-    "pidfilepath": (str, False),
-    "unixSocketPrefix": (str, False),
-    "wiredTigerCacheSizeGB": (float, False),
-    "keyFile": (str, False),
-    "replSet": (str, False),
-    "setParameter": (str, True),
-}
-_SWITCHES = frozenset({
-    "bind_ip_all", "logappend", "nounixsocket", "quiet", "auth",
-    "configsvr", "shardsvr", "fork", "version", "help",
-})
-_SHORT_SWITCHES = {"h": "help"}
-
-_USAGE = """\
-Options (a subset of mongod's; this program is a test stand-in):
-  --port arg                   port to listen on (27017; 27018 with --shardsvr,
-                               27019 with --configsvr)
-  --bind_ip arg                comma-separated addresses or hostnames to bind
-                               (default 127.0.0.1)
-  --bind_ip_all                bind to every IPv4 address
-  --dbpath arg                 data directory (default /data/db)
-  --logpath arg                log file instead of stdout
-  --logappend                  append to --logpath instead of renaming it aside
-  --pidfilepath arg            write the process id to this file
-  --nounixsocket               no Unix domain socket
-  --unixSocketPrefix arg       directory of the Unix domain socket (/tmp)
-  --wiredTigerCacheSizeGB arg  accepted and reported, no effect
-  --quiet                      fewer log lines (no connection events)
-  --auth                       accepted and reported, not enforced
-  --keyFile arg                accepted and reported, not read
-  --replSet arg                replica set name (reported, no replication)
-  --configsvr                  config server role (changes the default port)
-  --shardsvr                   shard role (changes the default port)
-  --setParameter arg           name=value (repeatable), reported only
-  --version                    print the version and exit
-  -h [ --help ]                print this help and exit
-  --fork                       refused: the stand-ins never daemonise
-"""
 
 
 class CommandLineError(Exception):
@@ -102,12 +53,40 @@ class BindError(Exception):
 
 @dataclass
 class MongodOptions:
-    """Parsed mongod command line.
+    """A parsed mongod command line.
 
     Attributes mirror the option names; ``given`` lists the options that
-    appeared on the command line (``getCmdLineOpts`` and the startup log
-    report only those, as mongod does) and ``argv`` is the raw command line.
+    appeared on the command line (the startup log reports only those, as
+    mongod does) and ``argv`` is the raw command line. The class attributes
+    in capitals are the option table :func:`parse_command_line` reads.
     """
+
+    #: Options that take a value: name -> (converter, may repeat).
+    VALUE_OPTIONS: ClassVar[dict[str, tuple[Callable[[str], Any], bool]]] = {
+        "port": (int, False),
+        "dbpath": (str, False),
+        "bind_ip": (str, False),
+        "logpath": (str, False),
+        "pidfilepath": (str, False),
+        "wiredTigerCacheSizeGB": (float, False),
+    }
+    #: Options without a value.
+    SWITCHES: ClassVar[frozenset[str]] = frozenset({"bind_ip_all", "nounixsocket", "fork", "version", "help"})
+    SHORT_SWITCHES: ClassVar[dict[str, str]] = {"h": "help"}
+    USAGE: ClassVar[str] = """\
+Options (the subset of mongod's that the embedded nx-27017 database honours):
+  --port arg                   port to listen on (default 27017)
+  --bind_ip arg                comma-separated addresses or hostnames to bind
+                               (default 127.0.0.1)
+  --bind_ip_all                bind to every IPv4 address
+  --dbpath arg                 data directory (default /data/db)
+  --logpath arg                log file instead of stdout
+  --pidfilepath arg            write the process id to this file
+  --nounixsocket               no Unix domain socket (there never is one)
+  --wiredTigerCacheSizeGB arg  accepted, no effect
+  --version                    print the version and exit
+  -h [ --help ]                print this help and exit
+"""
 
     argv: list[str]
     given: list[str] = field(default_factory=list)
@@ -116,78 +95,54 @@ class MongodOptions:
     bind_ip: list[str] = field(default_factory=lambda: ["127.0.0.1"])
     bind_ip_all: bool = False
     logpath: str | None = None
-    logappend: bool = False
     pidfilepath: str | None = None
     nounixsocket: bool = False
-    unixSocketPrefix: str = "/tmp"
     wiredTigerCacheSizeGB: float | None = None
-    quiet: bool = False
-    auth: bool = False
-    keyFile: str | None = None
-    replSet: str | None = None
-    configsvr: bool = False
-    shardsvr: bool = False
-    setParameter: dict[str, str] = field(default_factory=dict)
     fork: bool = False
     version: bool = False
     help: bool = False
 
     @property
     def effective_port(self) -> int:
-        """The port mongod listens on, with the role-dependent default."""
-        if self.port is not None:
-            return self.port
-        if self.configsvr:
-            return 27019
-        if self.shardsvr:
-            return 27018
-        return 27017
+        """The port mongod listens on."""
+        return 27017 if self.port is None else self.port
 
     def as_config(self) -> dict[str, Any]:
-        """The options as mongod's nested configuration document (``parsed`` in ``getCmdLineOpts``)."""
+        """The options as mongod's nested configuration document (``Options set by command line``)."""
         given = set(self.given)
         config: dict[str, dict[str, Any]] = {}
-
-        def put(section: str, key: str, value: Any) -> None:
-            config.setdefault(section, {})[key] = value
-
         if "port" in given:
-            put("net", "port", self.port)
+            config.setdefault("net", {})["port"] = self.port
         if "bind_ip" in given:
-            put("net", "bindIp", ",".join(self.bind_ip))
+            config.setdefault("net", {})["bindIp"] = ",".join(self.bind_ip)
         if self.bind_ip_all:
-            put("net", "bindIpAll", True)
+            config.setdefault("net", {})["bindIpAll"] = True
         if self.nounixsocket:
             config.setdefault("net", {})["unixDomainSocket"] = {"enabled": False}
-        if "unixSocketPrefix" in given:
-            config.setdefault("net", {}).setdefault("unixDomainSocket", {})["pathPrefix"] = self.unixSocketPrefix
         if "dbpath" in given:
-            put("storage", "dbPath", self.dbpath)
+            config.setdefault("storage", {})["dbPath"] = self.dbpath
         if self.wiredTigerCacheSizeGB is not None:
             config.setdefault("storage", {})["wiredTiger"] = {
                 "engineConfig": {"cacheSizeGB": self.wiredTigerCacheSizeGB}}
         if self.logpath is not None:
-            put("systemLog", "destination", "file")
-            put("systemLog", "path", self.logpath)
-        if self.logappend:
-            put("systemLog", "logAppend", True)
-        if self.quiet:
-            put("systemLog", "quiet", True)
+            config.setdefault("systemLog", {}).update(destination="file", path=self.logpath)
         if self.pidfilepath is not None:
-            put("processManagement", "pidFilePath", self.pidfilepath)
-        if self.auth:
-            put("security", "authorization", "enabled")
-        if self.keyFile is not None:
-            put("security", "keyFile", self.keyFile)
-        if self.replSet is not None:
-            put("replication", "replSet", self.replSet)
-        if self.configsvr:
-            put("sharding", "clusterRole", "configsvr")
-        if self.shardsvr:
-            put("sharding", "clusterRole", "shardsvr")
-        if self.setParameter:
-            config["setParameter"] = dict(self.setParameter)
+            config.setdefault("processManagement", {})["pidFilePath"] = self.pidfilepath
         return config
+
+    def store(self, name: str, value: Any, shown: str) -> None:
+        """Validate and keep one converted option value.
+
+        Raises
+        ------
+        CommandLineError
+            With mongod's message for a value out of range.
+        """
+        if name == "port" and not 0 <= value <= 65535:
+            raise CommandLineError(f"BadValue: Invalid value for net.port: {value} is not in range [0, 65535]")
+        if name == "bind_ip":
+            value = [part.strip() for part in value.split(",") if part.strip()]
+        setattr(self, name, value)
 
 
 def _split(token: str) -> tuple[str, str | None]:
@@ -197,24 +152,37 @@ def _split(token: str) -> tuple[str, str | None]:
     return name, (value if sep else None)
 
 
-def parse_command_line(argv: Sequence[str]) -> MongodOptions:
+def parse_command_line(argv: Sequence[str], options: type[MongodOptions] = MongodOptions) -> MongodOptions:
     """Parse mongod options the way mongod's option parser does.
 
     Parameters
     ----------
     argv : sequence of str
         The arguments after the program name.
+    options : type, optional
+        :class:`MongodOptions` or a subclass; its option table decides what is known.
 
     Returns
     -------
     MongodOptions
+        An instance of ``options``.
 
     Raises
     ------
     CommandLineError
         With mongod's message, for anything mongod would refuse at parse time.
+
+    Examples
+    --------
+    >>> opts = parse_command_line(["--port=27018", "--bind_ip_all", "--nounixsocket"])
+    >>> opts.effective_port, opts.bind_ip_all, opts.given
+    (27018, True, ['port', 'bind_ip_all', 'nounixsocket'])
+    >>> parse_command_line(["--replSet", "rs0"])
+    Traceback (most recent call last):
+    ...
+    mspass_cluster._mongod_cli.CommandLineError: Error parsing command line: unrecognised option '--replSet'
     """
-    opts = MongodOptions(argv=list(argv))
+    opts = options(argv=list(argv))
     tokens = list(argv)
     i = 0
     while i < len(tokens):
@@ -223,17 +191,17 @@ def parse_command_line(argv: Sequence[str]) -> MongodOptions:
         if not token.startswith("-") or token in ("-", "--"):
             raise CommandLineError(
                 "Error parsing command line: too many positional options have been specified on the command line")
-        if not token.startswith("--") and token[1:] in _SHORT_SWITCHES:
-            name, inline = _SHORT_SWITCHES[token[1:]], None
+        if not token.startswith("--") and token[1:] in opts.SHORT_SWITCHES:
+            name, inline = opts.SHORT_SWITCHES[token[1:]], None
         else:
             name, inline = _split(token)
         shown = f"--{name}"
-        if name in _SWITCHES:
+        if name in opts.SWITCHES:
             if inline is not None:
                 raise CommandLineError(f"Error parsing command line: option '{shown}' does not take any arguments")
             setattr(opts, name, True)
-        elif name in _VALUE_OPTIONS:
-            convert, repeatable = _VALUE_OPTIONS[name]
+        elif name in opts.VALUE_OPTIONS:
+            convert, repeatable = opts.VALUE_OPTIONS[name]
             if inline is None:
                 if i >= len(tokens):
                     raise CommandLineError(
@@ -249,7 +217,7 @@ def parse_command_line(argv: Sequence[str]) -> MongodOptions:
                 raise CommandLineError(
                     f"Error parsing command line: the argument ('{inline}') for option '{shown}' is invalid"
                 ) from None
-            _store(opts, name, value, shown)
+            opts.store(name, value, shown)
         else:
             raise CommandLineError(f"Error parsing command line: unrecognised option '{token.partition('=')[0]}'")
         if name not in opts.given:
@@ -259,23 +227,8 @@ def parse_command_line(argv: Sequence[str]) -> MongodOptions:
     return opts
 
 
-def _store(opts: MongodOptions, name: str, value: Any, shown: str) -> None:
-    """Validate and keep one option value."""
-    if name == "port" and not 0 <= value <= 65535:
-        raise CommandLineError(f"BadValue: Invalid value for net.port: {value} is not in range [0, 65535]")
-    if name == "bind_ip":
-        value = [part.strip() for part in value.split(",") if part.strip()]
-    if name == "setParameter":
-        key, sep, param = value.partition("=")
-        if not sep or not key:
-            raise CommandLineError(
-                f"Error parsing command line: the argument ('{value}') for option '{shown}' is invalid")
-        opts.setParameter[key] = param
-        return
-    setattr(opts, name, value)
-
-
-def parse_or_exit(argv: Sequence[str], *, version_banner: str) -> MongodOptions:
+def parse_or_exit(argv: Sequence[str], *, version_banner: str,
+                  options: type[MongodOptions] = MongodOptions) -> MongodOptions:
     """Parse the command line, or print and exit as mongod does.
 
     Parameters
@@ -284,6 +237,8 @@ def parse_or_exit(argv: Sequence[str], *, version_banner: str) -> MongodOptions:
         The arguments after the program name.
     version_banner : str
         Printed for ``--version`` (mongod prints ``db version vX.Y.Z`` first).
+    options : type, optional
+        As for :func:`parse_command_line`; its ``USAGE`` is the ``--help`` text.
 
     Returns
     -------
@@ -291,17 +246,17 @@ def parse_or_exit(argv: Sequence[str], *, version_banner: str) -> MongodOptions:
         Only for a command line that asks the program to run.
     """
     try:
-        opts = parse_command_line(argv)
+        opts = parse_command_line(argv, options)
     except CommandLineError as exc:
         _fail(str(exc))
     if opts.help:
-        print(_USAGE, end="")
+        print(opts.USAGE, end="")
         sys.exit(EXIT_CLEAN)
     if opts.version:
         print(version_banner)
         sys.exit(EXIT_CLEAN)
     if opts.fork:
-        # mongod would daemonise; a stand-in that did so would hide the very
+        # mongod would daemonise; a server that did so would hide the very
         # process the package has to supervise, so it refuses loudly instead.
         _fail("--fork is not supported by this mongod stand-in: it must run in the foreground")
     return opts
@@ -341,134 +296,3 @@ def resolve_bind_addresses(opts: MongodOptions) -> list[tuple[socket.AddressFami
             candidates = [(family, str(literal))]
         resolved.extend(c for c in candidates if c not in resolved)
     return resolved
-
-
-def _now() -> str:
-    return datetime.datetime.now().astimezone().isoformat(timespec="milliseconds")
-
-
-class MongodLog:
-    """mongod's structured log: one JSON document a line, to stdout or ``--logpath``.
-
-    Parameters
-    ----------
-    opts : MongodOptions
-        ``logpath`` and ``logappend`` choose the destination.
-
-    Raises
-    ------
-    OSError
-        When the log file cannot be opened (mongod then exits with status 1).
-    """
-
-    def __init__(self, opts: MongodOptions):
-        self._stream: TextIO
-        if opts.logpath is None:
-            self._stream = sys.stdout
-            self._owned = False
-            return
-        if not opts.logappend and os.path.exists(opts.logpath):
-            # mongod's default logRotate=rename: the previous run's log is
-            # kept beside the new one rather than overwritten.
-            stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H-%M-%S")
-            os.replace(opts.logpath, f"{opts.logpath}.{stamp}")
-        self._stream = open(opts.logpath, "a", encoding="utf-8")
-        self._owned = True
-
-    def write(self, severity: str, component: str, log_id: int, ctx: str, msg: str,
-              attr: dict[str, Any] | None = None) -> str:
-        """Write and flush one line; returns it (without newline).
-
-        Parameters
-        ----------
-        severity : str
-            ``I``, ``W``, ``E`` or ``F``.
-        component : str
-            ``CONTROL``, ``NETWORK``, ``STORAGE``, ...
-        log_id : int
-            mongod's numeric id of this message, where known.
-        ctx : str
-            Thread name (``initandlisten``, ``listener``, ``conn12``, ...).
-        msg : str
-            The constant message text.
-        attr : dict, optional
-            The message's attributes.
-        """
-        record: dict[str, Any] = {"t": {"$date": _now()}, "s": severity, "c": component,
-                                  "id": log_id, "ctx": ctx, "msg": msg}
-        if attr:
-            record["attr"] = attr
-        line = json.dumps(record, separators=(",", ":"), default=str)
-        self._stream.write(line + "\n")
-        self._stream.flush()
-        return line
-
-    def close(self) -> None:
-        """Flush, and close the log file if one was opened."""
-        self._stream.flush()
-        if self._owned:
-            self._stream.close()
-
-
-def open_log_or_exit(opts: MongodOptions) -> MongodLog:
-    """Open the log as mongod does at global initialisation, or exit with status 1."""
-    try:
-        return MongodLog(opts)
-    except OSError as exc:
-        print(f"Failed global initialization: FileNotOpen: Failed to open {opts.logpath}: {exc.strerror}",
-              file=sys.stderr)
-        sys.exit(EXIT_FAILURE)
-
-
-def log_starting(log: MongodLog, opts: MongodOptions, *, build_info: dict[str, Any]) -> None:
-    """mongod's first startup lines: who, where, which build, which options.
-
-    Parameters
-    ----------
-    log : MongodLog
-        Or anything with its ``write`` method.
-    opts : MongodOptions
-        The parsed command line.
-    build_info : dict
-        The ``Build Info`` line's document; it names the stand-in.
-    """
-    log.write("I", "CONTROL", 4615611, "initandlisten", "MongoDB starting", {
-        "pid": os.getpid(), "port": opts.effective_port, "dbPath": opts.dbpath,
-        "architecture": "64-bit", "host": socket.gethostname()})
-    log.write("I", "CONTROL", 23403, "initandlisten", "Build Info", {"buildInfo": build_info})
-    log.write("I", "CONTROL", 51765, "initandlisten", "Operating System",
-              {"os": {"name": platform.system(), "version": platform.release()}})
-    log.write("I", "CONTROL", 21951, "initandlisten", "Options set by command line",
-              {"options": opts.as_config()})
-
-
-def log_listener_error(log: MongodLog, errmsg: str) -> None:
-    """What mongod logs when it cannot listen (it then exits with status 48)."""
-    error = {"code": 9001, "codeName": "SocketException", "errmsg": errmsg}
-    log.write("E", "NETWORK", 23024, "initandlisten", "Failed to set up listener", {"error": error})
-    log.write("E", "CONTROL", 20568, "initandlisten", "Error setting up listener", {"error": error})
-
-
-def log_initandlisten_failure(log: MongodLog, error: str) -> None:
-    """What mongod logs for an exception during startup (it then exits with status 100).
-
-    Parameters
-    ----------
-    error : str
-        ``<CodeName>: <reason>``, e.g. ``NonExistentPath: Data directory ...``.
-    """
-    log.write("E", "CONTROL", 20557, "initandlisten", "DBException in initAndListen, terminating",
-              {"error": error})
-
-
-def nonexistent_path_error(dbpath: str) -> str:
-    """mongod's error for a missing ``--dbpath``."""
-    return (f"NonExistentPath: Data directory {dbpath} not found. Create the missing directory or specify "
-            "another path using (1) the --dbpath command line option, or (2) by adding the 'storage.dbPath' "
-            "option in the configuration file.")
-
-
-def log_exit(log: MongodLog, code: int, ctx: str = "initandlisten") -> None:
-    """mongod's last two lines before it exits with ``code``."""
-    log.write("I", "CONTROL", 20565, ctx, "Now exiting")
-    log.write("I", "CONTROL", 23138, ctx, "Shutting down", {"exitCode": code})

@@ -5,20 +5,38 @@ Each option's value comes from the first of these that sets it:
 1. the keyword argument given to :class:`~mspass_cluster.MsPASSCluster`;
 2. dask configuration, section ``mspass_cluster`` (for instance
    ``~/.config/dask/mspass_cluster.yaml``; keys use dashes, ``work-dir``);
-3. the legacy MsPASS environment that ``mspass_setup.sh`` exports
+3. dask configuration, section ``jobqueue.slurm``: dask-jobqueue's settings,
+   which many sites publish, for the options whose meaning is the same
+   (``queue`` is our ``partition``; ``cores``, ``memory`` and ``processes``
+   are per job, which is per worker node here); not for ``backend='local'``,
+   whose processes are no Slurm jobs. A value equal to dask-jobqueue's own
+   packaged default (``walltime: '00:30:00'``, ``death-timeout: 60``...)
+   counts as not set, so that installing dask-jobqueue changes nothing;
+4. the legacy MsPASS environment that ``mspass_setup.sh`` exports
    (``MSPASS_WORK_DIR``, ``MSPASS_DB_DIR``, ``MSPASS_LOG_DIR``,
    ``MSPASS_WORKER_DIR``, ``MSPASS_CONTAINER``, ``SINGULARITY_BIND`` /
    ``APPTAINER_BIND``, ``HOSTNAME_BASE``);
-4. the default in :data:`OPTIONS`.
+5. the default in :data:`OPTIONS`.
 
 Every option is declared once, in :data:`OPTIONS`, with its default, its
-legacy environment variable and its documentation; the README's option table
-and the packaged ``mspass_cluster.yaml`` follow this list.
+legacy environment variable, its dask-jobqueue keys and its documentation;
+the README's option table and the packaged ``mspass_cluster.yaml`` follow
+this list.
+
+dask-jobqueue keys left out on purpose: ``local-directory`` (node-local
+scratch such as ``$TMPDIR``, expanded on the node; our ``worker_dir`` is a
+shared directory created from the notebook), ``log-directory`` (our
+``log_dir`` also holds the job scripts and the heartbeat every job watches),
+``name`` (a worker's name there, a prefix of every role's job here),
+``job-cpu``/``job-mem`` (a Slurm request apart from the workers' own
+sizes, which we do not have) and the rest, which have no counterpart.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
+import importlib.util
 import json
 import os
 import re
@@ -28,6 +46,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import dask.config
+import yaml
 from dask.utils import parse_bytes, parse_timedelta
 
 from .containers import RUNTIMES, check_container, container_active
@@ -36,6 +55,8 @@ from .errors import ConfigError
 __all__ = ["ClusterOptions", "OPTIONS", "Option", "resolve_options", "parse_walltime"]
 
 CONFIG_SECTION = "mspass_cluster"
+#: dask-jobqueue's section for Slurm, read below ours (see the module docstring).
+JOBQUEUE_SECTION = "jobqueue.slurm"
 
 
 @dataclass(frozen=True)
@@ -47,6 +68,9 @@ class Option:
     doc: str
     env: str | tuple | None = None
     kind: str = "str"  # str, choice, int, bool, list, path, memory, walltime, float, lifetime
+    #: Keys of dask-jobqueue's ``jobqueue.slurm`` section with this meaning; a deprecated name after the
+    #: current one is read only when the current one is unset, as dask-jobqueue does.
+    jobqueue: tuple = ()
 
     @property
     def env_names(self) -> tuple:
@@ -63,17 +87,17 @@ OPTIONS: tuple[Option, ...] = (
     Option("backend", "auto", "`slurm` (a job per role), `allocation` (`srun` steps inside the current Slurm job: batch notebooks), `local` (processes on this machine, the desktop mode), or `auto`: allocation inside a Slurm job of 2+ nodes, Slurm inside a one-node job (an interactive session) or wherever `sbatch` is on PATH, else local.", env="MSPASS_CLUSTER_BACKEND", kind="choice"),
     # --- the shape of the cluster
     Option("nodes", 1, "Number of worker nodes: one Slurm job each.", kind="int"),
-    Option("processes", 1, "Dask worker processes per worker node; they share the node's cores and memory.", kind="int"),
-    Option("cores", None, "Cores per worker node (``--cpus-per-task``). Unset: the whole node, Dask picks threads; on the local backend, this machine's cores split over ``nodes``.", kind="int"),
-    Option("memory", None, "Memory per worker node, e.g. ``'64GiB'`` (``--mem``). Unset: all of the node's memory (``--mem=0``); on the local backend, this machine's memory split over ``nodes``.", kind="memory"),
+    Option("processes", 1, "Dask worker processes per worker node; they share the node's cores and memory.", kind="int", jobqueue=("processes",)),
+    Option("cores", None, "Cores per worker node (``--cpus-per-task``). Unset: the whole node, Dask picks threads; on the local backend, this machine's cores split over ``nodes``.", kind="int", jobqueue=("cores",)),
+    Option("memory", None, "Memory per worker node, e.g. ``'64GiB'`` (``--mem``). Unset: all of the node's memory (``--mem=0``); on the local backend, this machine's memory split over ``nodes``.", kind="memory", jobqueue=("memory",)),
     Option("exclusive", True, "Worker jobs ask for whole nodes (``--exclusive``) so no two land on one node.", kind="bool"),
     # --- Slurm's words
-    Option("partition", None, "Slurm partition (``--partition``) for every job."),
-    Option("account", None, "Slurm account (``--account``) charged for every job."),
+    Option("partition", None, "Slurm partition (``--partition``) for every job.", jobqueue=("queue",)),
+    Option("account", None, "Slurm account (``--account``) charged for every job.", jobqueue=("account", "project")),
     Option("qos", None, "Slurm quality of service (``--qos``)."),
-    Option("walltime", "01:00:00", "Wall-clock limit of each job (``--time``), Slurm's formats: ``MM``, ``HH:MM:SS``, ``D-HH:MM``...", kind="walltime"),
-    Option("job_extra_directives", [], "Extra ``#SBATCH`` options for every job, e.g. ``['--constraint=ib']``.", kind="list"),
-    Option("job_script_prologue", [], "Shell lines run first in every job, e.g. ``['module load mongodb']``.", kind="list"),
+    Option("walltime", "01:00:00", "Wall-clock limit of each job (``--time``), Slurm's formats: ``MM``, ``HH:MM:SS``, ``D-HH:MM``...", kind="walltime", jobqueue=("walltime",)),
+    Option("job_extra_directives", [], "Extra ``#SBATCH`` options for every job, e.g. ``['--constraint=ib']``.", kind="list", jobqueue=("job-extra-directives", "job-extra")),
+    Option("job_script_prologue", [], "Shell lines run first in every job, e.g. ``['module load mongodb']``.", kind="list", jobqueue=("job-script-prologue", "env-extra")),
     Option("job_name", "mspass", "Prefix of job names; each cluster adds a unique id: ``mspass-<id>-db``, ``mspass-<id>-worker-<n>``."),
     # --- directories (legacy MsPASS environment)
     Option("work_dir", None, "Run directory, on a file system every node sees. Default: the current directory.", env="MSPASS_WORK_DIR", kind="path"),
@@ -89,14 +113,14 @@ OPTIONS: tuple[Option, ...] = (
     Option("gpu", False, "Give the container the node's NVIDIA GPUs (`--nv`).", kind="bool"),
     Option("container_cleanenv", True, "Start containers with `--cleanenv`: only the cluster's variables enter, not the job's whole environment.", kind="bool"),
     # --- network
-    Option("interface", None, "Network interface (e.g. ``ib0``) whose address the compute nodes use to reach the scheduler. Default: the address this machine uses to reach the partition's nodes, logged at start."),
+    Option("interface", None, "Network interface (e.g. ``ib0``) whose address the compute nodes use to reach the scheduler. Default: the address this machine uses to reach the partition's nodes, logged at start.", jobqueue=("interface",)),
     Option("scheduler_port", 0, "Dask scheduler port; 0 picks a free one (published as ``DASK_SCHEDULER_PORT``).", kind="int"),
     Option("dashboard_address", ":8787", "Dask dashboard address; Dask picks another port when this one is taken."),
     # --- worker role
-    Option("python", None, "Python that runs ``dask worker`` on the nodes. Default: this notebook's Python."),
-    Option("worker_extra_args", [], "Extra arguments for ``dask worker``, e.g. ``['--resources', 'GPU=1']``.", kind="list"),
+    Option("python", None, "Python that runs ``dask worker`` on the nodes. Default: this notebook's Python.", jobqueue=("python",)),
+    Option("worker_extra_args", [], "Extra arguments for ``dask worker``, e.g. ``['--resources', 'GPU=1']``.", kind="list", jobqueue=("worker-extra-args", "extra")),
     Option("worker_lifetime", "auto", "Dask workers leave gracefully (their results move to other workers) after this long, e.g. ``'55m'``, and the cluster submits a replacement job. `auto`: just before `walltime` (5% of it, 1 to 10 minutes, plus a random stagger) on the `slurm` backend, never on the others; `none`: never.", kind="lifetime"),
-    Option("death_timeout", 60, "Seconds a worker keeps trying to reach a lost scheduler before it exits.", kind="int"),
+    Option("death_timeout", 60, "Seconds a worker keeps trying to reach a lost scheduler before it exits.", kind="int", jobqueue=("death-timeout",)),
     Option("orphan_timeout", 300, "Seconds the database and the workers keep running after this notebook stopped refreshing its heartbeat file (a crashed kernel) before they stop cleanly.", kind="int"),
     # --- database role
     Option("db_command", ["mongod"], "The database server program and leading arguments (a list); the cluster adds ``--port``, ``--dbpath``, ``--bind_ip_all``, cache size.", kind="list"),
@@ -241,6 +265,39 @@ def _from_config(option: Option):
     return dask.config.get(f"{CONFIG_SECTION}.{_kebab(option.name)}", default=None)
 
 
+@functools.lru_cache(maxsize=1)
+def _jobqueue_packaged_defaults() -> dict:
+    """dask-jobqueue's own ``jobqueue.slurm`` defaults, from the YAML file it ships ({} without dask-jobqueue).
+
+    Read from the file, not from dask's merged config, where a site's
+    values and these defaults are indistinguishable; found without importing
+    dask-jobqueue.
+    """
+    spec = importlib.util.find_spec("dask_jobqueue")
+    for folder in (spec and spec.submodule_search_locations) or ():
+        try:
+            with open(os.path.join(folder, "jobqueue.yaml")) as f:
+                data = yaml.safe_load(f) or {}
+        except (OSError, yaml.YAMLError):
+            continue
+        return dict(data.get("jobqueue", {}).get("slurm") or {})
+    return {}
+
+
+def _from_jobqueue(option: Option) -> tuple[Any, str | None]:
+    """``(value, key)`` from ``jobqueue.slurm`` that a user or site set, or ``(None, None)``.
+
+    Unset means absent, null, empty, or equal to dask-jobqueue's packaged default.
+    """
+    defaults = _jobqueue_packaged_defaults()
+    for key in option.jobqueue:
+        value = dask.config.get(f"{JOBQUEUE_SECTION}.{key}", default=None)
+        if value in (None, "", [], {}) or (key in defaults and value == defaults[key]):
+            continue
+        return value, key
+    return None, None
+
+
 def _check_int(name, value, minimum):
     if isinstance(value, bool) or not isinstance(value, int):
         try:
@@ -355,13 +412,17 @@ def _check_lifetime(name, value) -> str:
     return f"{int(seconds)}s" if float(seconds).is_integer() else f"{seconds}s"
 
 
-def _config_origin(key: str | None) -> str:
-    """Where dask config set ``mspass_cluster[.key]``: the YAML file, or the DASK_ variable."""
-    import yaml
+def _config_origin(key: str | None, section: str = CONFIG_SECTION) -> str:
+    """Where dask config set ``<section>[.key]``: the YAML file, or the DASK_ variable.
 
-    variable = f"DASK_{CONFIG_SECTION.upper()}" + (f"__{key.upper().replace('-', '_')}" if key else "")
+    Keys of our own section are named as the user writes them there
+    (``'walltime'``), others with their section (``'jobqueue.slurm.queue'``).
+    """
+    parts = section.split(".")
+    variable = "DASK_" + "__".join(p.upper() for p in parts) + (f"__{key.upper().replace('-', '_')}" if key else "")
     if key and variable in os.environ:
         return f"the environment variable {variable}"
+    shown = key if section == CONFIG_SECTION else f"{section}.{key}"
     for path in reversed(getattr(dask.config, "paths", [])):
         files = [path] if os.path.isfile(path) else (
             [os.path.join(path, f) for f in sorted(os.listdir(path)) if f.endswith((".yaml", ".yml"))]
@@ -372,18 +433,25 @@ def _config_origin(key: str | None) -> str:
                     data = yaml.safe_load(f) or {}
             except (OSError, yaml.YAMLError):
                 continue
-            section = data.get(CONFIG_SECTION) if isinstance(data, dict) else None
-            if key is None and section is not None:
+            for part in parts:
+                data = data.get(part) if isinstance(data, dict) else None
+            if key is None and data is not None:
                 return file
-            if isinstance(section, dict) and (key in section or key.replace("-", "_") in section):
-                return f"'{key}' in {file}"
-    return f"dask config key {CONFIG_SECTION}.{key}" if key else "dask config"
+            if isinstance(data, dict) and (key in data or key.replace("-", "_") in data):
+                return f"'{shown}' in {file}"
+    return f"dask config key {section}.{key}" if key else "dask config"
 
 
-def _origin(option: Option, source: str) -> str:
+#: ``sources`` entry of an option whose value came from dask-jobqueue's section.
+JOBQUEUE_SOURCE = f"{JOBQUEUE_SECTION} config"
+
+
+def _origin(option: Option, source: str, jobqueue_key: str | None = None) -> str:
     """For an error message: where a bad value came from, unless it was the argument itself."""
     if source == "dask config":
         return f"From {_config_origin(_kebab(option.name))}: "
+    if source == JOBQUEUE_SOURCE:
+        return f"From {_config_origin(jobqueue_key, JOBQUEUE_SECTION)} (dask-jobqueue's configuration): "
     if source in option.env_names:
         return f"From the environment variable {source}: "
     return ""
@@ -395,7 +463,7 @@ def valid_option_names() -> list[str]:
 
 
 def resolve_options(environ=None, **kwargs) -> ClusterOptions:
-    """Resolve every option: argument > dask config > legacy environment > default.
+    """Resolve every option: argument > dask config (ours, then dask-jobqueue's) > legacy environment > default.
 
     Parameters
     ----------
@@ -409,8 +477,8 @@ def resolve_options(environ=None, **kwargs) -> ClusterOptions:
     -------
     ClusterOptions
         Validated options. ``sources`` maps each option to where its value
-        came from (``argument``, ``dask config``, the variable name, or
-        ``default``).
+        came from (``argument``, ``dask config``, ``jobqueue.slurm config``,
+        the variable name, or ``default``).
 
     Raises
     ------
@@ -436,12 +504,23 @@ def resolve_options(environ=None, **kwargs) -> ClusterOptions:
             f"Valid keys are: {', '.join(_kebab(n) for n in valid_option_names())}."
         )
 
+    jobqueue_section = dask.config.get(JOBQUEUE_SECTION, default={}) or {}
+    if not isinstance(jobqueue_section, dict):
+        raise ConfigError(
+            f"The dask config section '{JOBQUEUE_SECTION}' (dask-jobqueue's) is {jobqueue_section!r}, not a mapping "
+            f"of key: value (in {_config_origin(None, JOBQUEUE_SECTION)}). Write it as, e.g.\n"
+            "jobqueue:\n  slurm:\n    queue: normal"
+        )
+
     values, sources = {}, {}
     for option in OPTIONS:
+        jobqueue_value, jobqueue_key = (None, None) if values.get("backend") == "local" else _from_jobqueue(option)
         if kwargs.get(option.name) is not None:
             value, source = kwargs[option.name], "argument"
         elif _from_config(option) is not None:
             value, source = _from_config(option), "dask config"
+        elif jobqueue_value is not None:
+            value, source = jobqueue_value, JOBQUEUE_SOURCE
         elif any(environ.get(name) for name in option.env_names):
             source = next(name for name in option.env_names if environ.get(name))
             value = environ[source]
@@ -453,7 +532,7 @@ def resolve_options(environ=None, **kwargs) -> ClusterOptions:
             try:
                 value = _coerce(option, value)
             except ConfigError as exc:
-                raise ConfigError(f"{_origin(option, source)}{exc}") from None
+                raise ConfigError(f"{_origin(option, source, jobqueue_key)}{exc}") from None
         values[option.name], sources[option.name] = value, source
 
     work_dir = values["work_dir"] or os.getcwd()
@@ -540,10 +619,11 @@ def _default_text(option: Option) -> str:
 
 def render_options_table() -> str:
     """The README's option table (Markdown), from :data:`OPTIONS`."""
-    rows = ["| option | default | legacy variable | meaning |", "|---|---|---|---|"]
+    rows = ["| option | default | `jobqueue.slurm` key | legacy variable | meaning |", "|---|---|---|---|---|"]
     for o in OPTIONS:
         env = " / ".join(f"`{e}`" for e in o.env_names)
-        rows.append(f"| `{o.name}` | `{_default_text(o)}` | {env} | {o.doc.replace('``', '`')} |")
+        jobqueue = " / ".join(f"`{k}`" for k in o.jobqueue)
+        rows.append(f"| `{o.name}` | `{_default_text(o)}` | {jobqueue} | {env} | {o.doc.replace('``', '`')} |")
     return "\n".join(rows) + "\n"
 
 
@@ -552,13 +632,15 @@ def render_config_yaml() -> str:
     lines = [
         "# mspass_cluster configuration: copy to ~/.config/dask/mspass_cluster.yaml and fill in what you need.",
         "# Each key is an option of MsPASSCluster (dashes here, underscores in Python). A value here is used",
-        "# when the option is not given as an argument; null means 'not set' (the legacy MSPASS_* environment",
-        "# variable, then the default in brackets, applies).",
+        "# when the option is not given as an argument; null means 'not set' (then dask-jobqueue's jobqueue.slurm",
+        "# key named below, except on the local backend, then the legacy MSPASS_* environment variable, then the",
+        "# default in brackets, applies).",
         f"{CONFIG_SECTION}:",
     ]
     for o in OPTIONS:
         env = f" Legacy variable: {' or '.join(o.env_names)}." if o.env_names else ""
-        text = f"{o.doc.replace('``', '`')}{env} [default: {_default_text(o)}]"
+        jobqueue = f" dask-jobqueue: {JOBQUEUE_SECTION}.{' or '.join(o.jobqueue)}." if o.jobqueue else ""
+        text = f"{o.doc.replace('``', '`')}{jobqueue}{env} [default: {_default_text(o)}]"
         lines += ["  # " + line for line in textwrap.wrap(text, 100)]
         lines.append(f"  {_kebab(o.name)}: null")
     return "\n".join(lines) + "\n"

@@ -10,8 +10,9 @@ starts ``mongod``. Two users:
 * the tests, as the data-path stand-in for mongod (pymongo CRUD and GridFS
   really work).
 
-Faithful to ``mongod``: the command line and its errors (exit 2, see
-``_mongod_cli.py``, shared with the tests' fake mongod); a missing
+Faithful to ``mongod``: the command line the cluster gives ``mongod``
+(:func:`mspass_cluster.roles.db_argv`) and its errors (exit 2, see
+``_mongod_cli.py``; any other mongod option is refused as unrecognised); a missing
 ``--dbpath`` (``NonExistentPath``, exit 100) and an unresolvable
 ``--bind_ip`` (exit 48); mongod's first log lines, to stdout or
 ``--logpath``; one process whose PID is the one the launcher started (this
@@ -34,9 +35,7 @@ Not faithful -- never use it to test administrative behaviour:
   status 1 and a traceback, not 48.
 * SIGTERM and SIGINT stop it with status 0; no authentication, replication
   or sharding; one request at a time, so no performance conclusions.
-* ``--wiredTigerCacheSizeGB``, ``--quiet``, ``--auth``, ``--keyFile``,
-  ``--replSet``, ``--configsvr``, ``--shardsvr``, ``--setParameter``,
-  ``--nounixsocket`` and ``--unixSocketPrefix`` are accepted and ignored.
+* ``--wiredTigerCacheSizeGB`` and ``--nounixsocket`` are accepted and ignored.
 """
 
 from __future__ import annotations
@@ -47,6 +46,7 @@ import sys
 from importlib import metadata
 
 from . import _mongod_cli as cli
+from . import _mongod_log as mlog
 
 NX_DISTRIBUTION = "nx-27017"
 NX_CONSOLE_SCRIPT = "nx-27017"
@@ -73,7 +73,7 @@ def listen_host(addresses: list[tuple[object, str]], bind_all: bool) -> str:
     Parameters
     ----------
     addresses : list of (family, address)
-        From :func:`cli.resolve_bind_addresses`.
+        From :func:`mspass_cluster._mongod_cli.resolve_bind_addresses`.
     bind_all : bool
         ``--bind_ip_all`` was given.
 
@@ -97,17 +97,17 @@ def main() -> int:
     opts = cli.parse_or_exit(
         sys.argv[1:],
         version_banner=f"db version v{cli.MONGODB_VERSION}\nstand-in: nx-27017 {nx_version} (MongoDB wire protocol over SQLite)")
-    log = cli.open_log_or_exit(opts)
-    cli.log_starting(log, opts, build_info=build_info)
+    log = mlog.open_log_or_exit(opts.logpath)
+    mlog.log_starting(log, opts, build_info=build_info)
     try:
         addresses = cli.resolve_bind_addresses(opts)
     except cli.BindError as exc:
-        cli.log_listener_error(log, str(exc))
-        cli.log_exit(log, cli.EXIT_NET_ERROR)
+        mlog.log_listener_error(log, str(exc))
+        mlog.log_exit(log, cli.EXIT_NET_ERROR)
         return cli.EXIT_NET_ERROR
     if not os.path.exists(opts.dbpath):
-        cli.log_initandlisten_failure(log, cli.nonexistent_path_error(opts.dbpath))
-        cli.log_exit(log, cli.EXIT_UNCAUGHT)
+        mlog.log_initandlisten_failure(log, mlog.nonexistent_path_error(opts.dbpath))
+        mlog.log_exit(log, cli.EXIT_UNCAUGHT)
         return cli.EXIT_UNCAUGHT
     nx_args = [
         "--host", listen_host(addresses, opts.bind_ip_all),

@@ -41,14 +41,18 @@ __all__ = [
     "JobState",
     "JobStatus",
     "build_directives",
+    "build_batch_directives",
+    "directive_option",
     "build_sbatch_argv",
     "build_squeue_argv",
+    "build_squeue_mine_argv",
     "build_scontrol_job_argv",
     "build_sacct_argv",
     "build_scancel_argv",
     "controller_unreachable",
     "parse_sbatch_job_id",
     "parse_squeue",
+    "parse_squeue_mine",
     "parse_scontrol_job",
     "parse_sacct",
 ]
@@ -128,6 +132,8 @@ class JobStatus:
     exit_code: str | None = None
     #: Seconds until the job's time limit, as Slurm computes it (``squeue %L``); None if unknown or unlimited.
     time_left: int | None = None
+    #: The job's name (``squeue %j``), where the query asked for it.
+    name: str = ""
 
     @property
     def kind(self) -> str:
@@ -197,11 +203,65 @@ def build_directives(
     if exclusive:
         options.append("--exclusive")
     options.append(f"--time={walltime}")
-    for flag, value in (("--partition", partition), ("--account", account), ("--qos", qos)):
-        if value:
-            options.append(f"{flag}={value}")
-    options.extend(str(e) for e in extra)
+    options += _where_and_who(partition, account, qos, extra)
     return [f"#SBATCH {o}" for o in options]
+
+
+def build_batch_directives(
+    *,
+    job_name: str,
+    output: str,
+    nodes: int,
+    walltime: str,
+    partition: str | None = None,
+    account: str | None = None,
+    qos: str | None = None,
+    extra: list | tuple = (),
+) -> list[str]:
+    """``#SBATCH`` lines for a job of ``nodes`` whole nodes with one task on each.
+
+    The shape of a submitted notebook's job: the batch script runs on the
+    first node and starts the cluster's roles as ``srun`` steps, one task
+    per node, each node exclusive with all of its memory.
+
+    Parameters
+    ----------
+    job_name, output, walltime
+        As for :func:`build_directives`.
+    nodes : int
+        ``--nodes``.
+    partition, account, qos, extra
+        As for :func:`build_directives`.
+
+    Examples
+    --------
+    >>> build_batch_directives(job_name="nb", output="/l/nb-%j.log", nodes=3, walltime="1:00:00", account="p")
+    ['#SBATCH --job-name=nb', '#SBATCH --output=/l/nb-%j.log', '#SBATCH --nodes=3', '#SBATCH --ntasks-per-node=1', '#SBATCH --exclusive', '#SBATCH --mem=0', '#SBATCH --time=1:00:00', '#SBATCH --account=p']
+    """
+    options = [
+        f"--job-name={job_name}", output_directive(output), f"--nodes={nodes}", "--ntasks-per-node=1",
+        "--exclusive", "--mem=0", f"--time={walltime}",
+        *_where_and_who(partition, account, qos, extra),
+    ]
+    return [f"#SBATCH {o}" for o in options]
+
+
+def _where_and_who(partition, account, qos, extra) -> list[str]:
+    """The partition, account and QOS options that are set, then ``extra`` as given (last, so they win)."""
+    options = [f"{flag}={value}" for flag, value in (("--partition", partition), ("--account", account),
+                                                      ("--qos", qos)) if value]
+    return options + [str(e) for e in extra]
+
+
+def directive_option(directive: str) -> str:
+    """The sbatch option one directive sets, as written: long (``--time``) or short (``-t``).
+
+    >>> directive_option("--constraint=ib"), directive_option("--time 10"), directive_option("-N2")
+    ('--constraint', '--time', '-N')
+    """
+    if directive.startswith("--"):
+        return re.split(r"[=\s]", directive, maxsplit=1)[0]
+    return directive[:2]
 
 
 def build_sbatch_argv(script_path: str) -> list[str]:
@@ -263,6 +323,37 @@ def parse_squeue(stdout: str) -> dict[str, JobStatus]:
         job_id, state, reason, nodes, left = parts
         reason = "" if reason in ("None", "(null)") else reason
         statuses[job_id] = JobStatus(job_id, JobState.parse(state), reason, nodes, time_left=parse_time_left(left))
+    return statuses
+
+
+_SQUEUE_MINE_FORMAT = "%i|%j|%T|%R"
+
+
+def build_squeue_mine_argv() -> list[str]:
+    """``squeue`` for every job of the calling user still in the queue, with its name."""
+    return ["squeue", "--me", "--noheader", f"--format={_SQUEUE_MINE_FORMAT}"]
+
+
+def parse_squeue_mine(stdout: str) -> list[JobStatus]:
+    """Statuses from :func:`build_squeue_mine_argv` output, in squeue's order.
+
+    squeue's ``%R`` is the nodes of a job that has them, else the reason it
+    waits, in parentheses; it fills ``nodes`` or ``reason`` (as written, so
+    that a job pending for no reason keeps ``None``).
+
+    >>> pending, running = parse_squeue_mine("7|mspass-nb-flow|PENDING|(Priority)\\n8|x|RUNNING|n[1-2]\\n")
+    >>> pending.name, pending.state.value, pending.reason, running.nodes
+    ('mspass-nb-flow', 'PENDING', 'Priority', 'n[1-2]')
+    """
+    statuses = []
+    for line in stdout.splitlines():
+        parts = line.strip().split("|")
+        if len(parts) != 4 or not parts[0]:
+            continue
+        job_id, name, state, where = parts
+        waiting = where.startswith("(") and where.endswith(")")
+        statuses.append(JobStatus(job_id, JobState.parse(state), reason=where[1:-1] if waiting else "",
+                                  nodes="" if waiting else where, name=name))
     return statuses
 
 

@@ -12,9 +12,11 @@ Stand-ins used here (no mongod exists on this machine):
 from __future__ import annotations
 
 import os
+import shlex
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -56,13 +58,59 @@ def shared_dir(tmp_path):
     return tmp_path
 
 
+#: How long a Slurm query of the tests waits out a controller that does not answer (some tests of this suite
+#: stop slurmctld for up to 25 s on purpose) before it fails the test.
+SLURM_QUERY_PATIENCE = 60.0
+
+
+def slurm_output(*argv: str, patience: float | None = None) -> str:
+    """The stdout of a Slurm query (``squeue``, ``scontrol``...) that a test reads.
+
+    A failing query is retried for ``patience`` seconds (default
+    :data:`SLURM_QUERY_PATIENCE`), then fails the test:
+    when Slurm does not answer, the tests cannot know what is queued, and
+    reading that as "nothing" would let a test pass on an outage.
+
+    Raises
+    ------
+    RuntimeError
+        Naming the command, its exit code and its error output.
+    """
+    patience = SLURM_QUERY_PATIENCE if patience is None else patience
+    deadline = time.monotonic() + patience
+    while True:
+        try:
+            out = subprocess.run(list(argv), capture_output=True, text=True, timeout=20)
+        except subprocess.TimeoutExpired:
+            problem = "did not answer within 20 s"
+        else:
+            if out.returncode == 0:
+                return out.stdout
+            problem = f"failed with exit code {out.returncode}: {out.stderr.strip() or out.stdout.strip()}"
+        if time.monotonic() >= deadline:
+            raise RuntimeError(
+                f"{shlex.join(argv)} {problem} (for {patience:g} s). The test cannot tell what Slurm holds; "
+                "check the test bed with `ci/testbed status` and `scontrol ping`."
+            )
+        time.sleep(1.0)
+
+
 def queued(job_ids) -> list[str]:
-    """Which of ``job_ids`` squeue still lists (pending, running or completing)."""
-    if not job_ids:
+    """Which of ``job_ids`` squeue still lists (pending, running or completing).
+
+    The whole queue is read rather than ``--jobs``: squeue refuses a single
+    job id it no longer knows ("Invalid job id specified", exit 1), which
+    means "not queued", whereas any failure of squeue itself must fail.
+    """
+    wanted = {str(job_id) for job_id in job_ids}
+    if not wanted:
         return []
-    out = subprocess.run(["squeue", "--noheader", "--format=%i", f"--jobs={','.join(job_ids)}"],
-                         capture_output=True, text=True, timeout=20)
-    return [line.strip() for line in out.stdout.splitlines() if line.strip()]
+    return [job_id for job_id in slurm_output("squeue", "--noheader", "--format=%i").split() if job_id in wanted]
+
+
+def queued_names() -> list[str]:
+    """The names of every job in the queue (pending, running or completing), whoever owns it."""
+    return slurm_output("squeue", "--noheader", "--format=%j").split()
 
 
 def cluster_processes(cluster_id: str) -> list[int]:

@@ -10,7 +10,7 @@ import time
 import nbformat
 import pytest
 
-from conftest import queued
+from conftest import queued, slurm_output
 from mspass_cluster.cli import main as cli_main, render_submit_script
 from mspass_cluster.notebook import inject_parameters, parse_params
 
@@ -88,7 +88,7 @@ def submit_and_wait(tmp_path, notebook, *args):
     while queued([job_id]) and time.monotonic() < deadline:
         time.sleep(0.5)
     assert queued([job_id]) == []
-    info = subprocess.run(["scontrol", "--oneliner", "show", "job", job_id], capture_output=True, text=True).stdout
+    info = slurm_output("scontrol", "--oneliner", "show", "job", job_id)
     fields = dict(item.split("=", 1) for item in info.split() if "=" in item)
     executed = nbformat.read(tmp_path / f"{notebook.stem}-{job_id}.ipynb", as_version=4)
     text = "\n".join(str(o.get("text", "")) + "\n".join(o.get("traceback", []))
@@ -98,8 +98,7 @@ def submit_and_wait(tmp_path, notebook, *args):
 
 def job_nodes(fields) -> list[str]:
     """The job's nodes in order, whichever the shared test bed had free: the first runs database and notebook."""
-    return subprocess.run(["scontrol", "show", "hostnames", fields["NodeList"]], capture_output=True, text=True,
-                          timeout=20).stdout.split()
+    return slurm_output("scontrol", "show", "hostnames", fields["NodeList"]).split()
 
 
 @pytest.mark.slurm

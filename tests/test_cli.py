@@ -16,7 +16,7 @@ import time
 import nbformat
 import pytest
 
-from conftest import queued
+from conftest import queued, slurm_output
 from mspass_cluster.cli import ENV_BACKEND, ENV_WORK_DIR, main as cli_main, render_submit_script
 from mspass_cluster.errors import ConfigError
 from mspass_cluster.notebook import parameter_names
@@ -39,8 +39,7 @@ def run_cli(*args, input=None, env=None, timeout=60):
 
 def my_queued_names(token: str) -> list[str]:
     """Names of this user's queued jobs that contain ``token`` (unique to one test)."""
-    out = subprocess.run(["squeue", "--me", "--noheader", "--format=%i %j"], capture_output=True, text=True, timeout=20)
-    return [line for line in out.stdout.splitlines() if token in line]
+    return [line for line in slurm_output("squeue", "--me", "--noheader", "--format=%i %j").splitlines() if token in line]
 
 
 def cancel_named(token: str) -> None:
@@ -329,20 +328,36 @@ def test_down_by_job_id_cancels_that_job_only(held_clusters):
     assert sorted(queued(others)) == sorted(others)
 
 
+def scancel_refused(tmp_path):
+    """An environment whose ``scancel`` records that it was called and cancels nothing.
+
+    For the ``down`` runs that must cancel nothing: ``--all`` lists every
+    mspass_cluster job on the shared test bed, other people's included, so a
+    defect in asking first must fail this test, not cancel their jobs.
+    """
+    guard = tmp_path / "guard"
+    guard.mkdir()
+    (guard / "scancel").write_text(f'#!/bin/sh\necho "$@" >> {str(guard / "called")!r}\nexit 1\n')
+    (guard / "scancel").chmod(0o755)
+    return {**os.environ, "PATH": f"{guard}{os.pathsep}{os.environ['PATH']}"}, guard / "called"
+
+
 @pytest.mark.slurm
-def test_down_without_ids_needs_all_and_all_asks_first(held_clusters):
+def test_down_without_ids_needs_all_and_all_asks_first(held_clusters, tmp_path):
     _, first, second, jobs = held_clusters
-    out = run_cli("down", input="n\n")  # (were it to ask, the answer is no: other jobs share the test bed)
+    env, called = scancel_refused(tmp_path)
+    out = run_cli("down", input="n\n", env=env)
     assert out.returncode == 2
     assert "--all" in out.stderr and "cluster ids or job ids" in out.stderr
     assert "Cancel these" not in out.stdout
 
-    out = run_cli("down", "--all", input="n\n")  # answered no: lists everything, cancels nothing
+    out = run_cli("down", "--all", input="n\n", env=env)  # answered no: lists everything, cancels nothing
     assert out.returncode == 1
     assert all(job_id in out.stdout for job_id in jobs.values()) and "Nothing cancelled." in out.stdout
 
-    out = run_cli("down", first)  # no terminal to answer: says so, cancels nothing
+    out = run_cli("down", first, env=env)  # no terminal to answer: says so, cancels nothing
     assert out.returncode == 1 and "Add --yes" in out.stderr
+    assert not called.exists(), f"down ran scancel {called.read_text()!r} without a yes"
     assert sorted(queued(list(jobs.values()))) == sorted(jobs.values())
 
 

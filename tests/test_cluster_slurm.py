@@ -18,7 +18,9 @@ import sys
 import pymongo
 import pytest
 
-from conftest import BIN, FAKE_MONGOD, NX_MONGOD, assert_nothing_left, cluster_processes, queued
+from conftest import (
+    BIN, FAKE_MONGOD, NX_MONGOD, assert_nothing_left, cluster_processes, queued, queued_names, slurm_output,
+)
 from mspass_cluster import (
     CommandRunner, JobFailedError, MsPASSCluster, SlurmUnavailableError, StartupTimeoutError, SubmitError,
 )
@@ -203,8 +205,8 @@ def assert_no_job_named(shared_dir):
     logs = shared_dir / "logs"
     names = [p.stem for p in logs.glob("*.sh")] if logs.exists() else []
     assert names, "no job script was written"
-    out = os.popen("squeue --noheader --format=%j").read().split()
-    assert not set(names) & set(out), f"still queued: {set(names) & set(out)}"
+    still = set(names) & set(queued_names())
+    assert not still, f"still queued: {still}"
 
 
 def test_worker_job_script_runs_by_hand_and_joins_the_cluster(slurm_testbed, shared_dir):
@@ -242,8 +244,7 @@ def test_previewed_db_script_runs_under_sbatch_as_is(slurm_testbed, shared_dir):
     try:
         deadline, node, answer = time.monotonic() + 60, "", "not tried"
         while time.monotonic() < deadline:
-            node = subprocess.run(["squeue", "--noheader", "--format=%N", f"--jobs={job_id}"],
-                                  capture_output=True, text=True).stdout.strip()
+            node = slurm_output("squeue", "--noheader", "--format=%N", f"--jobs={job_id}").strip()
             if node:
                 answer = ping(f"mongodb://{node}:27017/", 1.0)
                 if answer is None:

@@ -1,4 +1,4 @@
-"""Option resolution: argument > dask config > legacy MsPASS environment > default, and bad input."""
+"""Option resolution: argument > dask config (ours, then jobqueue.slurm) > legacy MsPASS environment > default, and bad input."""
 
 import os
 
@@ -102,3 +102,81 @@ def test_packaged_config_file_declares_every_option_and_only_those():
     keys = set(yaml.safe_load(text)["mspass_cluster"])
     assert keys == {o.name.replace("_", "-") for o in OPTIONS}
     assert text == render_config_yaml()  # regenerate with: python -m mspass_cluster.config
+
+
+# ---- dask-jobqueue's jobqueue.slurm section: a site's settings, below our own section
+
+SITE = {
+    "jobqueue.slurm.queue": "normal", "jobqueue.slurm.account": "EAR12345", "jobqueue.slurm.walltime": "04:00:00",
+    "jobqueue.slurm.cores": 48, "jobqueue.slurm.memory": "180GiB", "jobqueue.slurm.processes": 8,
+    "jobqueue.slurm.interface": "ib0", "jobqueue.slurm.job-script-prologue": ["module load mongodb"],
+    "jobqueue.slurm.job-extra-directives": ["--constraint=ib"], "jobqueue.slurm.worker-extra-args": ["--nthreads", "6"],
+    "jobqueue.slurm.death-timeout": 120, "jobqueue.slurm.python": "/opt/site/bin/python",
+}
+
+
+def test_a_sites_jobqueue_slurm_settings_are_used_when_ours_are_unset():
+    with dask.config.set(SITE):
+        opts = resolve_options(environ={})
+    assert (opts.partition, opts.db_partition, opts.account) == ("normal", "normal", "EAR12345")
+    assert (opts.walltime, opts.db_walltime) == ("04:00:00", "04:00:00")
+    assert (opts.cores, opts.memory, opts.processes, opts.interface) == (48, "180GiB", 8, "ib0")
+    assert opts.job_script_prologue == ["module load mongodb"] and opts.job_extra_directives == ["--constraint=ib"]
+    assert opts.worker_extra_args == ["--nthreads", "6"] and opts.death_timeout == 120
+    assert opts.python == "/opt/site/bin/python"
+    assert {opts.sources[name] for name in ("partition", "account", "walltime", "cores", "memory", "processes",
+                                            "interface", "job_script_prologue", "job_extra_directives",
+                                            "worker_extra_args", "death_timeout", "python")} == {"jobqueue.slurm config"}
+    # Nothing of dask-jobqueue's means our nodes, job names, directories or database.
+    assert opts.sources["nodes"] == opts.sources["job_name"] == opts.sources["worker_dir"] == "default"
+
+
+def test_our_section_and_arguments_win_over_jobqueue_slurm():
+    with dask.config.set({**SITE, "mspass_cluster.partition": "ours", "mspass_cluster.job-script-prologue": []}):
+        opts = resolve_options(environ={}, account="mine")
+    assert opts.partition == "ours" and opts.sources["partition"] == "dask config"
+    assert opts.account == "mine" and opts.sources["account"] == "argument"
+    # An empty list of ours is not "unset": the user's section says "no prologue".
+    assert opts.job_script_prologue == [] and opts.sources["job_script_prologue"] == "dask config"
+
+
+def test_dask_jobqueues_own_defaults_change_nothing():
+    import dask_jobqueue  # noqa: F401  (its import installs its defaults into dask's config)
+
+    assert dask.config.get("jobqueue.slurm.walltime") == "00:30:00"
+    opts = resolve_options(environ={})
+    assert opts.walltime == "01:00:00" and opts.sources["walltime"] == "default"
+    assert all(source != "jobqueue.slurm config" for source in opts.sources.values())
+    # A site file that repeats a packaged default is indistinguishable from it: still our default.
+    with dask.config.set({"jobqueue.slurm.walltime": "00:30:00", "jobqueue.slurm.death-timeout": 60}):
+        assert resolve_options(environ={}).sources["walltime"] == "default"
+
+
+def test_deprecated_jobqueue_names_are_read_when_the_current_ones_are_unset():
+    with dask.config.set({"jobqueue.slurm.project": "old-proj", "jobqueue.slurm.env-extra": ["module load x"]}):
+        opts = resolve_options(environ={})
+        assert (opts.account, opts.job_script_prologue) == ("old-proj", ["module load x"])
+        with dask.config.set({"jobqueue.slurm.account": "new-proj"}):
+            assert resolve_options(environ={}).account == "new-proj"
+
+
+def test_jobqueue_slurm_is_not_read_for_the_local_backend():
+    with dask.config.set(SITE):
+        opts = resolve_options(environ={}, backend="local")
+    assert opts.cores is None and opts.partition is None and opts.job_script_prologue == []
+    assert opts.sources["cores"] == "default"
+
+
+def test_a_bad_value_from_jobqueue_slurm_names_its_key_and_file(tmp_path, monkeypatch):
+    (tmp_path / "site-jobqueue.yaml").write_text("jobqueue:\n  slurm:\n    memory: '4000'\n    queue: normal\n")
+    monkeypatch.setattr(dask.config, "paths", [str(tmp_path)])
+    with dask.config.set(dask.config.collect(paths=[str(tmp_path)], env={})):
+        with pytest.raises(ConfigError) as info:
+            resolve_options(environ={})
+    assert str(info.value).startswith(
+        f"From 'jobqueue.slurm.memory' in {tmp_path / 'site-jobqueue.yaml'} (dask-jobqueue's configuration): "
+        "memory='4000' has no unit")
+    with dask.config.set({"jobqueue.slurm.cores": "many"}):
+        with pytest.raises(ConfigError, match=r"^From dask config key jobqueue.slurm.cores \(dask-jobqueue's "
+                                              r"configuration\): cores='many' is not a whole number"):
+            resolve_options(environ={})

@@ -3,8 +3,9 @@
 import pytest
 
 from mspass_cluster.slurm import (
-    JobState, build_directives, controller_unreachable, build_scancel_argv, build_squeue_argv, parse_sacct,
-    parse_sbatch_job_id, parse_scontrol_job, parse_squeue,
+    JobState, build_batch_directives, build_directives, build_squeue_mine_argv, controller_unreachable,
+    build_scancel_argv, build_squeue_argv, directive_option, parse_sacct, parse_sbatch_job_id, parse_scontrol_job,
+    parse_squeue, parse_squeue_mine,
 )
 
 
@@ -15,6 +16,22 @@ def test_directives_for_a_whole_exclusive_node():
         "#SBATCH --mem=0", "#SBATCH --exclusive", "#SBATCH --time=01:00:00", "#SBATCH --partition=normal",
         "#SBATCH --account=proj", "#SBATCH --qos=debug", "#SBATCH --constraint=ib",
     ]
+
+
+def test_directives_for_a_batch_job_of_whole_nodes_one_task_each():
+    assert build_batch_directives(job_name="mspass-nb-flow", output="/my runs/50%/flow-%j.log", nodes=4,
+                                  walltime="02:00:00", partition="normal", qos="long",
+                                  extra=["--constraint=ib", "-C x"]) == [
+        "#SBATCH --job-name=mspass-nb-flow", '#SBATCH --output="/my runs/50%%/flow-%j.log"', "#SBATCH --nodes=4",
+        "#SBATCH --ntasks-per-node=1", "#SBATCH --exclusive", "#SBATCH --mem=0", "#SBATCH --time=02:00:00",
+        "#SBATCH --partition=normal", "#SBATCH --qos=long", "#SBATCH --constraint=ib", "#SBATCH -C x",
+    ]
+
+
+@pytest.mark.parametrize("directive, option", [("--constraint=ib", "--constraint"), ("--time 10", "--time"),
+                                               ("--exclusive", "--exclusive"), ("-N2", "-N"), ("-t 5", "-t")])
+def test_the_option_a_directive_sets(directive, option):
+    assert directive_option(directive) == option
 
 
 def test_memory_is_rounded_up_to_a_unit_slurm_accepts():
@@ -45,6 +62,17 @@ def test_squeue_parsing_keeps_state_reason_node_and_time_left():
     assert statuses["13"].kind == "running" and statuses["13"].nodes == "n2" and statuses["13"].reason == ""
     assert statuses["14"].kind == "ended"
     assert [statuses[j].time_left for j in ("12", "13", "14", "15")] == [86400, 3588, 0, None]
+
+
+def test_the_users_queue_with_names_nodes_and_pending_reasons():
+    assert build_squeue_mine_argv() == ["squeue", "--me", "--noheader", "--format=%i|%j|%T|%R"]
+    jobs = parse_squeue_mine("21|t-a-0123abcd-db|RUNNING|n1\n22|mspass-nb-x|PENDING|(Resources)\n"
+                             "23|other|PENDING|(None)\n\nsqueue: warning: noise\n")
+    assert [(j.job_id, j.name, j.state, j.nodes, j.reason) for j in jobs] == [
+        ("21", "t-a-0123abcd-db", JobState.RUNNING, "n1", ""),
+        ("22", "mspass-nb-x", JobState.PENDING, "", "Resources"),
+        ("23", "other", JobState.PENDING, "", "None"),
+    ]
 
 
 def test_scontrol_parsing_gives_exit_code():
@@ -98,3 +126,12 @@ def test_importing_the_package_leaves_ctrl_c_alone():
     restored = run("import signal, dask_jobqueue, mspass_cluster; "
                    "assert signal.getsignal(signal.SIGINT) is signal.default_int_handler")
     assert restored.returncode == 0, restored.stderr
+
+
+def test_the_examples_in_the_docstrings_hold():
+    import doctest
+
+    from mspass_cluster import slurm
+
+    result = doctest.testmod(slurm)
+    assert result.attempted > 0 and result.failed == 0

@@ -186,6 +186,27 @@ def test_bad_values_exit_2(args, message):
     assert message in result.stderr
 
 
+@pytest.mark.parametrize(("args", "message"), [
+    (["--port", "70000"], "Invalid value for net.port: 70000 is not in range [0, 65535]"),
+    (["--wiredTigerCacheSizeGB", "lots"], "the argument ('lots') for option '--wiredTigerCacheSizeGB' is invalid"),
+    (["--bind_ip", "127.0.0.1", "--bind_ip_all"], "net.bindIp and net.bindIpAll are mutually exclusive"),
+    (["--nounixsocket=yes"], "option '--nounixsocket' does not take any arguments"),
+])
+def test_nx_bad_values_of_the_clusters_options_exit_2(args, message):
+    result = run_once(NX, *args)
+    assert result.returncode == 2
+    assert message in result.stderr
+
+
+@pytest.mark.parametrize("option", ["--replSet", "--setParameter", "--unixSocketPrefix", "--quiet", "--auth"])
+def test_nx_refuses_mongod_options_it_would_not_honour(option):
+    # The embedded database accepts only what the cluster gives mongod; anything
+    # else would be silently ignored, so it is refused as mongod refuses a typo.
+    result = run_once(NX, option, "x") if option not in ("--quiet", "--auth") else run_once(NX, option)
+    assert result.returncode == 2
+    assert f"Error parsing command line: unrecognised option '{option}'" in result.stderr
+
+
 @pytest.mark.parametrize(("script", "banner"), [(FAKE, "db version v7.0.0-fake"), (NX, "db version v7.0.0")],
                          ids=["fake", "nx"])
 def test_version_prints_banner_and_exits_0(script, banner):

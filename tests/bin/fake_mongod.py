@@ -8,7 +8,8 @@ administrative commands listed below. Data-path tests use ``mspass_cluster.embed
 
 Faithful to ``mongod`` 7.0 on what process management relies on:
 
-* the command line, its errors and exit status 2 (see ``mspass_cluster/_mongod_cli.py``);
+* the command line, its errors and exit status 2 (``fake_mongod_cli.py``, on top of
+  ``mspass_cluster/_mongod_cli.py``);
 * the startup order: log, pid file, listening sockets (a busy port: exit 48),
   then the data directory (missing: ``NonExistentPath``, exit 100) and its
   ``mongod.lock``, held with ``flock`` as mongod holds it (a second instance
@@ -66,7 +67,9 @@ import bson
 from bson.errors import BSONError
 from bson.int64 import Int64
 
+from fake_mongod_cli import MAX_WIRE_VERSION, FakeMongodOptions
 from mspass_cluster import _mongod_cli as cli
+from mspass_cluster import _mongod_log as mlog
 
 VERSION = f"{cli.MONGODB_VERSION}-fake"
 BUILD_INFO = {"version": VERSION, "gitVersion": "fake", "modules": []}
@@ -107,11 +110,11 @@ class RecordingLog:
 
     Parameters
     ----------
-    log : cli.MongodLog
+    log : mlog.MongodLog
         Where the lines go.
     """
 
-    def __init__(self, log: cli.MongodLog):
+    def __init__(self, log: mlog.MongodLog):
         self._log = log
         self._lock = threading.Lock()
         self._closed = False
@@ -121,7 +124,7 @@ class RecordingLog:
 
     def write(self, severity: str, component: str, log_id: int, ctx: str, msg: str,
               attr: dict[str, Any] | None = None) -> None:
-        """Log one line (see :meth:`cli.MongodLog.write`); silently dropped once closed."""
+        """Log one line (see :meth:`mlog.MongodLog.write`); silently dropped once closed."""
         with self._lock:
             if self._closed:
                 return
@@ -159,15 +162,15 @@ class FakeMongod:
 
     Parameters
     ----------
-    opts : cli.MongodOptions
+    opts : FakeMongodOptions
         The parsed command line.
     """
 
-    def __init__(self, opts: cli.MongodOptions):
+    def __init__(self, opts: FakeMongodOptions):
         self.opts = opts
         self.port = opts.effective_port
         self.started = time.monotonic()
-        self.log = RecordingLog(cli.open_log_or_exit(opts))
+        self.log = RecordingLog(mlog.open_log_or_exit(opts.logpath, append=opts.logappend))
         self._listeners: list[socket.socket] = []
         self._unix_socket_path: str | None = None
         self._lock_fd: int | None = None
@@ -206,7 +209,7 @@ class FakeMongod:
         """
         for signum in (signal.SIGTERM, signal.SIGINT):
             signal.signal(signum, self._on_signal)
-        cli.log_starting(self.log, self.opts, build_info=BUILD_INFO)
+        mlog.log_starting(self.log, self.opts, build_info=BUILD_INFO)
         try:
             self._write_pid_file()
             self._listen()
@@ -243,7 +246,7 @@ class FakeMongod:
                 self._listeners.append(self._unix_listener())
         except (cli.BindError, OSError) as exc:
             errmsg = (exc.strerror or str(exc)) if isinstance(exc, OSError) else str(exc)
-            cli.log_listener_error(self.log, errmsg)
+            mlog.log_listener_error(self.log, errmsg)
             raise _StartupFailure(cli.EXIT_NET_ERROR) from None
 
     def _tcp_listener(self, family: socket.AddressFamily, address: str) -> socket.socket:
@@ -284,20 +287,20 @@ class FakeMongod:
     def _acquire_dbpath(self) -> None:
         dbpath = self.opts.dbpath
         if not os.path.exists(dbpath):
-            cli.log_initandlisten_failure(self.log, cli.nonexistent_path_error(dbpath))
+            mlog.log_initandlisten_failure(self.log, mlog.nonexistent_path_error(dbpath))
             raise _StartupFailure(cli.EXIT_UNCAUGHT)
         lock_path = os.path.join(dbpath, "mongod.lock")
         try:
             fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o600)
         except OSError as exc:
-            cli.log_initandlisten_failure(
+            mlog.log_initandlisten_failure(
                 self.log, f"IllegalOperation: Unable to create/open the lock file: {lock_path} ({exc.strerror}).")
             raise _StartupFailure(cli.EXIT_UNCAUGHT) from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             os.close(fd)
-            cli.log_initandlisten_failure(
+            mlog.log_initandlisten_failure(
                 self.log,
                 f"DBPathInUse: Unable to lock the lock file: {lock_path} (Resource temporarily unavailable). "
                 f"Another mongod instance is already running on the {dbpath} directory")
@@ -393,7 +396,7 @@ class FakeMongod:
         self._close_listeners()
         if self._lock_fd is not None:
             os.close(self._lock_fd)
-        cli.log_exit(self.log, code)
+        mlog.log_exit(self.log, code)
         self.log.close()
         return code
 
@@ -426,7 +429,7 @@ class FakeMongod:
         os.close(self._lock_fd)
         self._lock_fd = None
         self.log.write("I", "-", 4784931, ctx, "mongod shutdown complete")
-        cli.log_exit(self.log, cli.EXIT_CLEAN, ctx)
+        mlog.log_exit(self.log, cli.EXIT_CLEAN, ctx)
         self.log.close()
         return cli.EXIT_CLEAN
 
@@ -559,7 +562,7 @@ class FakeMongod:
             "logicalSessionTimeoutMinutes": 30,
             "connectionId": conn.id,
             "minWireVersion": 0,
-            "maxWireVersion": cli.MAX_WIRE_VERSION,
+            "maxWireVersion": MAX_WIRE_VERSION,
             "readOnly": False,
             "ok": 1.0,
         })
@@ -610,7 +613,7 @@ def _recv_exact(sock: socket.socket, size: int) -> bytes | None:
 def main() -> int:
     """Run the fake server with ``sys.argv``; returns the exit status."""
     banner = f"db version v{VERSION}\nBuild Info: {json.dumps(BUILD_INFO, indent=4)}"
-    opts = cli.parse_or_exit(sys.argv[1:], version_banner=banner)
+    opts = cli.parse_or_exit(sys.argv[1:], version_banner=banner, options=FakeMongodOptions)
     return FakeMongod(opts).run()
 
 
