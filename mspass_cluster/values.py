@@ -1,0 +1,179 @@
+"""What a valid value of an option is: each kind's check, with the fix in its error (pure).
+
+:func:`coerce` turns a value from any source (argument, YAML, environment)
+into the option's type, or raises :class:`~mspass_cluster.errors.ConfigError`
+naming the value and what to write instead.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+
+from dask.utils import parse_bytes, parse_timedelta
+
+from .errors import ConfigError
+from .options import CHOICES, Option
+
+__all__ = ["coerce", "parse_walltime", "MIN_MEMORY"]
+
+
+_WALLTIME = re.compile(
+    r"^(?:(?P<days>\d+)-(?P<dh>\d+)(?::(?P<dm>\d+)(?::(?P<ds>\d+))?)?"
+    r"|(?P<h>\d+):(?P<m>\d+):(?P<s>\d+)"
+    r"|(?P<mm>\d+):(?P<ss>\d+)"
+    r"|(?P<minutes>\d+))$"
+)
+
+
+def parse_walltime(value: str) -> int:
+    """Seconds in a Slurm time limit.
+
+    Accepts Slurm's formats: ``minutes``, ``minutes:seconds``,
+    ``hours:minutes:seconds``, ``days-hours``, ``days-hours:minutes`` and
+    ``days-hours:minutes:seconds``.
+
+    Raises
+    ------
+    ConfigError
+        When ``value`` is in none of these formats or is zero.
+
+    Examples
+    --------
+    >>> parse_walltime("01:30:00")
+    5400
+    >>> parse_walltime("2-00")
+    172800
+    """
+    match = _WALLTIME.match(str(value).strip())
+    if not match:
+        raise ConfigError(
+            f"walltime={value!r} is not a Slurm time limit. Use one of Slurm's formats: "
+            "'MM', 'MM:SS', 'HH:MM:SS', 'D-HH', 'D-HH:MM' or 'D-HH:MM:SS', e.g. walltime='02:00:00'."
+        )
+    g = {k: int(v) for k, v in match.groupdict().items() if v is not None}
+    if "days" in g:
+        seconds = g["days"] * 86400 + g["dh"] * 3600 + g.get("dm", 0) * 60 + g.get("ds", 0)
+    elif "h" in g:
+        seconds = g["h"] * 3600 + g["m"] * 60 + g["s"]
+    elif "mm" in g:
+        seconds = g["mm"] * 60 + g["ss"]
+    else:
+        seconds = g["minutes"] * 60
+    if seconds <= 0:
+        raise ConfigError(f"walltime={value!r} is zero; give a positive limit, e.g. walltime='01:00:00'.")
+    return seconds
+
+
+def _check_int(name, value, minimum):
+    if isinstance(value, bool) or not isinstance(value, int):
+        try:
+            as_int = int(str(value))
+        except ValueError:
+            raise ConfigError(f"{name}={value!r} is not a whole number; give e.g. {name}={max(minimum, 1)}.") from None
+        value = as_int
+    if value < minimum:
+        raise ConfigError(f"{name}={value!r} is below {minimum}; give {name}={max(minimum, 1)} or more.")
+    return value
+
+
+def coerce(option: Option, value):
+    name = option.name
+    if option.kind == "int":
+        minimum = 0 if name == "scheduler_port" else 1
+        number = _check_int(name, value, minimum)
+        if name.endswith("_port") and number > 65535:
+            raise ConfigError(
+                f"{name}={number} is not a TCP port ({minimum} to 65535); give e.g. {name}={option.default or 8786}"
+                + (" or 0 for a free one." if minimum == 0 else ".")
+            )
+        return number
+    if option.kind == "float":
+        try:
+            number = float(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{name}={value!r} is not a number of seconds; give e.g. {name}={option.default}.") from None
+        if number <= 0:
+            raise ConfigError(f"{name}={value!r} must be positive; give e.g. {name}={option.default}.")
+        return number
+    if option.kind == "bool":
+        if isinstance(value, bool):
+            return value
+        text = str(value).strip().lower()
+        if text in ("1", "true", "yes", "on"):
+            return True
+        if text in ("0", "false", "no", "off"):
+            return False
+        raise ConfigError(f"{name}={value!r} is not true or false.")
+    if option.kind == "list":
+        if isinstance(value, str):
+            return [value]
+        if not isinstance(value, (list, tuple)) or not all(isinstance(v, (str, int, float)) for v in value):
+            raise ConfigError(f"{name}={value!r} must be a list of strings, e.g. {name}={option.default or ['...']!r}.")
+        return [_one_line(name, str(v)) for v in value]
+    if option.kind == "memory":
+        return _check_memory(name, value)
+    if option.kind == "choice":
+        if value not in CHOICES[name]:
+            raise ConfigError(f"{name}={value!r} is not one of {', '.join(map(repr, CHOICES[name]))}.")
+        return value
+    if option.kind == "walltime":
+        parse_walltime(value)
+        return str(value).strip()
+    if option.kind == "lifetime":
+        return _check_lifetime(name, value)
+    if option.kind == "path":
+        return os.path.abspath(os.path.expanduser(os.path.expandvars(_one_line(name, str(value)))))
+    if not isinstance(value, str):
+        raise ConfigError(f"{name}={value!r} must be a string.")
+    return _one_line(name, value)
+
+
+def _one_line(name, value: str) -> str:
+    """Values end up in job scripts: a line break would start a shell line of its own."""
+    if any(ch in value for ch in "\n\r\0"):
+        raise ConfigError(f"{name}={value!r} holds a line break or NUL; give it on one line.")
+    return value
+
+
+#: The least memory a Dask worker process, or the database, can run in.
+MIN_MEMORY = 256 * 2**20
+
+
+def _check_memory(name, value) -> str:
+    """An amount of memory with its unit, at least :data:`MIN_MEMORY`."""
+    text = str(value).strip()
+    if re.fullmatch(r"[0-9.]+", text):
+        raise ConfigError(
+            f"{name}={value!r} has no unit: Slurm reads a bare number as megabytes, Dask as bytes. "
+            f"Write the unit, e.g. {name}='{text}MB' or {name}='16GiB'."
+        )
+    try:
+        number = parse_bytes(text)
+    except (ValueError, TypeError):
+        raise ConfigError(
+            f"{name}={value!r} is not an amount of memory; give a number with a unit, e.g. {name}='16GiB' or '4000MB'."
+        ) from None
+    if number < MIN_MEMORY:
+        raise ConfigError(
+            f"{name}={value!r} is too little: a Dask worker process or the database needs at least 256MiB. "
+            f"Give e.g. {name}='16GiB'."
+        )
+    return text
+
+
+def _check_lifetime(name, value) -> str:
+    """``auto``, ``none``, or a duration normalised to ``'<seconds>s'``."""
+    text = str(value).strip().lower()
+    if text in ("auto", "none"):
+        return text
+    try:
+        seconds = parse_timedelta(value if isinstance(value, (int, float)) else text)
+    except (ValueError, TypeError, KeyError):
+        seconds = None
+    if seconds is None or seconds <= 0:
+        raise ConfigError(
+            f"{name}={value!r} is not a positive duration; give e.g. {name}='55m' or '3300s', "
+            f"or {name}='auto' (just before walltime) or 'none'."
+        )
+    return f"{int(seconds)}s" if float(seconds).is_integer() else f"{seconds}s"
