@@ -23,20 +23,21 @@ one), jobs by Slurm job id, or everything with ``--all``.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import os
 import re
-import shlex
 import sys
-import tempfile
 
 from .commands import CommandRunner
-from .config import CHOICES, CONFIG_SECTION, parse_walltime
+from .config import CHOICES, parse_walltime
 from .errors import ConfigError, MsPASSClusterError
-from .notebook import parameter_names, parse_params, read_notebook
+from .notebook import read_notebook
 from .slurm import (
-    build_batch_directives, build_sbatch_argv, build_scancel_argv, build_squeue_mine_argv, directive_option,
-    parse_sbatch_job_id, parse_squeue_mine,
+    build_sbatch_argv, build_scancel_argv, build_squeue_mine_argv, parse_sbatch_job_id, parse_squeue_mine,
+)
+
+from .submit import (  # noqa: F401  (render_submit_script and the ENV_ names are part of the CLI's interface)
+    ENV_BACKEND, ENV_WORK_DIR, ONE_NODE_BACKENDS, _check_batch_tools, _check_directive, _check_notebook_path,
+    _check_params, _check_slurm_name, _check_work_dir, render_submit_script,
 )
 
 __all__ = ["main", "render_submit_script"]
@@ -44,16 +45,8 @@ __all__ = ["main", "render_submit_script"]
 #: Job names this package gives: clusters' roles, and submitted notebooks.
 OWN_JOB = re.compile(r"^(?P<prefix>[A-Za-z0-9_.-]+?)-(?P<cluster>[0-9a-f]{8})-(db|worker-\d+)$|^mspass-nb-")
 
-#: The variables that carry ``--work-dir`` and ``--backend`` into the notebook's ``MsPASSCluster``: dask
-#: reads ``DASK_*`` variables over its YAML files, so they override the user's ``mspass_cluster.yaml``.
-ENV_WORK_DIR = f"DASK_{CONFIG_SECTION.upper()}__WORK_DIR"
-ENV_BACKEND = f"DASK_{CONFIG_SECTION.upper()}__BACKEND"
-
 #: Shortest prefix of a cluster id that ``down`` accepts, so that one stray character cannot select a cluster.
 MIN_PREFIX = 4
-
-#: Backends that start no processes on the job's other nodes: a batch job for them needs one node.
-ONE_NODE_BACKENDS = ("local", "slurm")
 
 DESCRIPTION = """\
 Run a Jupyter notebook as a Slurm batch job with a MsPASS cluster (MongoDB and
@@ -109,181 +102,6 @@ class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
         if "%(default)" in text or action.default in (None, False, [], argparse.SUPPRESS) or not action.option_strings:
             return text
         return f"{text} (default: %(default)s)"
-
-
-def _check_slurm_name(flag: str, value) -> None:
-    """A partition, account or QOS name: one word, as Slurm names are."""
-    if value is None:
-        return
-    if not value or re.search(r"\s", value) or '"' in value:
-        raise ConfigError(
-            f"{flag} {value!r}: Slurm names have no spaces, newlines or quotes; give one name, e.g. {flag} normal "
-            "(sinfo lists partitions, sacctmgr show assoc user=$USER your accounts and QOS)."
-        )
-
-
-#: sbatch options that ``submit`` sets itself, long and short, and what to give instead.
-OWN_DIRECTIVES = {
-    "--nodes": "--nodes", "-N": "--nodes", "--time": "--walltime", "-t": "--walltime",
-    "--partition": "--partition", "-p": "--partition", "--account": "--account", "-A": "--account",
-    "--qos": "--qos", "-q": "--qos", "--job-name": None, "-J": None, "--output": None, "-o": None,
-    "--ntasks-per-node": None,
-}
-
-
-def _check_directive(value: str) -> None:
-    if not value.startswith("-") or "\n" in value or "\r" in value:
-        raise ConfigError(
-            f"--directive {value!r} is not one sbatch option on one line; give it as sbatch takes it, "
-            "e.g. --directive=--constraint=ib."
-        )
-    option = directive_option(value)
-    if option in OWN_DIRECTIVES:
-        instead = OWN_DIRECTIVES[option]
-        fix = f"use {instead} instead" if instead else "leave it out: submit sets the job's name, log and tasks"
-        raise ConfigError(f"--directive {value!r} sets {option}, which would contradict the script's own; {fix}.")
-
-
-def _check_notebook_path(path: str) -> None:
-    if re.search(r'[\n\r"]', path):
-        raise ConfigError(
-            f"notebook path {path!r} holds a newline or a double quote, which cannot be written into an sbatch "
-            "script; rename the notebook or its directory."
-        )
-
-
-def render_submit_script(notebook: str, *, nodes: int, walltime: str, partition=None, account=None, qos=None,
-                         extra_directives=(), prologue=(), params=(), python=None, work_dir=None,
-                         backend="allocation") -> str:
-    """The sbatch script that runs ``notebook`` headless on ``nodes`` nodes (pure).
-
-    Parameters
-    ----------
-    notebook : str
-        The notebook; the log and the executed notebook are written beside it.
-    nodes : int
-        Nodes of the job: the first runs the notebook and the database, the others workers.
-    walltime : str
-        Slurm time limit of the job.
-    partition, account, qos : str, optional
-        Slurm names; one word each.
-    extra_directives : sequence of str
-        More ``#SBATCH`` options, each one sbatch option such as ``--constraint=ib``.
-    prologue : sequence of str
-        Shell lines run before the notebook, e.g. ``module load mongodb``.
-    params : sequence of str
-        ``name=value`` parameters for the notebook.
-    python : str, optional
-        The Python that runs the notebook (default: this one).
-    work_dir : str, optional
-        The cluster's run directory, exported as ``DASK_MSPASS_CLUSTER__WORK_DIR``.
-    backend : str, optional
-        The cluster's backend, exported as ``DASK_MSPASS_CLUSTER__BACKEND`` (default
-        ``allocation``: the job's own nodes; None exports nothing).
-
-    Returns
-    -------
-    str
-        The script. Every value is quoted for the shell; none can add a line.
-
-    Raises
-    ------
-    ConfigError
-        For a value that would break out of its line: a newline in a Slurm
-        name, a directive or the notebook path.
-    """
-    _check_notebook_path(notebook)
-    for flag, value in (("--partition", partition), ("--account", account), ("--qos", qos)):
-        _check_slurm_name(flag, value)
-    for directive in extra_directives:
-        _check_directive(directive)
-    notebook = os.path.abspath(notebook)
-    directory, name = os.path.split(notebook)
-    stem = os.path.splitext(name)[0]
-    directives = build_batch_directives(
-        job_name=f"mspass-nb-{re.sub(r'[^A-Za-z0-9_.-]', '_', stem)}",
-        output=os.path.join(directory, stem) + "-%j.log", nodes=nodes, walltime=str(walltime).strip(),
-        partition=partition, account=account, qos=qos, extra=extra_directives,
-    )
-    runner = [python or sys.executable, "-m", "mspass_cluster.notebook", notebook]
-    for item in params:
-        runner += ["--param", item]
-    exports = [shlex.join(["export", f"{variable}={value}"])
-               for variable, value in ((ENV_WORK_DIR, work_dir), (ENV_BACKEND, backend)) if value]
-    lines = ["#!/usr/bin/env bash", *directives,
-             "# Generated by mspass-cluster submit: runs the notebook headless; inside it, MsPASSCluster()",
-             "# starts the database and workers as srun steps on this job's nodes. The executed notebook",
-             f"# is written to {os.path.join(directory, stem)}-<job id>.ipynb; the job's exit status is the notebook's.",
-             "set -u", *exports, *prologue, shlex.join(["cd", directory]), "exec " + shlex.join(runner), ""]
-    return "\n".join(lines)
-
-
-def _check_work_dir(value: str) -> str:
-    """``value`` as an absolute path, if it is, or can be made, a writable directory."""
-    path = os.path.abspath(os.path.expanduser(value))
-    if "\n" in path or "\r" in path:
-        raise ConfigError(f"--work-dir {value!r} holds a newline; choose a directory name without one.")
-    existing = path
-    while not os.path.exists(existing):
-        existing = os.path.dirname(existing)
-    if not os.path.isdir(existing):
-        raise ConfigError(
-            f"--work-dir {value!r}: {existing!r} is a file, not a directory; choose a directory on a file system "
-            "all nodes share, e.g. --work-dir $SCRATCH/mspass."
-        )
-    try:  # a real write, not os.access: read-only mounts and root's view of /proc answer access() wrongly
-        os.rmdir(tempfile.mkdtemp(prefix=".mspass-cluster-write-test-", dir=existing))
-    except OSError as exc:
-        what = "is not writable" if existing == path else f"cannot be created in {existing!r}"
-        raise ConfigError(
-            f"--work-dir {value!r} {what}: {exc.strerror or exc}. Choose a directory you can write, on a file "
-            "system all nodes share, e.g. --work-dir $SCRATCH/mspass."
-        ) from exc
-    return path
-
-
-def _check_batch_tools(notebook) -> None:
-    """The job runs the notebook with this Python: it needs nbclient and the notebook's kernel."""
-    missing = [m for m in ("nbclient", "ipykernel") if importlib.util.find_spec(m) is None]
-    if missing:
-        raise ConfigError(
-            f"{' and '.join(missing)} not installed in {sys.executable}, which the job runs the notebook with; "
-            "install them with: pip install 'mspass-cluster[batch]'."
-        )
-    kernel = notebook.metadata.get("kernelspec", {}).get("name", "python3")
-    from jupyter_client.kernelspec import KernelSpecManager, NoSuchKernel
-
-    manager = KernelSpecManager()
-    try:
-        manager.get_kernel_spec(kernel)
-    except NoSuchKernel:
-        known = ", ".join(sorted(manager.find_kernel_specs())) or "none"
-        raise ConfigError(
-            f"the notebook asks for the Jupyter kernel {kernel!r}, which is not installed here (kernels: {known}). "
-            f"Install it (python -m ipykernel install --user --name {kernel}) or choose another kernel in Jupyter "
-            "(Kernel > Change kernel) and save the notebook."
-        ) from None
-
-
-def _check_params(path: str, notebook, items: list[str]) -> None:
-    params = parse_params(items)
-    names = [item.partition("=")[0] for item in items]
-    repeated = sorted({n for n in names if names.count(n) > 1})
-    if repeated:
-        raise ConfigError(f"--param {', '.join(repeated)} given more than once; give each parameter once.")
-    assigned = parameter_names(notebook)
-    if assigned is None:
-        raise ConfigError(
-            f"--param given but {path!r} has no cell tagged 'parameters', so the notebook would not use them. "
-            "In Jupyter, put the defaults (e.g. year = 2012) in one cell and give it the tag 'parameters' "
-            "(View > Cell Toolbar > Tags, or the cell's property inspector)."
-        )
-    unknown = [n for n in params if n not in assigned]
-    if unknown:
-        raise ConfigError(
-            f"--param {', '.join(unknown)}: not assigned in the 'parameters' cell of {path!r}, which assigns "
-            f"{', '.join(assigned) or 'nothing'}. Check the spelling, or add a default for it to that cell."
-        )
 
 
 def _fail(message: str, status: int = 2) -> int:
