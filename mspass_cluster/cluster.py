@@ -46,6 +46,7 @@ from .allocation import AllocationSteps, allocation_nodes, in_allocation
 from .local import LOCAL_HOST, LocalProcesses, share_of_this_machine
 from .network import free_local_port, scheduler_host
 from .roles import ROLES, SCHEDULER_PLACEHOLDER, db_data_path, service_environment
+from .mspass_clients import add_mspass_worker_plugin, close_other_clients
 from .worker_env import EnvironmentPlugin
 
 __all__ = ["MsPASSCluster"]
@@ -700,6 +701,8 @@ class MsPASSCluster(SpecCluster):
         """The cluster's :class:`dask.distributed.Client` (one, cached)."""
         if self._client is None or self._client.status in ("closed", "closing"):
             self._client = Client(self)
+            if not self.asynchronous and self._db_uri is not None:
+                add_mspass_worker_plugin(self._client, self.get_db_client())
         return self._client
 
     def get_db_client(self):
@@ -792,6 +795,12 @@ class MsPASSCluster(SpecCluster):
 
     def close(self, timeout=None):
         """Retire the workers, stop the database cleanly, and leave no job in the queue. Idempotent."""
+        if self.status == Status.running and not self.asynchronous:
+            others = close_other_clients(self.scheduler_address, keep=self._client)
+            if others:
+                logger.warning("Closed %s, still connected to this cluster (e.g. inside mspasspy.client.Client()): "
+                               "it cannot be used after close(); create a new one once a new cluster runs.",
+                               ", ".join(others))
         for attr in ("_client", "_db_client"):
             client = getattr(self, attr, None)
             if client is not None:
