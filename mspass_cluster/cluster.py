@@ -698,7 +698,13 @@ class MsPASSCluster(SpecCluster):
 
     # ---------------------------------------------------------------- clients
     def get_client(self) -> Client:
-        """The cluster's :class:`dask.distributed.Client` (one, cached)."""
+        """The cluster's :class:`dask.distributed.Client` (one, cached).
+
+        When ``mspasspy`` is installed its workers carry MsPASS's database
+        plugin, so every MsPASS reader (ensembles too) works with this client
+        alone; a ``mspasspy.client.Client()`` made later replaces it rather
+        than adding a second one.
+        """
         if self._client is None or self._client.status in ("closed", "closing"):
             self._client = Client(self)
             if not self.asynchronous and self._db_uri is not None:
@@ -798,9 +804,9 @@ class MsPASSCluster(SpecCluster):
         if self.status == Status.running and not self.asynchronous:
             others = close_other_clients(self.scheduler_address, keep=self._client)
             if others:
-                logger.warning("Closed %s, still connected to this cluster (e.g. inside mspasspy.client.Client()): "
-                               "it cannot be used after close(); create a new one once a new cluster runs.",
-                               ", ".join(others))
+                logger.warning("Closed %s of this process still connected to this cluster (such as the one inside "
+                               "an mspasspy.client.Client()): it cannot be used after close(); make a new one on "
+                               "the next cluster.", ", ".join(others))
         for attr in ("_client", "_db_client"):
             client = getattr(self, attr, None)
             if client is not None:
