@@ -804,7 +804,7 @@ class MsPASSCluster(SpecCluster):
         if self.status == Status.running and not self.asynchronous:
             others = close_other_clients(self.scheduler_address, keep=self._client)
             if others:
-                logger.warning("Closed %s of this process still connected to this cluster (such as the one inside "
+                logger.warning("Closed Dask client %s of this process, still connected to this cluster (such as the one in "
                                "an mspasspy.client.Client()): it cannot be used after close(); make a new one on "
                                "the next cluster.", ", ".join(others))
         for attr in ("_client", "_db_client"):

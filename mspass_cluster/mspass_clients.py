@@ -113,5 +113,5 @@ def close_other_clients(scheduler_address: str, keep=None) -> list[str]:
             client.close()
         except Exception as exc:  # a client that cannot close cleanly is closed enough for this purpose
             logger.debug("Closing %r failed: %s", client, exc)
-        closed.append(f"Client {client.id}")
+        closed.append(str(client.id))
     return closed
