@@ -98,7 +98,7 @@ def close_other_clients(scheduler_address: str, keep=None) -> list[str]:
     Returns
     -------
     list of str
-        The closed clients, described for a log message.
+        The ids of the clients it closed.
     """
     # distributed keeps every live Client of the process in this registry
     # (default_client() reads it); there is no public way to list them.
