@@ -13,14 +13,13 @@ except under ``CI=true``, where a missing mspasspy is a failure.
 from __future__ import annotations
 
 import logging
-import os
 import time
 import zlib
 
 import numpy as np
 import pytest
 
-from conftest import BIN, NX_MONGOD, assert_nothing_left
+from conftest import BIN, NX_MONGOD, assert_nothing_left, require_mspasspy
 from mspass_cluster import MsPASSCluster
 
 STATIONS = ("AAK", "BRVK", "KURK")
@@ -31,16 +30,7 @@ DT = 0.02
 
 @pytest.fixture(scope="module", autouse=True)
 def mspasspy():
-    """The real mspasspy; missing under CI=true is a failure, not a skip."""
-    try:
-        import mspasspy.ccore.seismic  # noqa: F401  (the C++ part, the one that can be missing or broken)
-        import mspasspy.client
-    except ImportError as exc:
-        message = f"mspasspy is not importable ({exc}); ci/setup builds and installs it (ci/mspasspy-build)."
-        if os.environ.get("CI", "").lower() == "true":
-            pytest.fail(message)
-        pytest.skip(message)
-    return mspasspy
+    require_mspasspy()
 
 
 def synthetic_timeseries(sta, chan, i):
@@ -157,26 +147,10 @@ def cluster_options(backend, work_dir, request):
     request.getfixturevalue("slurm_testbed")
     options.update(backend="slurm", db_command=NX_MONGOD, walltime="15", db_port=27320)
     if backend == "apptainer":
-        options.update(container=mspass_image(work_dir), container_runtime="apptainer",
+        from test_cluster_slurm import stand_in_image
+        options.update(container=stand_in_image(work_dir), container_runtime="apptainer",
                        job_script_prologue=[f"export PATH={BIN}:$PATH"])
     return options
-
-
-def mspass_image(directory) -> str:
-    """A stand-in of the MsPASS image: its ``MSPASS_HOME`` holds MsPASS's data files (schemas), as ``/mspass`` does.
-
-    The stand-in has no file system of its own, so ``MSPASS_HOME`` points at a
-    host directory laid out like the image's, with this mspasspy's data.
-    """
-    import mspasspy
-    from test_cluster_slurm import stand_in_image
-    image = stand_in_image(directory)
-    home = directory / "mspass_home"
-    home.mkdir()
-    (home / "data").symlink_to(os.path.join(os.path.dirname(mspasspy.__file__), "data"))
-    env = directory / "mspass_latest.sif.env"
-    env.write_text(env.read_text().replace("MSPASS_HOME=/mspass", f"MSPASS_HOME={home}"))
-    return image
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

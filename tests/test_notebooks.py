@@ -16,6 +16,8 @@ import nbformat
 import pytest
 from nbclient import NotebookClient
 
+from conftest import require_mspasspy
+
 NOTEBOOKS = Path(__file__).resolve().parent.parent / "notebooks"
 EMBEDDED_DB = repr([sys.executable, "-m", "mspass_cluster.embedded_db"])
 #: What each notebook checks and prints last: its records, each compared with the same processing done locally.
@@ -24,13 +26,7 @@ RECORDS = {"desktop_prototype.ipynb": 12, "slurm_interactive.ipynb": 12, "batch_
 
 @pytest.fixture(scope="module", autouse=True)
 def mspasspy():
-    try:
-        import mspasspy.ccore.seismic  # noqa: F401
-    except ImportError as exc:
-        message = f"the notebooks need mspasspy ({exc}); ci/setup builds and installs it (ci/mspasspy-build)."
-        if os.environ.get("CI", "").lower() == "true":
-            pytest.fail(message)
-        pytest.skip(message)
+    require_mspasspy()
 
 
 def assert_all_records_intact(name, text):
