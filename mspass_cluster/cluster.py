@@ -36,6 +36,7 @@ from .config import ClusterOptions, prepare_directories, resolve_options
 from .db import get_db_client
 from .errors import ClusterClosedError, CommandError, ConfigError, MsPASSClusterError, SlurmUnavailableError
 from .jobs import JOB_STOP_TIMEOUT, JobLauncher, TrackedJob
+from .mspass_clients import add_mspass_worker_plugin, close_other_clients
 from .network import scheduler_host
 from .progress import DaskChatter, logger, make_progress_visible
 from .roles import ROLES, ScriptContext, service_environment
@@ -285,10 +286,18 @@ class MsPASSCluster(SpecCluster):
 
     # ---------------------------------------------------------------- clients
     def get_client(self) -> Client:
-        """The cluster's :class:`dask.distributed.Client` (one, cached)."""
+        """The cluster's :class:`dask.distributed.Client` (one, cached).
+
+        When ``mspasspy`` is installed its workers carry MsPASS's database
+        plugin, so every MsPASS reader (ensembles too) works with this client
+        alone; a ``mspasspy.client.Client()`` made later replaces it rather
+        than adding a second one.
+        """
         self._require_open("get_client()")
         if self._client is None or self._client.status in ("closed", "closing"):
             self._client = Client(self)
+            if not self.asynchronous and self.database.uri is not None:
+                add_mspass_worker_plugin(self._client, self.get_db_client())
         return self._client
 
     def get_db_client(self):
@@ -418,6 +427,12 @@ class MsPASSCluster(SpecCluster):
 
     def close(self, timeout=None):
         """Retire the workers, stop the database cleanly, and leave no job in the queue. Idempotent."""
+        if self.status == Status.running and not self.asynchronous:
+            others = close_other_clients(self.scheduler_address, keep=self._client)
+            if others:
+                logger.warning("Closed Dask client %s of this process, still connected to this cluster (such as the one in "
+                               "an mspasspy.client.Client()): it cannot be used after close(); make a new one on "
+                               "the next cluster.", ", ".join(others))
         for attr in ("_client", "_db_client"):
             client = getattr(self, attr, None)
             if client is not None:

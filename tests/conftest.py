@@ -136,3 +136,15 @@ def assert_nothing_left(cluster):
     assert ids, "the cluster submitted no job"
     assert queued(ids) == [], f"jobs still queued: {queued(ids)}"
     assert cluster_processes(cluster.cluster_id) == []
+
+
+def require_mspasspy():
+    """The real mspasspy (built by ci/mspasspy-build, installed by ci/setup); missing under CI=true is a failure, not a skip."""
+    try:
+        import mspasspy.ccore.seismic  # noqa: F401  (the C++ part, the one that can be missing or broken)
+        import mspasspy.client  # noqa: F401
+    except ImportError as exc:
+        message = f"mspasspy is not importable ({exc}); ci/setup builds and installs it (ci/mspasspy-build)."
+        if os.environ.get("CI", "").lower() == "true":
+            pytest.fail(message)
+        pytest.skip(message)

@@ -49,16 +49,34 @@ def environ_of(pid: int) -> dict:
 
 
 def stand_in_image(directory) -> str:
-    """A .sif for the Apptainer/Singularity stand-in, with the image ENV the MsPASS Dockerfile sets."""
+    """A .sif for the Apptainer/Singularity stand-in, with the image ENV the MsPASS Dockerfile sets.
+
+    The stand-in has no file system of its own, so the image's ``MSPASS_HOME``
+    (``/mspass`` in the real image, where mspasspy finds its schema files) is
+    a host directory laid out like it, with this Python's mspasspy data.
+    """
     image = directory / "mspass_latest.sif"
     image.write_text("stand-in image (tests/bin/container_standin.py)\n")
+    mspass_home = stand_in_mspass_home(directory)
     venv_bin = os.path.dirname(sys.executable)
     (directory / "mspass_latest.sif.env").write_text(
         f"PATH={venv_bin}:/usr/local/bin:/usr/bin:/bin\n"      # the image's python and dask
         f"PYTHONPATH={TESTS_DIR}\n"                              # the image's Python finds this module's tasks
-        "MONGODB_PORT=27017\nDASK_SCHEDULER_PORT=8786\nMSPASS_HOME=/mspass\n"
+        f"MONGODB_PORT=27017\nDASK_SCHEDULER_PORT=8786\nMSPASS_HOME={mspass_home}\n"
     )
     return str(image)
+
+
+def stand_in_mspass_home(directory) -> str:
+    home = directory / "mspass_home"
+    home.mkdir(exist_ok=True)
+    try:
+        import mspasspy
+    except ImportError:
+        return str(home)
+    if not (home / "data").exists():
+        (home / "data").symlink_to(os.path.join(os.path.dirname(mspasspy.__file__), "data"))
+    return str(home)
 
 
 @pytest.mark.parametrize("runtime", ["none", "apptainer", "singularity"])
@@ -95,7 +113,8 @@ def test_three_worker_nodes_store_data_scale_and_leave_nothing(slurm_testbed, sh
 
         if runtime != "none":
             inside = client.run(lambda: {k: os.environ.get(k) for k in ("MONGODB_PORT", "HOST_ONLY", "MSPASS_HOME")})
-            assert all(v == {"MONGODB_PORT": "27311", "HOST_ONLY": None, "MSPASS_HOME": "/mspass"} for v in inside.values())
+            image_home = stand_in_mspass_home(shared_dir)
+            assert all(v == {"MONGODB_PORT": "27311", "HOST_ONLY": None, "MSPASS_HOME": image_home} for v in inside.values())
             servers = [environ_of(pid) for pid in cluster_processes(cluster.cluster_id)
                        if environ_of(pid).get("MSPASS_ROLE") == "db" and "MSPASS_CLUSTER_ID" in environ_of(pid)]
             in_image = [e for e in servers if e.get(f"{runtime.upper()}_CONTAINER") == options["container"]]

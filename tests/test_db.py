@@ -2,7 +2,9 @@
 
 import pickle
 import socket
+import sys
 
+from conftest import require_mspasspy
 from mspass_cluster.db import DBClient, connection_string, get_db_client, ping
 
 
@@ -15,7 +17,16 @@ def test_db_client_pickles_to_its_connection_string_and_reconnects():
     client.close(), clone.close()
 
 
-def test_without_mspasspy_the_packages_own_client_is_returned():
+def test_with_mspasspy_its_client_is_returned():
+    require_mspasspy()
+    from mspasspy.db.client import DBClient as MsPASSDBClient
+    client = get_db_client(connection_string("localhost", 27017))
+    assert isinstance(client, MsPASSDBClient)
+    client.close()
+
+
+def test_without_mspasspy_the_packages_own_client_is_returned(monkeypatch):
+    monkeypatch.setitem(sys.modules, "mspasspy.db.client", None)  # what `import` sees when mspasspy is absent
     client = get_db_client(connection_string("localhost", 27017))
     assert isinstance(client, DBClient)
     client.close()
