@@ -72,6 +72,16 @@ def _start_notebook(tmp_path, orphan_timeout: int = 300, python: str = sys.execu
     return proc, cluster_id, ids.split(",")
 
 
+def _end_what_is_left(cluster_id: str) -> None:
+    """A failed test must not leave its cluster's processes behind for the next one."""
+    import os
+    for pid in cluster_processes(cluster_id):
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
 def test_sigterm_to_the_notebook_stops_the_database_cleanly_at_once(tmp_path):
     proc, cluster_id, _ = _start_notebook(tmp_path)
     try:
@@ -82,7 +92,10 @@ def test_sigterm_to_the_notebook_stops_the_database_cleanly_at_once(tmp_path):
         if proc.poll() is None:
             proc.kill()
     # Not after orphan_timeout (300 s): within seconds, with the database's clean shutdown.
-    assert _wait_until(lambda: cluster_processes(cluster_id) == [], 30), "jobs of a terminated notebook still run"
+    try:
+        assert _wait_until(lambda: cluster_processes(cluster_id) == [], 30), "jobs of a terminated notebook still run"
+    finally:
+        _end_what_is_left(cluster_id)
     db_log = next((tmp_path / "logs").glob(f"mspass-{cluster_id}-db-*.out")).read_text()
     assert "db exited with status 0" in db_log and "no heartbeat" not in db_log
     assert not list((tmp_path / "logs").glob("*.heartbeat"))
@@ -98,7 +111,10 @@ def test_workers_that_never_give_up_on_the_scheduler_leave_when_the_notebook_is_
     proc, cluster_id, _ = _start_notebook(tmp_path, orphan_timeout=6, python=str(stuck))
     proc.kill()
     proc.wait()
-    assert _wait_until(lambda: cluster_processes(cluster_id) == [], 60), "workers outlived a SIGKILLed notebook"
+    try:
+        assert _wait_until(lambda: cluster_processes(cluster_id) == [], 60), "workers outlived a SIGKILLed notebook"
+    finally:
+        _end_what_is_left(cluster_id)
     worker_log = next((tmp_path / "logs").glob(f"mspass-{cluster_id}-worker-0-*.out")).read_text()
     assert "no heartbeat from the notebook" in worker_log
     assert not list((tmp_path / "logs").glob("*.heartbeat")), "the stale heartbeat file was left behind"
@@ -197,7 +213,10 @@ def test_sigterm_while_the_cluster_starts_leaves_nothing_running(tmp_path):
     finally:
         if proc.poll() is None:
             proc.kill()
-    assert _wait_until(lambda: cluster_processes(cluster_id) == [], 30), "a cluster terminated while starting left processes"
+    try:
+        assert _wait_until(lambda: cluster_processes(cluster_id) == [], 30), "a cluster terminated while starting left processes"
+    finally:
+        _end_what_is_left(cluster_id)
     assert not (tmp_path / "db" / "mspass-cluster.json").exists()
 
 
