@@ -567,16 +567,16 @@ def test_adapt_follows_a_real_load_in_whole_nodes(slurm_testbed, shared_dir):
         futures = client.map(slow_square, range(120))     # 36 s of work for one node: more nodes are wanted
         most_nodes = 0
         while not all(f.done() for f in futures):
-            most_nodes = max(most_nodes, len({w.rsplit("-", 1)[0] for w in cluster._connected_names()}))
+            most_nodes = max(most_nodes, len({w.rsplit("-", 1)[0] for w in cluster.workers_service.connected()}))
             time.sleep(0.2)
         assert client.gather(futures) == [x * x for x in range(120)]
         assert most_nodes == 3, f"adapt reached {most_nodes} worker node(s), not 3"
         deadline = time.monotonic() + 60                   # idle: back to the minimum, a node at a time
-        while (len(cluster.worker_spec), len(cluster._connected_names())) != (1, 2) and time.monotonic() < deadline:
+        while (len(cluster.worker_spec), len(cluster.workers_service.connected())) != (1, 2) and time.monotonic() < deadline:
             time.sleep(0.2)
-        assert len(cluster.worker_spec) == 1 and len(cluster._connected_names()) == 2
+        assert len(cluster.worker_spec) == 1 and len(cluster.workers_service.connected()) == 2
         # Every node is whole: both processes of each remaining job are connected, and the others' jobs ended.
-        names = cluster._connected_names()
+        names = cluster.workers_service.connected()
         assert {n.rsplit("-", 1)[0] for n in names} == set(cluster.worker_spec)
         deadline = time.monotonic() + 60
         while len(cluster._launcher.active()) > 2 and time.monotonic() < deadline:  # the db and one worker job
