@@ -59,7 +59,7 @@ REFERENCE_SLEEPS = {
     "shutdown_non_sharded_s": 20,
     "shutdown_sharded_4_shards_s": 40,
     "note": "Fixed sleeps before the first use of the cluster and at shutdown, whatever the services' real state; "
-            "they come on top of queue wait and process start-up.",
+    "they come on top of queue wait and process start-up.",
 }
 
 
@@ -103,16 +103,33 @@ def _pair(text: str) -> tuple[int, int]:
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="benchmarks/run", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--sizes", type=_int_list, default=None, help="worker node counts for time to ready (default 1,4,8,16)")
+    parser.add_argument(
+        "--sizes", type=_int_list, default=None, help="worker node counts for time to ready (default 1,4,8,16)"
+    )
     parser.add_argument("--repeat", type=int, default=None, help="repetitions of each measurement (default 3)")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"), help="output directory")
     parser.add_argument("--scale", type=_pair, default=None, help="scale-up FROM,TO worker nodes (default 4,8)")
     parser.add_argument("--teardown-nodes", type=int, default=None, help="worker nodes for teardown (default 4)")
-    parser.add_argument("--load-nodes", type=int, default=None, help="worker nodes for controller load (default: largest size)")
-    parser.add_argument("--failure-cap", type=float, default=None, help="seconds dask-jobqueue may wait for a worker that cannot start (default 60)")
-    parser.add_argument("--steady", type=float, default=None, help="seconds of steady-state polling counted after ready (default 30)")
-    parser.add_argument("--only", default=",".join(MEASUREMENTS), help=f"comma-separated subset of {','.join(MEASUREMENTS)}")
-    parser.add_argument("--smoke", action="store_true", help="quick check for the tests: 1 node, 1 repetition, scale 1->2, 20 s cap, 5 s steady state")
+    parser.add_argument(
+        "--load-nodes", type=int, default=None, help="worker nodes for controller load (default: largest size)"
+    )
+    parser.add_argument(
+        "--failure-cap",
+        type=float,
+        default=None,
+        help="seconds dask-jobqueue may wait for a worker that cannot start (default 60)",
+    )
+    parser.add_argument(
+        "--steady", type=float, default=None, help="seconds of steady-state polling counted after ready (default 30)"
+    )
+    parser.add_argument(
+        "--only", default=",".join(MEASUREMENTS), help=f"comma-separated subset of {','.join(MEASUREMENTS)}"
+    )
+    parser.add_argument(
+        "--smoke",
+        action="store_true",
+        help="quick check for the tests: 1 node, 1 repetition, scale 1->2, 20 s cap, 5 s steady state",
+    )
     parser.add_argument("--verbose", action="store_true", help="also show mspass_cluster's and distributed's INFO logs")
     return parser.parse_args(argv)
 
@@ -169,6 +186,7 @@ def ordered(tools: list, index: int) -> list:
 
 def machine_info() -> dict:
     """uname, CPUs, versions, date, test-bed size: what the figures were measured on."""
+
     def version(dist):
         try:
             return importlib.metadata.version(dist)
@@ -187,7 +205,9 @@ def machine_info() -> dict:
         "cpu_count": os.cpu_count(),
         "python": platform.python_version(),
         "python_executable": sys.executable,
-        "versions": {d: version(d) for d in ("dask", "distributed", "dask-jobqueue", "mspass-cluster", "pymongo", "nx-27017")},
+        "versions": {
+            d: version(d) for d in ("dask", "distributed", "dask-jobqueue", "mspass-cluster", "pymongo", "nx-27017")
+        },
         "slurm": command([probes.slurm_path("sinfo"), "--version"]),
         "git_commit": command(["git", "-C", str(REPO), "rev-parse", "HEAD"]),
         # Uncommitted changes to the package measured: the figures are not those of the commit alone.
@@ -225,8 +245,9 @@ class Harness:
 
     def cancel_own_jobs(self) -> dict:
         """Last resort after an interruption: ``scancel`` (by id) any job of this run's clusters still queued."""
-        mine = {j: n for j, n in probes.queued_jobs().items()
-                if any(n == t or n.startswith(t + "-") for t in self.tags)}
+        mine = {
+            j: n for j, n in probes.queued_jobs().items() if any(n == t or n.startswith(t + "-") for t in self.tags)
+        }
         if mine:
             log.warning("cancelling jobs left by this run: %s", ", ".join(sorted(mine)))
             probes.scancel(mine)
@@ -237,8 +258,13 @@ class Harness:
         self.sequence.append(f"{context}: {tool.name}")
         others = {j: n for j, n in probes.queued_jobs().items() if not n.startswith("bench-")}
         if others:
-            log.warning("%s, %s: %d job(s) of someone else in squeue: %s", context, tool.name, len(others),
-                        ", ".join(sorted(set(others.values()))))
+            log.warning(
+                "%s, %s: %d job(s) of someone else in squeue: %s",
+                context,
+                tool.name,
+                len(others),
+                ", ".join(sorted(set(others.values()))),
+            )
             self.foreign.append({"context": context, "tool": tool.name, "jobs": others})
 
     def _error(self, context: str, tool, exc: BaseException) -> None:
@@ -250,12 +276,18 @@ class Harness:
         """Wait until squeue lists no job of ``tag``; cancel leftovers by id and record that it had to."""
         if not probes.wait_until(lambda: not probes.queued_jobs(tag), LEFTOVER_GRACE, 0.2):
             left = probes.queued_jobs(tag)
-            log.warning("%s, %s: jobs %s still queued %.0f s after close(); cancelling them",
-                        context, tool.name, ", ".join(left), LEFTOVER_GRACE)
+            log.warning(
+                "%s, %s: jobs %s still queued %.0f s after close(); cancelling them",
+                context,
+                tool.name,
+                ", ".join(left),
+                LEFTOVER_GRACE,
+            )
             probes.scancel(left)
             gone = probes.wait_until(lambda: not probes.queued_jobs(tag), LEFTOVER_GRACE, 0.2)
-            self.leftovers.append({"context": context, "tool": tool.name, "tag": tag, "jobs": left,
-                                   "gone_after_scancel": gone})
+            self.leftovers.append(
+                {"context": context, "tool": tool.name, "tag": tag, "jobs": left, "gone_after_scancel": gone}
+            )
         if running is not None and not probes.wait_until(lambda: not tool.pids(running), 30.0, 0.2):
             pids = tool.pids(running)
             log.warning("%s, %s: processes %s outlived their jobs", context, tool.name, pids)
@@ -323,7 +355,11 @@ class Harness:
         result = {"from": low, "to": high}
         for name, samples in (("up", up), ("down", down)):
             medians = {t: median(v) for t, v in samples.items()}
-            result[name] = {"samples": samples, "median": medians, "ratio": ratio(medians["mspass"], medians["jobqueue"])}
+            result[name] = {
+                "samples": samples,
+                "median": medians,
+                "ratio": ratio(medians["mspass"], medians["jobqueue"]),
+            }
         return result
 
     def _scale_once(self, tool, running: Running, low: int, high: int, context: str):
@@ -343,12 +379,18 @@ class Harness:
             self._error(context + " (down)", tool, exc)
             return up_s, None
         settled = probes.wait_until(
-            lambda: running.workers() == low and len(probes.queued_jobs(running.tag)) == remaining_jobs, POLL_BOUND,
+            lambda: running.workers() == low and len(probes.queued_jobs(running.tag)) == remaining_jobs,
+            POLL_BOUND,
         )
         if not settled:
-            self.errors.append({"context": context + " (down)", "tool": tool.name,
-                                "error": f"not settled after {POLL_BOUND:g} s: {running.workers()} workers, "
-                                         f"jobs {probes.queued_jobs(running.tag)}"})
+            self.errors.append(
+                {
+                    "context": context + " (down)",
+                    "tool": tool.name,
+                    "error": f"not settled after {POLL_BOUND:g} s: {running.workers()} workers, "
+                    f"jobs {probes.queued_jobs(running.tag)}",
+                }
+            )
             return up_s, None
         return up_s, time.perf_counter() - started
 
@@ -386,20 +428,39 @@ class Harness:
             seconds = time.perf_counter() - started
             message = str(exc)
             record = {
-                "error_type": type(exc).__name__, "message": message,
-                "job_id": exc.job_id, "exit_code": exc.exit_code, "state": exc.state,
+                "error_type": type(exc).__name__,
+                "message": message,
+                "job_id": exc.job_id,
+                "exit_code": exc.exit_code,
+                "state": exc.state,
                 "names_job_id": bool(exc.job_id) and exc.job_id in message,
                 "names_exit_code": bool(exc.exit_code) and exc.exit_code in message,
                 "hit_cap": False,
             }
         except Exception as exc:
             seconds = time.perf_counter() - started
-            record = {"error_type": type(exc).__name__, "message": str(exc), "job_id": None, "exit_code": None,
-                      "names_job_id": False, "names_exit_code": False, "hit_cap": False}
+            record = {
+                "error_type": type(exc).__name__,
+                "message": str(exc),
+                "job_id": None,
+                "exit_code": None,
+                "names_job_id": False,
+                "names_exit_code": False,
+                "hit_cap": False,
+            }
         else:
-            seconds, record = None, {"error_type": None, "message": "the cluster started with a missing python",
-                                     "job_id": None, "exit_code": None, "names_job_id": False,
-                                     "names_exit_code": False, "hit_cap": False}
+            seconds, record = (
+                None,
+                {
+                    "error_type": None,
+                    "message": "the cluster started with a missing python",
+                    "job_id": None,
+                    "exit_code": None,
+                    "names_job_id": False,
+                    "names_exit_code": False,
+                    "hit_cap": False,
+                },
+            )
             tool.close(running)
         self.ensure_gone(tag, context, tool)
         return seconds, record
@@ -449,8 +510,13 @@ class Harness:
                 close_s, gone_s = self._teardown_once(tool, running, context)
                 returned[tool.name].append(close_s)
                 nothing_left[tool.name].append(gone_s)
-                log.info("%s, %s: close() returned after %.2f s, nothing left after %s s", context, tool.name,
-                         close_s, _fmt(gone_s))
+                log.info(
+                    "%s, %s: close() returned after %.2f s, nothing left after %s s",
+                    context,
+                    tool.name,
+                    close_s,
+                    _fmt(gone_s),
+                )
                 self.ensure_gone(running.tag, context, tool, running)
         medians = {t: median(v) for t, v in nothing_left.items()}
         return {
@@ -484,9 +550,14 @@ class Harness:
             context = f"controller load, {nodes} node(s)"
             measure = self._load_mspass if isinstance(tool, MsPASSTool) else self._load_jobqueue
             result[tool.name] = measure(tool, nodes, context)
-            log.info("%s, %s: %s status calls in %s s of start-up, %s per minute in steady state", context,
-                     tool.name, result[tool.name].get("startup_status_calls"), _fmt(result[tool.name].get("startup_s")),
-                     _fmt(result[tool.name].get("steady_status_per_min")))
+            log.info(
+                "%s, %s: %s status calls in %s s of start-up, %s per minute in steady state",
+                context,
+                tool.name,
+                result[tool.name].get("startup_status_calls"),
+                _fmt(result[tool.name].get("startup_s")),
+                _fmt(result[tool.name].get("steady_status_per_min")),
+            )
         return result
 
     def _load_mspass(self, tool: MsPASSTool, nodes: int, context: str) -> dict:
@@ -501,7 +572,9 @@ class Harness:
         steady_s = self._steady()
         steady = dict(collections.Counter(runner.calls) - at_ready)
         self.close_and_check(tool, running, context)
-        return _load_record("CommandRunner.calls (every Slurm command the cluster ran)", startup_s, dict(at_ready), steady_s, steady)
+        return _load_record(
+            "CommandRunner.calls (every Slurm command the cluster ran)", startup_s, dict(at_ready), steady_s, steady
+        )
 
     def _load_jobqueue(self, tool: JobqueueTool, nodes: int, context: str) -> dict:
         tag = self._tag(tool)
@@ -525,8 +598,13 @@ class Harness:
         finally:
             os.environ["PATH"] = saved_path
         self.close_and_check(tool, running, context)
-        record = _load_record("PATH shims for squeue/sacct/scontrol (and sbatch, to show the shims were on its path)",
-                              startup_s, at_ready, steady_s, steady)
+        record = _load_record(
+            "PATH shims for squeue/sacct/scontrol (and sbatch, to show the shims were on its path)",
+            startup_s,
+            at_ready,
+            steady_s,
+            steady,
+        )
         return record
 
     def _steady(self) -> float:
@@ -553,11 +631,16 @@ def _load_record(method: str, startup_s: float, startup: dict, steady_s: float, 
 
 def job_state(job_id: str) -> dict:
     """Slurm's own view of a job (state, exit code), from ``scontrol``, for the failure record."""
-    out = subprocess.run([probes.slurm_path("scontrol"), "--oneliner", "show", "job", job_id],
-                         capture_output=True, text=True, timeout=20).stdout
+    out = subprocess.run(
+        [probes.slurm_path("scontrol"), "--oneliner", "show", "job", job_id], capture_output=True, text=True, timeout=20
+    ).stdout
     fields = dict(part.split("=", 1) for part in out.split() if "=" in part)
-    return {"job_id": job_id, "state": fields.get("JobState"), "exit_code": fields.get("ExitCode"),
-            "run_time": fields.get("RunTime")}
+    return {
+        "job_id": job_id,
+        "state": fields.get("JobState"),
+        "exit_code": fields.get("ExitCode"),
+        "run_time": fields.get("RunTime"),
+    }
 
 
 def _fmt(value) -> str:
@@ -572,6 +655,7 @@ def _configure_logging(verbose: bool) -> None:
     log.setLevel(logging.INFO)
     log.propagate = False
     import distributed  # noqa: F401  (it configures its loggers on import; quiet them after)
+
     import mspass_cluster  # noqa: F401
 
     level = logging.INFO if verbose else logging.WARNING
@@ -604,10 +688,16 @@ def run(plan: Plan, out: Path) -> dict:
     results = {
         "meta": machine_info(),
         "plan": asdict(plan),
-        "worker_options": {"processes_per_node": 1, "cores": WORKER_CORES, "memory": WORKER_MEMORY,
-                           "walltime_minutes": WALLTIME_MINUTES, "python": sys.executable, "partition": "default",
-                           "mspass_db": "nx-27017 stand-in (python -m mspass_cluster.embedded_db)",
-                           "jobqueue_scheduler_interface": "br-hpc"},
+        "worker_options": {
+            "processes_per_node": 1,
+            "cores": WORKER_CORES,
+            "memory": WORKER_MEMORY,
+            "walltime_minutes": WALLTIME_MINUTES,
+            "python": sys.executable,
+            "partition": "default",
+            "mspass_db": "nx-27017 stand-in (python -m mspass_cluster.embedded_db)",
+            "jobqueue_scheduler_interface": "br-hpc",
+        },
         "tools": {t.name: t.label for t in harness.tools},
         "reference_sleeps": REFERENCE_SLEEPS,
     }

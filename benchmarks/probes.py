@@ -69,8 +69,10 @@ def queued_jobs(tag: str | None = None) -> dict[str, str]:
     out = _run(argv)
     if out.returncode != 0:
         # An outage must not read as "nothing queued": the harness would take leftovers for gone.
-        raise RuntimeError(f"{shlex.join(argv)} failed with exit code {out.returncode}: {out.stderr.strip()}; "
-                           "the harness cannot tell which jobs are left. Check `scontrol ping`.")
+        raise RuntimeError(
+            f"{shlex.join(argv)} failed with exit code {out.returncode}: {out.stderr.strip()}; "
+            "the harness cannot tell which jobs are left. Check `scontrol ping`."
+        )
     jobs = {}
     for line in out.stdout.splitlines():
         job_id, _, name = line.strip().partition("|")

@@ -13,8 +13,11 @@ COLORS = {"mspass": "tab:blue", "jobqueue": "tab:orange"}
 
 def write_all(results: dict, out: Path) -> list[Path]:
     """Write the three files; return their paths."""
-    return [write_json(results, out / "results.json"), write_markdown(results, out / "results.md"),
-            write_png(results, out / "results.png")]
+    return [
+        write_json(results, out / "results.json"),
+        write_markdown(results, out / "results.md"),
+        write_png(results, out / "results.png"),
+    ]
 
 
 def write_json(results: dict, path: Path) -> Path:
@@ -72,23 +75,44 @@ def _time_to_ready(section: dict, reference: dict) -> list[str]:
     rows = []
     for size in section["sizes"]:
         key = str(size)
-        rows.append([
-            size, _s(section["median"]["mspass"][key]), _s(section["median"]["jobqueue"][key]),
-            _ratio(section["ratio"][key]), _samples(section["samples"]["mspass"][key]),
-            _samples(section["samples"]["jobqueue"][key]),
-        ])
+        rows.append(
+            [
+                size,
+                _s(section["median"]["mspass"][key]),
+                _s(section["median"]["jobqueue"][key]),
+                _ratio(section["ratio"][key]),
+                _samples(section["samples"]["mspass"][key]),
+                _samples(section["samples"]["jobqueue"][key]),
+            ]
+        )
     low, high = reference["startup_sharded_s"]
-    rows.append(["MsPASS scripts (reference, not run)",
-                 f"≥ {reference['startup_non_sharded_s']} of fixed sleep (non-sharded), {low}–{high} (sharded)",
-                 "", "", "", ""])
+    rows.append(
+        [
+            "MsPASS scripts (reference, not run)",
+            f"≥ {reference['startup_non_sharded_s']} of fixed sleep (non-sharded), {low}–{high} (sharded)",
+            "",
+            "",
+            "",
+            "",
+        ]
+    )
     return [
         "## Time to ready",
         "",
         "From creating the cluster object until the database answers and every worker is connected "
         "(MsPASSCluster: its constructor; dask-jobqueue: constructor + `scale(jobs=n)` + `client.wait_for_workers(n)`).",
         "",
-        *_table(["worker nodes", "MsPASSCluster (s)", "dask-jobqueue (s)", "ratio", "MsPASSCluster samples",
-                 "dask-jobqueue samples"], rows),
+        *_table(
+            [
+                "worker nodes",
+                "MsPASSCluster (s)",
+                "dask-jobqueue (s)",
+                "ratio",
+                "MsPASSCluster samples",
+                "dask-jobqueue samples",
+            ],
+            rows,
+        ),
         "",
     ]
 
@@ -96,17 +120,39 @@ def _time_to_ready(section: dict, reference: dict) -> list[str]:
 def _scale(section: dict) -> list[str]:
     low, high = section["from"], section["to"]
     rows = []
-    for key, what in (("up", f"scale-up {low}→{high}: every new worker connected"),
-                      ("down", f"scale-down {high}→{low}: scheduler shows {low} worker{'' if low == 1 else 's'} "
-                               "and squeue only the remaining jobs")):
+    for key, what in (
+        ("up", f"scale-up {low}→{high}: every new worker connected"),
+        (
+            "down",
+            f"scale-down {high}→{low}: scheduler shows {low} worker{'' if low == 1 else 's'} "
+            "and squeue only the remaining jobs",
+        ),
+    ):
         part = section[key]
-        rows.append([what, _s(part["median"]["mspass"]), _s(part["median"]["jobqueue"]), _ratio(part["ratio"]),
-                     _samples(part["samples"]["mspass"]), _samples(part["samples"]["jobqueue"])])
+        rows.append(
+            [
+                what,
+                _s(part["median"]["mspass"]),
+                _s(part["median"]["jobqueue"]),
+                _ratio(part["ratio"]),
+                _samples(part["samples"]["mspass"]),
+                _samples(part["samples"]["jobqueue"]),
+            ]
+        )
     return [
         f"## Scaling ({low} → {high} → {_nodes(low)})",
         "",
-        *_table(["operation", "MsPASSCluster (s)", "dask-jobqueue (s)", "ratio", "MsPASSCluster samples",
-                 "dask-jobqueue samples"], rows),
+        *_table(
+            [
+                "operation",
+                "MsPASSCluster (s)",
+                "dask-jobqueue (s)",
+                "ratio",
+                "MsPASSCluster samples",
+                "dask-jobqueue samples",
+            ],
+            rows,
+        ),
         "",
     ]
 
@@ -119,26 +165,44 @@ def _failure(section: dict) -> list[str]:
     ms, jq = section["errors"]["mspass"], section["errors"]["jobqueue"]
     cap = section["cap_s"]
     hit = [e.get("hit_cap") for e in jq]
-    jq_time = _s(section["median"]["jobqueue"]) + (f" (hit the {cap:g} s cap: no error of its own)" if hit and all(hit) else "")
+    jq_time = _s(section["median"]["jobqueue"]) + (
+        f" (hit the {cap:g} s cap: no error of its own)" if hit and all(hit) else ""
+    )
     ms_ids = "; ".join(f"job {e.get('job_id')}, exit {e.get('exit_code')}" for e in ms)
-    slurm = "; ".join(f"job {s['job_id']} {s['state']}, exit {s['exit_code']}" for e in jq for s in e.get("slurm_saw", []))
+    slurm = "; ".join(
+        f"job {s['job_id']} {s['state']}, exit {s['exit_code']}" for e in jq for s in e.get("slurm_saw", [])
+    )
     rows = [
         ["time from creating the cluster to an error (s, median)", _s(section["median"]["mspass"]), jq_time],
         ["samples (s)", _samples(section["samples"]["mspass"]), _samples(section["samples"]["jobqueue"])],
-        ["error the user gets", ", ".join(sorted({str(e.get("error_type")) for e in ms})),
-         ", ".join(sorted({str(e.get("error_type")) for e in jq}))],
-        ["error names the job id", f"{_yes_no([e.get('names_job_id') for e in ms])}: {ms_ids}",
-         _yes_no([e.get("names_job_id") for e in jq])],
-        ["error names the exit code", _yes_no([e.get("names_exit_code") for e in ms]),
-         _yes_no([e.get("names_exit_code") for e in jq])],
+        [
+            "error the user gets",
+            ", ".join(sorted({str(e.get("error_type")) for e in ms})),
+            ", ".join(sorted({str(e.get("error_type")) for e in jq})),
+        ],
+        [
+            "error names the job id",
+            f"{_yes_no([e.get('names_job_id') for e in ms])}: {ms_ids}",
+            _yes_no([e.get("names_job_id") for e in jq]),
+        ],
+        [
+            "error names the exit code",
+            _yes_no([e.get("names_exit_code") for e in ms]),
+            _yes_no([e.get("names_exit_code") for e in jq]),
+        ],
         ["what Slurm knew meanwhile", "(in the error)", slurm or "—"],
         ["ratio", _ratio(section["ratio"]), ""],
     ]
     closing = [e.get("close_error") for e in jq if e.get("close_error")]
     scancelled = [e for e in jq if e.get("harness_scancelled")]
-    notes = [f"dask-jobqueue's close() raised: {closing[0].splitlines()[0]}" if closing else "dask-jobqueue's close() raised nothing.",
-             f"The harness had to scancel dask-jobqueue's jobs {len(scancelled)} time(s)." if scancelled
-             else "Its jobs had already ended; none was left for the harness to cancel."]
+    notes = [
+        f"dask-jobqueue's close() raised: {closing[0].splitlines()[0]}"
+        if closing
+        else "dask-jobqueue's close() raised nothing.",
+        f"The harness had to scancel dask-jobqueue's jobs {len(scancelled)} time(s)."
+        if scancelled
+        else "Its jobs had already ended; none was left for the harness to cancel.",
+    ]
     return [
         f"## Failure detection (worker `python={section['worker_python']}`)",
         "",
@@ -154,14 +218,31 @@ def _failure(section: dict) -> list[str]:
 
 def _teardown(section: dict, reference: dict) -> list[str]:
     rows = [
-        ["`close()` returned", _s(section["median_close_returned"]["mspass"]),
-         _s(section["median_close_returned"]["jobqueue"]), "",
-         _samples(section["close_returned"]["mspass"]), _samples(section["close_returned"]["jobqueue"])],
-        ["nothing left: no job in squeue, no process", _s(section["median"]["mspass"]), _s(section["median"]["jobqueue"]),
-         _ratio(section["ratio"]), _samples(section["samples"]["mspass"]), _samples(section["samples"]["jobqueue"])],
-        ["MsPASS scripts (reference, not run)",
-         f"{reference['shutdown_non_sharded_s']} of fixed sleep (non-sharded), {reference['shutdown_sharded_4_shards_s']} "
-         "(sharded, 4 shards)", "", "", "", ""],
+        [
+            "`close()` returned",
+            _s(section["median_close_returned"]["mspass"]),
+            _s(section["median_close_returned"]["jobqueue"]),
+            "",
+            _samples(section["close_returned"]["mspass"]),
+            _samples(section["close_returned"]["jobqueue"]),
+        ],
+        [
+            "nothing left: no job in squeue, no process",
+            _s(section["median"]["mspass"]),
+            _s(section["median"]["jobqueue"]),
+            _ratio(section["ratio"]),
+            _samples(section["samples"]["mspass"]),
+            _samples(section["samples"]["jobqueue"]),
+        ],
+        [
+            "MsPASS scripts (reference, not run)",
+            f"{reference['shutdown_non_sharded_s']} of fixed sleep (non-sharded), {reference['shutdown_sharded_4_shards_s']} "
+            "(sharded, 4 shards)",
+            "",
+            "",
+            "",
+            "",
+        ],
     ]
     return [
         f"## Teardown ({_nodes(section['nodes'])})",
@@ -169,8 +250,10 @@ def _teardown(section: dict, reference: dict) -> list[str]:
         "From `close()` until squeue lists none of the cluster's jobs and none of its processes is alive (polled every "
         "0.1 s). MsPASSCluster also stops its database with SIGTERM and waits for a clean exit.",
         "",
-        *_table(["", "MsPASSCluster (s)", "dask-jobqueue (s)", "ratio", "MsPASSCluster samples",
-                 "dask-jobqueue samples"], rows),
+        *_table(
+            ["", "MsPASSCluster (s)", "dask-jobqueue (s)", "ratio", "MsPASSCluster samples", "dask-jobqueue samples"],
+            rows,
+        ),
         "",
     ]
 
@@ -186,10 +269,21 @@ def _load(section: dict) -> list[str]:
     steady = section["steady_window_s"]
     rows = [
         ["start-up (s)", _s(ms["startup_s"]), _s(jq["startup_s"])],
-        ["status calls during start-up (squeue + sacct + scontrol)", ms["startup_status_calls"], jq["startup_status_calls"]],
-        ["status calls per minute during start-up", _s(ms["startup_status_per_min"], 1), _s(jq["startup_status_per_min"], 1)],
-        [f"status calls per minute after ready (over {steady:g} s)", _s(ms["steady_status_per_min"], 1),
-         _s(jq["steady_status_per_min"], 1)],
+        [
+            "status calls during start-up (squeue + sacct + scontrol)",
+            ms["startup_status_calls"],
+            jq["startup_status_calls"],
+        ],
+        [
+            "status calls per minute during start-up",
+            _s(ms["startup_status_per_min"], 1),
+            _s(jq["startup_status_per_min"], 1),
+        ],
+        [
+            f"status calls per minute after ready (over {steady:g} s)",
+            _s(ms["steady_status_per_min"], 1),
+            _s(jq["steady_status_per_min"], 1),
+        ],
         ["every Slurm call counted during start-up", _calls(ms["startup_calls"]), _calls(jq["startup_calls"])],
         ["counted by", ms["method"], jq["method"]],
     ]
@@ -206,10 +300,21 @@ def _reference(reference: dict) -> list[str]:
     return [
         "## Reference: the MsPASS job scripts' fixed sleeps (not run)",
         "",
-        *_table(["", "non-sharded", "sharded (4 shards)"], [
-            ["sleeping before the first use of the cluster", f"≥ {reference['startup_non_sharded_s']} s", f"{low} to {high} s"],
-            ["sleeping at shutdown", f"{reference['shutdown_non_sharded_s']} s", f"{reference['shutdown_sharded_4_shards_s']} s"],
-        ]),
+        *_table(
+            ["", "non-sharded", "sharded (4 shards)"],
+            [
+                [
+                    "sleeping before the first use of the cluster",
+                    f"≥ {reference['startup_non_sharded_s']} s",
+                    f"{low} to {high} s",
+                ],
+                [
+                    "sleeping at shutdown",
+                    f"{reference['shutdown_non_sharded_s']} s",
+                    f"{reference['shutdown_sharded_4_shards_s']} s",
+                ],
+            ],
+        ),
         "",
         f"Source: {reference['source']}. {reference['note']}",
         "",
@@ -221,7 +326,10 @@ def _housekeeping(results: dict) -> list[str]:
     errors = results.get("errors", [])
     lines = ["## Housekeeping", ""]
     if left:
-        lines += [f"- {item['context']}, {item['tool']}: had to clean up {item.get('jobs') or item.get('processes')}" for item in left]
+        lines += [
+            f"- {item['context']}, {item['tool']}: had to clean up {item.get('jobs') or item.get('processes')}"
+            for item in left
+        ]
     else:
         lines.append("- No job or process was left for the harness to cancel after any `close()`.")
     if errors:
@@ -232,8 +340,10 @@ def _housekeeping(results: dict) -> list[str]:
         lines.append(f"- Jobs cancelled when the run ended: {', '.join(sorted(results['cancelled_at_end']))}.")
     foreign = results.get("foreign_jobs", [])
     if foreign:
-        lines.append(f"- Jobs not started by this run were in squeue at {len(foreign)} cluster start(s) "
-                     "(another user of the test bed): those figures may be disturbed; see results.json.")
+        lines.append(
+            f"- Jobs not started by this run were in squeue at {len(foreign)} cluster start(s) "
+            "(another user of the test bed): those figures may be disturbed; see results.json."
+        )
     else:
         lines.append("- No other job was in squeue when any cluster started.")
     return lines + [""]
@@ -270,14 +380,21 @@ def _ready_panel(ax, section: dict, reference_s: float) -> None:
         ax.scatter(xs, ys, s=18, alpha=0.6, color=COLORS[tool])
         medians = [section["median"][tool][str(s)] for s in sizes]
         ax.plot(sizes, medians, marker="o", color=COLORS[tool], label=f"{LABELS[tool]} (median, points: samples)")
-    ax.axhline(reference_s, color="grey", linestyle="--", linewidth=1,
-               label=f"MsPASS scripts: {reference_s} s fixed sleep, non-sharded (not run)")
+    ax.axhline(
+        reference_s,
+        color="grey",
+        linestyle="--",
+        linewidth=1,
+        label=f"MsPASS scripts: {reference_s} s fixed sleep, non-sharded (not run)",
+    )
     ax.set_xlabel("worker nodes")
     ax.set_ylabel("seconds")
     ax.set_title("Time to ready")
     ax.set_xticks(sizes)
     ax.set_xlim(min(sizes) - 1, max(sizes) + 1)
-    ax.set_ylim(0, max([reference_s] + [v for t in section["samples"].values() for vs in t.values() for v in vs if v]) * 1.15)
+    ax.set_ylim(
+        0, max([reference_s] + [v for t in section["samples"].values() for vs in t.values() for v in vs if v]) * 1.15
+    )
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="upper left")
 
@@ -321,8 +438,15 @@ def _bars_panel(ax, results: dict) -> None:
                 if label == FAILURE_LABEL and tool == "jobqueue" and _all_hit_cap(results):
                     text += "\n(cap:\nno error)"
                 # Above the highest dot, so the label never hides a sample.
-                ax.annotate(text, (pos, max(points + [medians[tool]])), ha="center", va="bottom", fontsize=7,
-                            xytext=(0, 3), textcoords="offset points")
+                ax.annotate(
+                    text,
+                    (pos, max(points + [medians[tool]])),
+                    ha="center",
+                    va="bottom",
+                    fontsize=7,
+                    xytext=(0, 3),
+                    textcoords="offset points",
+                )
     # Log scale: the failure cap (60 s) would otherwise flatten the sub-second bars.
     ax.set_yscale("log")
     values = [v for _, medians, samples in groups for t in samples for v in samples[t] + [medians[t]] if v]
@@ -349,8 +473,11 @@ def write_png(results: dict, path: Path) -> Path:
         left.set_axis_off()
     _bars_panel(right, results)
     meta = results["meta"]
-    fig.suptitle(f"MsPASSCluster vs dask-jobqueue on the Slurm test bed ({meta['testbed_nodes']} nodes, "
-                 f"{meta['cpu_count']} CPUs), {meta['date'][:10]}", fontsize=10)
+    fig.suptitle(
+        f"MsPASSCluster vs dask-jobqueue on the Slurm test bed ({meta['testbed_nodes']} nodes, "
+        f"{meta['cpu_count']} CPUs), {meta['date'][:10]}",
+        fontsize=10,
+    )
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

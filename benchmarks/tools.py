@@ -76,9 +76,17 @@ class MsPASSTool:
         work_dir = self.scratch / tag
         work_dir.mkdir(parents=True, exist_ok=True)
         cluster = MsPASSCluster(
-            nodes=nodes, backend="slurm", processes=1, cores=WORKER_CORES, memory=WORKER_MEMORY,
-            walltime=str(WALLTIME_MINUTES), python=python or sys.executable,
-            db_command=NX_MONGOD, work_dir=str(work_dir), job_name=tag, command_runner=command_runner,
+            nodes=nodes,
+            backend="slurm",
+            processes=1,
+            cores=WORKER_CORES,
+            memory=WORKER_MEMORY,
+            walltime=str(WALLTIME_MINUTES),
+            python=python or sys.executable,
+            db_command=NX_MONGOD,
+            work_dir=str(work_dir),
+            job_name=tag,
+            command_runner=command_runner,
         )
         running = Running(self.name, tag, cluster, marker=cluster.cluster_id)
         self.job_ids(running)
@@ -101,8 +109,7 @@ class MsPASSTool:
 
     def pids(self, running: Running) -> list[int]:
         """Live processes its jobs started (they carry ``MSPASS_CLUSTER_ID``)."""
-        return probes.cluster_pids(env_markers=[f"MSPASS_CLUSTER_ID={running.marker}"],
-                                   job_ids=running.seen_job_ids)
+        return probes.cluster_pids(env_markers=[f"MSPASS_CLUSTER_ID={running.marker}"], job_ids=running.seen_job_ids)
 
     def close(self, running: Running) -> str | None:
         """``close()``; returns the error it raised, if any, as text."""
@@ -136,8 +143,13 @@ class JobqueueTool:
         log_dir = self.scratch / tag / "logs"
         log_dir.mkdir(parents=True, exist_ok=True)
         cluster = SLURMCluster(
-            cores=WORKER_CORES, memory=WORKER_MEMORY, processes=1, walltime=f"00:{WALLTIME_MINUTES:02d}:00",
-            python=python or sys.executable, log_directory=str(log_dir), job_name=tag,
+            cores=WORKER_CORES,
+            memory=WORKER_MEMORY,
+            processes=1,
+            walltime=f"00:{WALLTIME_MINUTES:02d}:00",
+            python=python or sys.executable,
+            log_directory=str(log_dir),
+            job_name=tag,
             scheduler_options={"interface": TESTBED_INTERFACE},
         )
         return Running(self.name, tag, cluster, client=Client(cluster), marker=cluster.scheduler_address)

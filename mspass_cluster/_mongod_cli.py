@@ -123,7 +123,8 @@ Options (the subset of mongod's that the embedded nx-27017 database honours):
             config.setdefault("storage", {})["dbPath"] = self.dbpath
         if self.wiredTigerCacheSizeGB is not None:
             config.setdefault("storage", {})["wiredTiger"] = {
-                "engineConfig": {"cacheSizeGB": self.wiredTigerCacheSizeGB}}
+                "engineConfig": {"cacheSizeGB": self.wiredTigerCacheSizeGB}
+            }
         if self.logpath is not None:
             config.setdefault("systemLog", {}).update(destination="file", path=self.logpath)
         if self.pidfilepath is not None:
@@ -190,7 +191,8 @@ def parse_command_line(argv: Sequence[str], options: type[MongodOptions] = Mongo
         i += 1
         if not token.startswith("-") or token in ("-", "--"):
             raise CommandLineError(
-                "Error parsing command line: too many positional options have been specified on the command line")
+                "Error parsing command line: too many positional options have been specified on the command line"
+            )
         if not token.startswith("--") and token[1:] in opts.SHORT_SWITCHES:
             name, inline = opts.SHORT_SWITCHES[token[1:]], None
         else:
@@ -205,12 +207,14 @@ def parse_command_line(argv: Sequence[str], options: type[MongodOptions] = Mongo
             if inline is None:
                 if i >= len(tokens):
                     raise CommandLineError(
-                        f"Error parsing command line: the required argument for option '{shown}' is missing")
+                        f"Error parsing command line: the required argument for option '{shown}' is missing"
+                    )
                 inline = tokens[i]
                 i += 1
             if name in opts.given and not repeatable:
                 raise CommandLineError(
-                    f"Error parsing command line: option '{shown}' cannot be specified more than once")
+                    f"Error parsing command line: option '{shown}' cannot be specified more than once"
+                )
             try:
                 value = convert(inline)
             except ValueError:
@@ -227,8 +231,9 @@ def parse_command_line(argv: Sequence[str], options: type[MongodOptions] = Mongo
     return opts
 
 
-def parse_or_exit(argv: Sequence[str], *, version_banner: str,
-                  options: type[MongodOptions] = MongodOptions) -> MongodOptions:
+def parse_or_exit(
+    argv: Sequence[str], *, version_banner: str, options: type[MongodOptions] = MongodOptions
+) -> MongodOptions:
     """Parse the command line, or print and exit as mongod does.
 
     Parameters
@@ -289,7 +294,7 @@ def resolve_bind_addresses(opts: MongodOptions) -> list[tuple[socket.AddressFami
             try:
                 infos = socket.getaddrinfo(entry, None, socket.AF_INET, socket.SOCK_STREAM)
             except socket.gaierror as exc:
-                raise BindError(f"getaddrinfo(\"{entry}\") failed: {exc.strerror}") from None
+                raise BindError(f'getaddrinfo("{entry}") failed: {exc.strerror}') from None
             candidates = [(socket.AF_INET, info[4][0]) for info in infos]
         else:
             family = socket.AF_INET6 if literal.version == 6 else socket.AF_INET

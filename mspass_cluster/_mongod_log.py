@@ -54,8 +54,9 @@ class MongodLog:
         self._stream = open(path, "a", encoding="utf-8")
         self._owned = True
 
-    def write(self, severity: str, component: str, log_id: int, ctx: str, msg: str,
-              attr: dict[str, Any] | None = None) -> str:
+    def write(
+        self, severity: str, component: str, log_id: int, ctx: str, msg: str, attr: dict[str, Any] | None = None
+    ) -> str:
         """Write and flush one line; returns it (without newline).
 
         Parameters
@@ -73,8 +74,14 @@ class MongodLog:
         attr : dict, optional
             The message's attributes.
         """
-        record: dict[str, Any] = {"t": {"$date": _now()}, "s": severity, "c": component,
-                                  "id": log_id, "ctx": ctx, "msg": msg}
+        record: dict[str, Any] = {
+            "t": {"$date": _now()},
+            "s": severity,
+            "c": component,
+            "id": log_id,
+            "ctx": ctx,
+            "msg": msg,
+        }
         if attr:
             record["attr"] = attr
         line = json.dumps(record, separators=(",", ":"), default=str)
@@ -97,8 +104,7 @@ def open_log_or_exit(path: str | None, *, append: bool = False) -> MongodLog:
     try:
         return MongodLog(path, append=append)
     except OSError as exc:
-        print(f"Failed global initialization: FileNotOpen: Failed to open {path}: {exc.strerror}",
-              file=sys.stderr)
+        print(f"Failed global initialization: FileNotOpen: Failed to open {path}: {exc.strerror}", file=sys.stderr)
         sys.exit(EXIT_FAILURE)
 
 
@@ -114,14 +120,30 @@ def log_starting(log: MongodLog, opts: MongodOptions, *, build_info: dict[str, A
     build_info : dict
         The ``Build Info`` line's document; it names the server behind the command line.
     """
-    log.write("I", "CONTROL", 4615611, "initandlisten", "MongoDB starting", {
-        "pid": os.getpid(), "port": opts.effective_port, "dbPath": opts.dbpath,
-        "architecture": "64-bit", "host": socket.gethostname()})
+    log.write(
+        "I",
+        "CONTROL",
+        4615611,
+        "initandlisten",
+        "MongoDB starting",
+        {
+            "pid": os.getpid(),
+            "port": opts.effective_port,
+            "dbPath": opts.dbpath,
+            "architecture": "64-bit",
+            "host": socket.gethostname(),
+        },
+    )
     log.write("I", "CONTROL", 23403, "initandlisten", "Build Info", {"buildInfo": build_info})
-    log.write("I", "CONTROL", 51765, "initandlisten", "Operating System",
-              {"os": {"name": platform.system(), "version": platform.release()}})
-    log.write("I", "CONTROL", 21951, "initandlisten", "Options set by command line",
-              {"options": opts.as_config()})
+    log.write(
+        "I",
+        "CONTROL",
+        51765,
+        "initandlisten",
+        "Operating System",
+        {"os": {"name": platform.system(), "version": platform.release()}},
+    )
+    log.write("I", "CONTROL", 21951, "initandlisten", "Options set by command line", {"options": opts.as_config()})
 
 
 def log_listener_error(log: MongodLog, errmsg: str) -> None:
@@ -139,15 +161,16 @@ def log_initandlisten_failure(log: MongodLog, error: str) -> None:
     error : str
         ``<CodeName>: <reason>``, e.g. ``NonExistentPath: Data directory ...``.
     """
-    log.write("E", "CONTROL", 20557, "initandlisten", "DBException in initAndListen, terminating",
-              {"error": error})
+    log.write("E", "CONTROL", 20557, "initandlisten", "DBException in initAndListen, terminating", {"error": error})
 
 
 def nonexistent_path_error(dbpath: str) -> str:
     """mongod's error for a missing ``--dbpath``."""
-    return (f"NonExistentPath: Data directory {dbpath} not found. Create the missing directory or specify "
-            "another path using (1) the --dbpath command line option, or (2) by adding the 'storage.dbPath' "
-            "option in the configuration file.")
+    return (
+        f"NonExistentPath: Data directory {dbpath} not found. Create the missing directory or specify "
+        "another path using (1) the --dbpath command line option, or (2) by adding the 'storage.dbPath' "
+        "option in the configuration file."
+    )
 
 
 def log_exit(log: MongodLog, code: int, ctx: str = "initandlisten") -> None:

@@ -32,12 +32,23 @@ from .config import CHOICES, parse_walltime
 from .errors import ConfigError, MsPASSClusterError
 from .notebook import read_notebook
 from .slurm import (
-    build_sbatch_argv, build_scancel_argv, build_squeue_mine_argv, parse_sbatch_job_id, parse_squeue_mine,
+    build_sbatch_argv,
+    build_scancel_argv,
+    build_squeue_mine_argv,
+    parse_sbatch_job_id,
+    parse_squeue_mine,
 )
-
 from .submit import (  # noqa: F401  (render_submit_script and the ENV_ names are part of the CLI's interface)
-    ENV_BACKEND, ENV_WORK_DIR, ONE_NODE_BACKENDS, _check_batch_tools, _check_directive, _check_notebook_path,
-    _check_params, _check_slurm_name, _check_work_dir, render_submit_script,
+    ENV_BACKEND,
+    ENV_WORK_DIR,
+    ONE_NODE_BACKENDS,
+    _check_batch_tools,
+    _check_directive,
+    _check_notebook_path,
+    _check_params,
+    _check_slurm_name,
+    _check_work_dir,
+    render_submit_script,
 )
 
 __all__ = ["main", "render_submit_script"]
@@ -130,9 +141,17 @@ def _submit(args, runner: CommandRunner) -> int:
         _check_batch_tools(notebook)
         work_dir = _check_work_dir(args.work_dir) if args.work_dir is not None else None
         script = render_submit_script(
-            args.notebook, nodes=nodes, walltime=args.walltime, partition=args.partition, account=args.account,
-            qos=args.qos, extra_directives=args.directive, prologue=args.prologue, params=args.param,
-            work_dir=work_dir, backend=backend,
+            args.notebook,
+            nodes=nodes,
+            walltime=args.walltime,
+            partition=args.partition,
+            account=args.account,
+            qos=args.qos,
+            extra_directives=args.directive,
+            prologue=args.prologue,
+            params=args.param,
+            work_dir=work_dir,
+            backend=backend,
         )
     except ImportError as exc:
         return _fail(f"{exc}; submitting notebooks needs: pip install 'mspass-cluster[batch]'")
@@ -158,8 +177,12 @@ def _submit(args, runner: CommandRunner) -> int:
     except ValueError:
         return _fail(
             f"sbatch accepted {path} but printed no job id (its output: {result.stdout.strip()!r}); the job may be "
-            "queued: see mspass-cluster status, or squeue --me", 1)
-    print(f"Submitted {args.notebook} as job {job_id}; log {stem}-{job_id}.log, executed notebook {stem}-{job_id}.ipynb")
+            "queued: see mspass-cluster status, or squeue --me",
+            1,
+        )
+    print(
+        f"Submitted {args.notebook} as job {job_id}; log {stem}-{job_id}.log, executed notebook {stem}-{job_id}.ipynb"
+    )
     return 0
 
 
@@ -254,7 +277,9 @@ def _down(args, runner: CommandRunner) -> int:
         try:
             answer = input(f"Cancel these {len(jobs)} job(s)? [y/N] ")
         except EOFError:
-            return _fail("no answer (input is not a terminal); nothing cancelled. Add --yes to cancel without asking", 1)
+            return _fail(
+                "no answer (input is not a terminal); nothing cancelled. Add --yes to cancel without asking", 1
+            )
         if answer.strip().lower() not in ("y", "yes"):
             print("Nothing cancelled.")
             return 1
@@ -267,40 +292,84 @@ def _down(args, runner: CommandRunner) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     """The command line of ``mspass-cluster``."""
-    parser = argparse.ArgumentParser(prog="mspass-cluster", description=DESCRIPTION, epilog=EPILOG,
-                                     formatter_class=_HelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="mspass-cluster", description=DESCRIPTION, epilog=EPILOG, formatter_class=_HelpFormatter
+    )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    submit = commands.add_parser("submit", help="run a notebook as a batch job", description=SUBMIT_DESCRIPTION,
-                                 epilog=SUBMIT_EPILOG, formatter_class=_HelpFormatter)
+    submit = commands.add_parser(
+        "submit",
+        help="run a notebook as a batch job",
+        description=SUBMIT_DESCRIPTION,
+        epilog=SUBMIT_EPILOG,
+        formatter_class=_HelpFormatter,
+    )
     submit.add_argument("notebook", metavar="NOTEBOOK", help="the .ipynb file to run")
-    submit.add_argument("--nodes", type=int, metavar="N",
-                        help="nodes of the job: the first runs the database and the notebook, each other one a "
-                             "worker node (default: 2; 1 with --backend local or slurm)")
-    submit.add_argument("--walltime", default="01:00:00", metavar="TIME",
-                        help="time limit of the job, in Slurm's formats: MM, HH:MM:SS, D-HH:MM")
+    submit.add_argument(
+        "--nodes",
+        type=int,
+        metavar="N",
+        help="nodes of the job: the first runs the database and the notebook, each other one a "
+        "worker node (default: 2; 1 with --backend local or slurm)",
+    )
+    submit.add_argument(
+        "--walltime",
+        default="01:00:00",
+        metavar="TIME",
+        help="time limit of the job, in Slurm's formats: MM, HH:MM:SS, D-HH:MM",
+    )
     submit.add_argument("--partition", metavar="NAME", help="Slurm partition (default: Slurm's default partition)")
     submit.add_argument("--account", metavar="NAME", help="Slurm account charged (default: your default account)")
     submit.add_argument("--qos", metavar="NAME", help="Slurm quality of service (default: the account's default)")
-    submit.add_argument("--directive", action="append", default=[], metavar="OPTION",
-                        help="extra sbatch option, repeatable, e.g. --directive=--constraint=ib")
-    submit.add_argument("--prologue", action="append", default=[], metavar="LINE",
-                        help="shell line run before the notebook, repeatable, e.g. --prologue 'module load mongodb'")
-    submit.add_argument("--param", action="append", default=[], metavar="NAME=VALUE",
-                        help="notebook parameter, repeatable: a Python literal, else a string; NAME must be "
-                             "assigned in the notebook's cell tagged 'parameters'")
-    submit.add_argument("--work-dir", metavar="DIR",
-                        help="the cluster's run directory, on a file system all nodes share; overrides work-dir "
-                             "in your dask config (default: the config's, else $MSPASS_WORK_DIR, else the notebook's directory)")
-    submit.add_argument("--backend", choices=CHOICES["backend"], default="allocation",
-                        help="where the notebook's cluster runs its database and workers (overrides backend in "
-                             "your dask config): allocation, the job's own nodes; slurm, jobs of their own; "
-                             "local, processes on the job's node")
+    submit.add_argument(
+        "--directive",
+        action="append",
+        default=[],
+        metavar="OPTION",
+        help="extra sbatch option, repeatable, e.g. --directive=--constraint=ib",
+    )
+    submit.add_argument(
+        "--prologue",
+        action="append",
+        default=[],
+        metavar="LINE",
+        help="shell line run before the notebook, repeatable, e.g. --prologue 'module load mongodb'",
+    )
+    submit.add_argument(
+        "--param",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="notebook parameter, repeatable: a Python literal, else a string; NAME must be "
+        "assigned in the notebook's cell tagged 'parameters'",
+    )
+    submit.add_argument(
+        "--work-dir",
+        metavar="DIR",
+        help="the cluster's run directory, on a file system all nodes share; overrides work-dir "
+        "in your dask config (default: the config's, else $MSPASS_WORK_DIR, else the notebook's directory)",
+    )
+    submit.add_argument(
+        "--backend",
+        choices=CHOICES["backend"],
+        default="allocation",
+        help="where the notebook's cluster runs its database and workers (overrides backend in "
+        "your dask config): allocation, the job's own nodes; slurm, jobs of their own; "
+        "local, processes on the job's node",
+    )
     submit.add_argument("--dry-run", action="store_true", help="print the sbatch script, submit nothing")
-    commands.add_parser("status", help="list your mspass_cluster jobs", formatter_class=_HelpFormatter,
-                        description="List your mspass_cluster jobs: clusters' database and worker jobs, "
-                                    "and submitted notebooks.")
-    down = commands.add_parser("down", help="cancel clusters or jobs by id, or --all", description=DOWN_DESCRIPTION,
-                               epilog=DOWN_EPILOG, formatter_class=_HelpFormatter)
+    commands.add_parser(
+        "status",
+        help="list your mspass_cluster jobs",
+        formatter_class=_HelpFormatter,
+        description="List your mspass_cluster jobs: clusters' database and worker jobs, and submitted notebooks.",
+    )
+    down = commands.add_parser(
+        "down",
+        help="cancel clusters or jobs by id, or --all",
+        description=DOWN_DESCRIPTION,
+        epilog=DOWN_EPILOG,
+        formatter_class=_HelpFormatter,
+    )
     down.add_argument("cluster", nargs="*", metavar="ID", help="a cluster id (or a unique prefix) or a job id")
     down.add_argument("--all", action="store_true", help="cancel every mspass_cluster job of yours")
     down.add_argument("--yes", action="store_true", help="do not ask")

@@ -102,16 +102,22 @@ class MsPASSCluster(SpecCluster):
         prepare_directories(self.options)
         self.cluster_id = secrets.token_hex(4)
         name = f"{self.options.job_name}-{self.cluster_id}"
-        context = ScriptContext(self.options, self.cluster_id, name, local=self.backend == "local",
-                                heartbeat=os.path.join(self.options.log_dir, f"{name}.heartbeat"))
+        context = ScriptContext(
+            self.options,
+            self.cluster_id,
+            name,
+            local=self.backend == "local",
+            heartbeat=os.path.join(self.options.log_dir, f"{name}.heartbeat"),
+        )
         self._launcher = JobLauncher(context, backend)
         self.database = DatabaseService(self.options, self._launcher, name, local=self.backend == "local")
         self.database.refuse_a_directory_in_use()
         exit_guard.guard(self)  # from here on SIGTERM (also while starting) stops what this cluster submitted
 
         host, partition_nodes = self._scheduler_host(backend)
-        self.workers_service = WorkerNodes(self, capacity=getattr(backend, "worker_capacity", None),
-                                           partition_nodes=partition_nodes)
+        self.workers_service = WorkerNodes(
+            self, capacity=getattr(backend, "worker_capacity", None), partition_nodes=partition_nodes
+        )
         self.workers_service.warn_if_beyond_partition(self.options.nodes)
         self._supervisor = Supervisor(self._launcher, self.database, self.workers_service)
         self._tasks: list[asyncio.Task] = []
@@ -128,7 +134,9 @@ class MsPASSCluster(SpecCluster):
         scheduler = {
             "cls": Scheduler,
             "options": {
-                "host": host, "port": self.options.scheduler_port, "dashboard_address": self.options.dashboard_address,
+                "host": host,
+                "port": self.options.scheduler_port,
+                "dashboard_address": self.options.dashboard_address,
                 # Its scratch space goes with the workers', not into /tmp.
                 "local_directory": self.options.worker_dir,
             },
@@ -202,7 +210,11 @@ class MsPASSCluster(SpecCluster):
         self._tasks.append(asyncio.ensure_future(self._supervisor.watch()))
         logger.info(
             "MsPASS cluster %s ready: database %s, %d worker node(s), %d worker process(es); dashboard %s",
-            self._name, self.database.uri, len(self.worker_spec), len(self.scheduler.workers), self.dashboard_link,
+            self._name,
+            self.database.uri,
+            len(self.worker_spec),
+            len(self.scheduler.workers),
+            self.dashboard_link,
         )
 
     async def _share_db_address(self):
@@ -357,6 +369,7 @@ class MsPASSCluster(SpecCluster):
 
     def _ipython_display_(self, **kwargs):
         from IPython.display import HTML, display
+
         display(HTML(self._repr_html_()))
 
     def __repr__(self):
@@ -422,17 +435,23 @@ class MsPASSCluster(SpecCluster):
         with contextlib.suppress(OSError):
             os.unlink(self._launcher.context.heartbeat)
         self.database.release()
-        logger.warning("SIGTERM: asked %s %s to stop cleanly; this process ends now.", self._name,
-                       f"jobs {', '.join(ids)}" if ids else "(nothing was running)")
+        logger.warning(
+            "SIGTERM: asked %s %s to stop cleanly; this process ends now.",
+            self._name,
+            f"jobs {', '.join(ids)}" if ids else "(nothing was running)",
+        )
 
     def close(self, timeout=None):
         """Retire the workers, stop the database cleanly, and leave no job in the queue. Idempotent."""
         if self.status == Status.running and not self.asynchronous:
             others = close_other_clients(self.scheduler_address, keep=self._client)
             if others:
-                logger.warning("Closed Dask client %s of this process, still connected to this cluster (such as the one in "
-                               "an mspasspy.client.Client()): it cannot be used after close(); make a new one on "
-                               "the next cluster.", ", ".join(others))
+                logger.warning(
+                    "Closed Dask client %s of this process, still connected to this cluster (such as the one in "
+                    "an mspasspy.client.Client()): it cannot be used after close(); make a new one on "
+                    "the next cluster.",
+                    ", ".join(others),
+                )
         for attr in ("_client", "_db_client"):
             client = getattr(self, attr, None)
             if client is not None:

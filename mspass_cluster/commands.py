@@ -76,10 +76,15 @@ class CommandRunner:
         try:
             proc = subprocess.run(argv, capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL)
         except FileNotFoundError as exc:
-            raise error_cls(argv, None, reason=f"{argv[0]} was not found on PATH. Is Slurm installed and loaded here?") from exc
+            raise error_cls(
+                argv, None, reason=f"{argv[0]} was not found on PATH. Is Slurm installed and loaded here?"
+            ) from exc
         except subprocess.TimeoutExpired as exc:
             raise error_cls(
-                argv, None, _text(exc.stdout), _text(exc.stderr),
+                argv,
+                None,
+                _text(exc.stdout),
+                _text(exc.stderr),
                 reason=f"{argv[0]} did not answer within {timeout:g} s (the Slurm controller may be overloaded).",
             ) from exc
         return self._check(argv, proc.returncode, proc.stdout, proc.stderr, check, error_cls)
@@ -92,21 +97,28 @@ class CommandRunner:
         logger.debug("running %s", argv)
         try:
             proc = await asyncio.create_subprocess_exec(
-                *argv, stdin=asyncio.subprocess.DEVNULL,
-                stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+                *argv,
+                stdin=asyncio.subprocess.DEVNULL,
+                stdout=asyncio.subprocess.PIPE,
+                stderr=asyncio.subprocess.PIPE,
             )
         except FileNotFoundError as exc:
-            raise error_cls(argv, None, reason=f"{argv[0]} was not found on PATH. Is Slurm installed and loaded here?") from exc
+            raise error_cls(
+                argv, None, reason=f"{argv[0]} was not found on PATH. Is Slurm installed and loaded here?"
+            ) from exc
         try:
             out, err = await asyncio.wait_for(proc.communicate(), timeout)
         except asyncio.TimeoutError as exc:
             proc.kill()
             await proc.wait()
             raise error_cls(
-                argv, None,
+                argv,
+                None,
                 reason=f"{argv[0]} did not answer within {timeout:g} s (the Slurm controller may be overloaded).",
             ) from exc
-        return self._check(argv, proc.returncode, out.decode(errors="replace"), err.decode(errors="replace"), check, error_cls)
+        return self._check(
+            argv, proc.returncode, out.decode(errors="replace"), err.decode(errors="replace"), check, error_cls
+        )
 
 
 def _text(data) -> str:

@@ -47,15 +47,30 @@ from dask.utils import parse_bytes
 
 from .containers import check_container, container_active
 from .errors import ConfigError
+from .options import (  # noqa: F401  (re-exported: declared there, resolved here)
+    _BY_NAME,
+    CHOICES,
+    CONFIG_SECTION,
+    JOBQUEUE_SECTION,
+    OPTIONS,
+    ClusterOptions,
+    Option,
+    _kebab,
+    render_config_yaml,
+    render_options_table,
+)
 from .values import MIN_MEMORY, coerce, parse_walltime
 
-from .options import (  # noqa: F401  (re-exported: declared there, resolved here)
-    _BY_NAME, CHOICES, CONFIG_SECTION, JOBQUEUE_SECTION, OPTIONS, ClusterOptions, Option, _kebab,
-    render_config_yaml, render_options_table,
-)
-
-__all__ = ["ClusterOptions", "OPTIONS", "Option", "resolve_options", "parse_walltime", "check_consistency",
-           "prepare_directories", "MIN_MEMORY"]
+__all__ = [
+    "ClusterOptions",
+    "OPTIONS",
+    "Option",
+    "resolve_options",
+    "parse_walltime",
+    "check_consistency",
+    "prepare_directories",
+    "MIN_MEMORY",
+]
 
 
 def _from_config(option: Option):
@@ -107,9 +122,15 @@ def _config_origin(key: str | None, section: str = CONFIG_SECTION) -> str:
         return f"the environment variable {variable}"
     shown = key if section == CONFIG_SECTION else f"{section}.{key}"
     for path in reversed(getattr(dask.config, "paths", [])):
-        files = [path] if os.path.isfile(path) else (
-            [os.path.join(path, f) for f in sorted(os.listdir(path)) if f.endswith((".yaml", ".yml"))]
-            if os.path.isdir(path) else [])
+        files = (
+            [path]
+            if os.path.isfile(path)
+            else (
+                [os.path.join(path, f) for f in sorted(os.listdir(path)) if f.endswith((".yaml", ".yml"))]
+                if os.path.isdir(path)
+                else []
+            )
+        )
         for file in files:
             try:
                 with open(file) as f:
@@ -266,7 +287,6 @@ def check_consistency(options: ClusterOptions) -> None:
         raise ConfigError(
             f"job_name={options.job_name!r} may only hold letters, digits, '.', '_' and '-', e.g. job_name='mspass'."
         )
-
 
 
 def prepare_directories(options: ClusterOptions) -> None:

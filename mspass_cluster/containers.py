@@ -55,7 +55,9 @@ def parse_bind(spec: str) -> Bind:
         For an empty source, unknown options, or a comma (the runtimes split binds on commas).
     """
     if "," in spec:
-        raise ConfigError(f"binds entry {spec!r} contains a comma; give one bind per list item, e.g. binds=['/a', '/b:/data'].")
+        raise ConfigError(
+            f"binds entry {spec!r} contains a comma; give one bind per list item, e.g. binds=['/a', '/b:/data']."
+        )
     parts = spec.split(":")
     if not parts[0] or len(parts) > 3:
         raise ConfigError(f"binds entry {spec!r} is not 'src[:dst[:opts]]', e.g. '/scratch/me:/data:ro'.")

@@ -33,8 +33,13 @@ def _path(db_dir: str) -> str:
 def claim(db_dir: str, cluster: str, *, heartbeat: str, orphan_timeout: int, db_job: str | None = None) -> None:
     """Write (atomically) that ``cluster`` uses ``db_dir``."""
     record = {
-        "cluster": cluster, "host": socket.gethostname(), "pid": os.getpid(), "heartbeat": heartbeat,
-        "orphan_timeout": orphan_timeout, "db_job": db_job, "started": time.strftime("%Y-%m-%d %H:%M:%S"),
+        "cluster": cluster,
+        "host": socket.gethostname(),
+        "pid": os.getpid(),
+        "heartbeat": heartbeat,
+        "orphan_timeout": orphan_timeout,
+        "db_job": db_job,
+        "started": time.strftime("%Y-%m-%d %H:%M:%S"),
     }
     temporary = f"{_path(db_dir)}.{os.getpid()}"
     with open(temporary, "w") as f:
@@ -74,5 +79,7 @@ def describe_holder(record: dict) -> str:
     ``db_job`` is recorded with its unit, e.g. ``"job 456"`` (Slurm) or ``"process 789"`` (desktop).
     """
     job = f"; database {record['db_job']}" if record.get("db_job") else ""  # "job 456", "process 789"
-    return (f"cluster {record.get('cluster')} (started {record.get('started')} by process {record.get('pid')} on "
-            f"{record.get('host')}{job})")
+    return (
+        f"cluster {record.get('cluster')} (started {record.get('started')} by process {record.get('pid')} on "
+        f"{record.get('host')}{job})"
+    )

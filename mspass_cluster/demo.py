@@ -107,8 +107,11 @@ def run(nodes: int, records: int, backend: str, work_dir: str | None) -> int:
         client = cluster.get_client()
         db_client = cluster.get_db_client()
         db_client.drop_database(DATABASE)
-        print(f"cluster ready in {time.monotonic() - started:.1f} s: {len(client.scheduler_info()['workers'])} "
-              f"workers, database {cluster.db_address}, dashboard {cluster.dashboard_link}", flush=True)
+        print(
+            f"cluster ready in {time.monotonic() - started:.1f} s: {len(client.scheduler_info()['workers'])} "
+            f"workers, database {cluster.db_address}, dashboard {cluster.dashboard_link}",
+            flush=True,
+        )
         futures = client.map(process_and_store, range(records), db_client=db_client, pure=False)
         for done, _future in enumerate(as_completed(futures), start=1):
             if done % max(1, records // 8) == 0 or done == records:
@@ -120,8 +123,10 @@ def run(nodes: int, records: int, backend: str, work_dir: str | None) -> int:
     print(f"\n{'station':8} {'records':>7} {'mean peak':>10}")
     for sta, (count, peak) in summary.items():
         print(f"{sta:8} {count:7d} {peak:10.3f}")
-    print(f"\n{records - len(problems)}/{records} records round-tripped intact; "
-          f"{len(jobs)} jobs started, {len(leftover)} left running; {time.monotonic() - started:.1f} s in all.")
+    print(
+        f"\n{records - len(problems)}/{records} records round-tripped intact; "
+        f"{len(jobs)} jobs started, {len(leftover)} left running; {time.monotonic() - started:.1f} s in all."
+    )
     for problem in problems:
         print("PROBLEM:", problem)
     return 0 if not problems and not leftover else 1

@@ -1,4 +1,4 @@
-"""The embedded database: nx-27017 behind mongod's command line.
+r"""The embedded database: nx-27017 behind mongod's command line.
 
 nx-27017 (from PyPI) serves the MongoDB wire protocol over SQLite. This
 module runs it as ``python -m mspass_cluster.embedded_db --port P --dbpath D
@@ -53,8 +53,10 @@ NX_CONSOLE_SCRIPT = "nx-27017"
 
 # Run in the exec'd interpreter: resolve "module:function" (argv[1]) and call
 # it with nx-27017's own arguments, as its console script would.
-_BOOTSTRAP = ("import pkgutil, sys; main = pkgutil.resolve_name(sys.argv.pop(1)); "
-              f"sys.argv[0] = {NX_CONSOLE_SCRIPT!r}; sys.exit(main())")
+_BOOTSTRAP = (
+    "import pkgutil, sys; main = pkgutil.resolve_name(sys.argv.pop(1)); "
+    f"sys.argv[0] = {NX_CONSOLE_SCRIPT!r}; sys.exit(main())"
+)
 
 
 def nx_entry_point() -> metadata.EntryPoint:
@@ -93,10 +95,14 @@ def listen_host(addresses: list[tuple[object, str]], bind_all: bool) -> str:
 def main() -> int:
     """Check the command line and ``exec`` nx-27017; returns only on failure."""
     nx_version = metadata.version(NX_DISTRIBUTION)
-    build_info = {"version": cli.MONGODB_VERSION, "standIn": f"nx-27017 {nx_version}, MongoDB wire protocol over SQLite"}
+    build_info = {
+        "version": cli.MONGODB_VERSION,
+        "standIn": f"nx-27017 {nx_version}, MongoDB wire protocol over SQLite",
+    }
     opts = cli.parse_or_exit(
         sys.argv[1:],
-        version_banner=f"db version v{cli.MONGODB_VERSION}\nstand-in: nx-27017 {nx_version} (MongoDB wire protocol over SQLite)")
+        version_banner=f"db version v{cli.MONGODB_VERSION}\nstand-in: nx-27017 {nx_version} (MongoDB wire protocol over SQLite)",
+    )
     log = mlog.open_log_or_exit(opts.logpath)
     mlog.log_starting(log, opts, build_info=build_info)
     try:
@@ -110,15 +116,26 @@ def main() -> int:
         mlog.log_exit(log, cli.EXIT_UNCAUGHT)
         return cli.EXIT_UNCAUGHT
     nx_args = [
-        "--host", listen_host(addresses, opts.bind_ip_all),
-        "--port", str(opts.effective_port),
-        "--data-dir", opts.dbpath,
-        "--log-file", opts.logpath or os.path.join(opts.dbpath, "nx-27017.log"),
-        "--pid-file", opts.pidfilepath or os.path.join(opts.dbpath, "nx-27017.pid"),
+        "--host",
+        listen_host(addresses, opts.bind_ip_all),
+        "--port",
+        str(opts.effective_port),
+        "--data-dir",
+        opts.dbpath,
+        "--log-file",
+        opts.logpath or os.path.join(opts.dbpath, "nx-27017.log"),
+        "--pid-file",
+        opts.pidfilepath or os.path.join(opts.dbpath, "nx-27017.pid"),
     ]
     entry_point = nx_entry_point()
-    log.write("I", "CONTROL", 0, "initandlisten", "Handing over to the nx-27017 stand-in",
-              {"entryPoint": entry_point.value, "args": nx_args})
+    log.write(
+        "I",
+        "CONTROL",
+        0,
+        "initandlisten",
+        "Handing over to the nx-27017 stand-in",
+        {"entryPoint": entry_point.value, "args": nx_args},
+    )
     # exec does not flush Python's buffers: whatever is not written now is lost.
     log.close()
     sys.stdout.flush()

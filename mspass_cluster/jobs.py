@@ -38,13 +38,13 @@ SLURM_OUTAGE_TOLERANCE = 300.0
 class JobPhase(enum.Enum):
     """Where a job is in its life, as a user asks it: is it there yet, does it serve, did it end as planned?"""
 
-    SUBMITTED = "submitted"   #: handed to the backend, not yet seen by a poll
-    PENDING = "pending"       #: queued (Slurm's reason says why)
-    RUNNING = "running"       #: on a node, its service not answering yet
-    READY = "ready"           #: its service answered (database ping, every worker connected)
-    STOPPING = "stopping"     #: asked to stop, not gone yet
-    STOPPED = "stopped"       #: ended as planned (asked to, or workers leaving at worker_lifetime)
-    FAILED = "failed"         #: ended when it was still needed
+    SUBMITTED = "submitted"  #: handed to the backend, not yet seen by a poll
+    PENDING = "pending"  #: queued (Slurm's reason says why)
+    RUNNING = "running"  #: on a node, its service not answering yet
+    READY = "ready"  #: its service answered (database ping, every worker connected)
+    STOPPING = "stopping"  #: asked to stop, not gone yet
+    STOPPED = "stopped"  #: ended as planned (asked to, or workers leaving at worker_lifetime)
+    FAILED = "failed"  #: ended when it was still needed
 
 
 def tail(path: str, lines: int = 20) -> str:
@@ -67,8 +67,11 @@ _WARNING_LINE = re.compile(r'"s":"W"|\bWARN(ING)?\b|Warning:|\bwarnings\.warn', 
 def error_lines(path: str, most: int = 5) -> list[str]:
     """The first lines of a log that look like errors (a usage text can push them out of the tail)."""
     lines = tail(path, 2000).splitlines()
-    return [line for line in lines if _ERROR_WORDS.search(line) and not _WARNING_LINE.search(line)
-            and not line.startswith("mspass_cluster:")][:most]
+    return [
+        line
+        for line in lines
+        if _ERROR_WORDS.search(line) and not _WARNING_LINE.search(line) and not line.startswith("mspass_cluster:")
+    ][:most]
 
 
 @dataclass
@@ -131,8 +134,11 @@ class TrackedJob:
         exit_code = self.status.exit_code if self.status else None
         log_tail = tail(self.log_path)
         # A cancelled job was stopped from outside: what its log calls errors did not end it.
-        errors = [] if self.state is JobState.CANCELLED else [
-            line for line in error_lines(self.log_path) if line not in log_tail.splitlines()]
+        errors = (
+            []
+            if self.state is JobState.CANCELLED
+            else [line for line in error_lines(self.log_path) if line not in log_tail.splitlines()]
+        )
         exit_text = f", exit code {exit_code}" if exit_code else ""
         node_text = f" on node {self.node}" if self.node else ""
         message = (
@@ -146,8 +152,13 @@ class TrackedJob:
             + f"\n  {fix}"
         )
         return JobFailedError(
-            message, role=self.role, job_id=self.job_id, state=self.state.value,
-            exit_code=exit_code, log_path=self.log_path, log_tail=log_tail,
+            message,
+            role=self.role,
+            job_id=self.job_id,
+            state=self.state.value,
+            exit_code=exit_code,
+            log_path=self.log_path,
+            log_tail=log_tail,
         )
 
 

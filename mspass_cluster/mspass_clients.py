@@ -76,7 +76,10 @@ def add_mspass_worker_plugin(client, db_client) -> bool:
         logger.warning(
             "The Dask workers could not set up MsPASS's database plugin (%s: %s); MsPASS's ensemble reads "
             "(read_distributed_data with a list of queries) will fail on get_client(). Check that the workers' "
-            "Python has the same mspasspy as this one.", type(exc).__name__, exc)
+            "Python has the same mspasspy as this one.",
+            type(exc).__name__,
+            exc,
+        )
         return False
     return True
 

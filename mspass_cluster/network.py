@@ -38,7 +38,9 @@ def scheduler_host(interface: str | None, node_addresses: list[str]) -> tuple[st
         try:
             return get_ip_interface(interface), f"interface={interface!r}"
         except ValueError as exc:
-            raise ConfigError(f"interface={interface!r}: {exc}. Pick one of this machine's interfaces (see `ip -br addr`).") from exc
+            raise ConfigError(
+                f"interface={interface!r}: {exc}. Pick one of this machine's interfaces (see `ip -br addr`)."
+            ) from exc
     for node in node_addresses:
         address = _source_address(node)
         if address:

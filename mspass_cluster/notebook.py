@@ -21,8 +21,7 @@ import signal
 import sys
 import time
 
-__all__ = ["parse_params", "inject_parameters", "execute", "default_output_path", "read_notebook",
-           "parameter_names"]
+__all__ = ["parse_params", "inject_parameters", "execute", "default_output_path", "read_notebook", "parameter_names"]
 
 
 def parse_params(items: list[str]) -> dict:
@@ -170,7 +169,9 @@ def execute(input_path: str, output_path: str, params: dict, timeout: float | No
     notebook = nbformat.read(input_path, as_version=4)
     inject_parameters(notebook, params)
     client = NotebookClient(
-        notebook, timeout=timeout, kernel_name=notebook.metadata.get("kernelspec", {}).get("name", "python3"),
+        notebook,
+        timeout=timeout,
+        kernel_name=notebook.metadata.get("kernelspec", {}).get("name", "python3"),
         resources={"metadata": {"path": os.path.dirname(os.path.abspath(input_path))}},
     )
     status = 0
@@ -195,10 +196,12 @@ def execute(input_path: str, output_path: str, params: dict, timeout: float | No
         signal.signal(signal.SIGTERM, signal.SIG_IGN)  # the outputs are written first, whatever else arrives
         why = "SIGTERM" if terminated else f"the kernel's death ({dead_kernel})"
         stamp = time.strftime("%Y-%m-%d %H:%M:%S %Z")
-        notebook.cells.append(nbformat.v4.new_markdown_cell(
-            f"**mspass_cluster:** execution was stopped by {why} at {stamp} (Slurm's walltime, `scancel`, or "
-            "a node going down). The outputs above are those produced until then."
-        ))
+        notebook.cells.append(
+            nbformat.v4.new_markdown_cell(
+                f"**mspass_cluster:** execution was stopped by {why} at {stamp} (Slurm's walltime, `scancel`, or "
+                "a node going down). The outputs above are those produced until then."
+            )
+        )
         print(f"mspass_cluster: notebook {input_path} stopped by {why}", file=sys.stderr, flush=True)
         status = 128 + signal.SIGTERM
     finally:

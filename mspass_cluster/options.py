@@ -19,8 +19,16 @@ from dask.utils import parse_bytes
 
 from .containers import RUNTIMES, container_active
 
-__all__ = ["Option", "OPTIONS", "CHOICES", "ClusterOptions", "CONFIG_SECTION", "JOBQUEUE_SECTION",
-           "render_options_table", "render_config_yaml"]
+__all__ = [
+    "Option",
+    "OPTIONS",
+    "CHOICES",
+    "ClusterOptions",
+    "CONFIG_SECTION",
+    "JOBQUEUE_SECTION",
+    "render_options_table",
+    "render_config_yaml",
+]
 
 CONFIG_SECTION = "mspass_cluster"
 #: dask-jobqueue's section for Slurm, read below ours (see the module docstring).
@@ -48,57 +56,217 @@ class Option:
 
 OPTIONS: tuple[Option, ...] = (
     # --- where the roles run
-    Option("backend", "auto", "`slurm` (a job per role), `allocation` (`srun` steps inside the current Slurm job: batch notebooks), `local` (processes on this machine, the desktop mode), or `auto`: allocation inside a Slurm job of 2+ nodes, Slurm inside a one-node job (an interactive session) or wherever `sbatch` is on PATH, else local.", env="MSPASS_CLUSTER_BACKEND", kind="choice"),
+    Option(
+        "backend",
+        "auto",
+        "`slurm` (a job per role), `allocation` (`srun` steps inside the current Slurm job: batch notebooks), `local` (processes on this machine, the desktop mode), or `auto`: allocation inside a Slurm job of 2+ nodes, Slurm inside a one-node job (an interactive session) or wherever `sbatch` is on PATH, else local.",
+        env="MSPASS_CLUSTER_BACKEND",
+        kind="choice",
+    ),
     # --- the shape of the cluster
     Option("nodes", 1, "Number of worker nodes: one Slurm job each.", kind="int"),
-    Option("processes", 1, "Dask worker processes per worker node; they share the node's cores and memory.", kind="int", jobqueue=("processes",)),
-    Option("cores", None, "Cores per worker node (``--cpus-per-task``). Unset: the whole node, Dask picks threads; on the local backend, this machine's cores split over ``nodes``.", kind="int", jobqueue=("cores",)),
-    Option("memory", None, "Memory per worker node, e.g. ``'64GiB'`` (``--mem``). Unset: all of the node's memory (``--mem=0``); on the local backend, this machine's memory split over ``nodes``.", kind="memory", jobqueue=("memory",)),
-    Option("exclusive", True, "Worker jobs ask for whole nodes (``--exclusive``) so no two land on one node.", kind="bool"),
+    Option(
+        "processes",
+        1,
+        "Dask worker processes per worker node; they share the node's cores and memory.",
+        kind="int",
+        jobqueue=("processes",),
+    ),
+    Option(
+        "cores",
+        None,
+        "Cores per worker node (``--cpus-per-task``). Unset: the whole node, Dask picks threads; on the local backend, this machine's cores split over ``nodes``.",
+        kind="int",
+        jobqueue=("cores",),
+    ),
+    Option(
+        "memory",
+        None,
+        "Memory per worker node, e.g. ``'64GiB'`` (``--mem``). Unset: all of the node's memory (``--mem=0``); on the local backend, this machine's memory split over ``nodes``.",
+        kind="memory",
+        jobqueue=("memory",),
+    ),
+    Option(
+        "exclusive", True, "Worker jobs ask for whole nodes (``--exclusive``) so no two land on one node.", kind="bool"
+    ),
     # --- Slurm's words
     Option("partition", None, "Slurm partition (``--partition``) for every job.", jobqueue=("queue",)),
     Option("account", None, "Slurm account (``--account``) charged for every job.", jobqueue=("account", "project")),
     Option("qos", None, "Slurm quality of service (``--qos``)."),
-    Option("walltime", "01:00:00", "Wall-clock limit of each job (``--time``), Slurm's formats: ``MM``, ``HH:MM:SS``, ``D-HH:MM``...", kind="walltime", jobqueue=("walltime",)),
-    Option("job_extra_directives", [], "Extra ``#SBATCH`` options for every job, e.g. ``['--constraint=ib']``.", kind="list", jobqueue=("job-extra-directives", "job-extra")),
-    Option("job_script_prologue", [], "Shell lines run first in every job, e.g. ``['module load mongodb']``.", kind="list", jobqueue=("job-script-prologue", "env-extra")),
-    Option("job_name", "mspass", "Prefix of job names; each cluster adds a unique id: ``mspass-<id>-db``, ``mspass-<id>-worker-<n>``."),
+    Option(
+        "walltime",
+        "01:00:00",
+        "Wall-clock limit of each job (``--time``), Slurm's formats: ``MM``, ``HH:MM:SS``, ``D-HH:MM``...",
+        kind="walltime",
+        jobqueue=("walltime",),
+    ),
+    Option(
+        "job_extra_directives",
+        [],
+        "Extra ``#SBATCH`` options for every job, e.g. ``['--constraint=ib']``.",
+        kind="list",
+        jobqueue=("job-extra-directives", "job-extra"),
+    ),
+    Option(
+        "job_script_prologue",
+        [],
+        "Shell lines run first in every job, e.g. ``['module load mongodb']``.",
+        kind="list",
+        jobqueue=("job-script-prologue", "env-extra"),
+    ),
+    Option(
+        "job_name",
+        "mspass",
+        "Prefix of job names; each cluster adds a unique id: ``mspass-<id>-db``, ``mspass-<id>-worker-<n>``.",
+    ),
     # --- directories (legacy MsPASS environment)
-    Option("work_dir", None, "Run directory, on a file system every node sees. Default: the current directory.", env="MSPASS_WORK_DIR", kind="path"),
-    Option("db_dir", None, "Database files; the server uses ``<db_dir>/data``. Default ``<work_dir>/db``.", env="MSPASS_DB_DIR", kind="path"),
+    Option(
+        "work_dir",
+        None,
+        "Run directory, on a file system every node sees. Default: the current directory.",
+        env="MSPASS_WORK_DIR",
+        kind="path",
+    ),
+    Option(
+        "db_dir",
+        None,
+        "Database files; the server uses ``<db_dir>/data``. Default ``<work_dir>/db``.",
+        env="MSPASS_DB_DIR",
+        kind="path",
+    ),
     Option("log_dir", None, "Job scripts and logs. Default ``<work_dir>/logs``.", env="MSPASS_LOG_DIR", kind="path"),
-    Option("worker_dir", None, "Dask workers' local directory (spill files). Default ``<work_dir>/work``.", env="MSPASS_WORKER_DIR", kind="path"),
-    Option("hostname_base", None, "Domain appended to Slurm node names to reach them, as in MsPASS's ``HOSTNAME_BASE``.", env="HOSTNAME_BASE"),
+    Option(
+        "worker_dir",
+        None,
+        "Dask workers' local directory (spill files). Default ``<work_dir>/work``.",
+        env="MSPASS_WORKER_DIR",
+        kind="path",
+    ),
+    Option(
+        "hostname_base",
+        None,
+        "Domain appended to Slurm node names to reach them, as in MsPASS's ``HOSTNAME_BASE``.",
+        env="HOSTNAME_BASE",
+    ),
     # --- containers (Apptainer / Singularity)
-    Option("container", None, "Apptainer/Singularity image (`.sif` file or sandbox directory) every role runs in, e.g. the MsPASS image. Unset: programs on the host.", env="MSPASS_CONTAINER", kind="path"),
-    Option("container_runtime", "auto", "`auto` (apptainer, else singularity, looked up on the node), `apptainer`, `singularity`, or `none` (ignore `container`).", kind="choice"),
-    Option("binds", [], "Host paths to bind into the container, `src[:dst[:opts]]`; the work, database, log and worker directories are added when not covered.", env=("APPTAINER_BIND", "SINGULARITY_BIND"), kind="list"),
+    Option(
+        "container",
+        None,
+        "Apptainer/Singularity image (`.sif` file or sandbox directory) every role runs in, e.g. the MsPASS image. Unset: programs on the host.",
+        env="MSPASS_CONTAINER",
+        kind="path",
+    ),
+    Option(
+        "container_runtime",
+        "auto",
+        "`auto` (apptainer, else singularity, looked up on the node), `apptainer`, `singularity`, or `none` (ignore `container`).",
+        kind="choice",
+    ),
+    Option(
+        "binds",
+        [],
+        "Host paths to bind into the container, `src[:dst[:opts]]`; the work, database, log and worker directories are added when not covered.",
+        env=("APPTAINER_BIND", "SINGULARITY_BIND"),
+        kind="list",
+    ),
     Option("container_args", [], "Extra arguments for `<runtime> exec`, e.g. `['--contain']`.", kind="list"),
     Option("gpu", False, "Give the container the node's NVIDIA GPUs (`--nv`).", kind="bool"),
-    Option("container_cleanenv", True, "Start containers with `--cleanenv`: only the cluster's variables enter, not the job's whole environment.", kind="bool"),
+    Option(
+        "container_cleanenv",
+        True,
+        "Start containers with `--cleanenv`: only the cluster's variables enter, not the job's whole environment.",
+        kind="bool",
+    ),
     # --- network
-    Option("interface", None, "Network interface (e.g. ``ib0``) whose address the compute nodes use to reach the scheduler. Default: the address this machine uses to reach the partition's nodes, logged at start.", jobqueue=("interface",)),
-    Option("scheduler_port", 0, "Dask scheduler port; 0 picks a free one (published as ``DASK_SCHEDULER_PORT``).", kind="int"),
+    Option(
+        "interface",
+        None,
+        "Network interface (e.g. ``ib0``) whose address the compute nodes use to reach the scheduler. Default: the address this machine uses to reach the partition's nodes, logged at start.",
+        jobqueue=("interface",),
+    ),
+    Option(
+        "scheduler_port",
+        0,
+        "Dask scheduler port; 0 picks a free one (published as ``DASK_SCHEDULER_PORT``).",
+        kind="int",
+    ),
     Option("dashboard_address", ":8787", "Dask dashboard address; Dask picks another port when this one is taken."),
     # --- worker role
-    Option("python", None, "Python that runs ``dask worker`` on the nodes. Default: this notebook's Python.", jobqueue=("python",)),
-    Option("worker_extra_args", [], "Extra arguments for ``dask worker``, e.g. ``['--resources', 'GPU=1']``.", kind="list", jobqueue=("worker-extra-args", "extra")),
-    Option("worker_lifetime", "auto", "Dask workers leave gracefully (their results move to other workers) after this long, e.g. ``'55m'``, and the cluster submits a replacement job. `auto`: just before `walltime` (5% of it, 1 to 10 minutes, plus a random stagger) on the `slurm` backend, never on the others; `none`: never.", kind="lifetime"),
-    Option("death_timeout", 60, "Seconds a worker keeps trying to reach a lost scheduler before it exits.", kind="int", jobqueue=("death-timeout",)),
-    Option("orphan_timeout", 300, "Seconds the database and the workers keep running after this notebook stopped refreshing its heartbeat file (a crashed kernel) before they stop cleanly.", kind="int"),
+    Option(
+        "python",
+        None,
+        "Python that runs ``dask worker`` on the nodes. Default: this notebook's Python.",
+        jobqueue=("python",),
+    ),
+    Option(
+        "worker_extra_args",
+        [],
+        "Extra arguments for ``dask worker``, e.g. ``['--resources', 'GPU=1']``.",
+        kind="list",
+        jobqueue=("worker-extra-args", "extra"),
+    ),
+    Option(
+        "worker_lifetime",
+        "auto",
+        "Dask workers leave gracefully (their results move to other workers) after this long, e.g. ``'55m'``, and the cluster submits a replacement job. `auto`: just before `walltime` (5% of it, 1 to 10 minutes, plus a random stagger) on the `slurm` backend, never on the others; `none`: never.",
+        kind="lifetime",
+    ),
+    Option(
+        "death_timeout",
+        60,
+        "Seconds a worker keeps trying to reach a lost scheduler before it exits.",
+        kind="int",
+        jobqueue=("death-timeout",),
+    ),
+    Option(
+        "orphan_timeout",
+        300,
+        "Seconds the database and the workers keep running after this notebook stopped refreshing its heartbeat file (a crashed kernel) before they stop cleanly.",
+        kind="int",
+    ),
     # --- database role
-    Option("db_command", ["mongod"], "The database server program and leading arguments (a list); the cluster adds ``--port``, ``--dbpath``, ``--bind_ip_all``, cache size.", kind="list"),
-    Option("db_port", 27017, "Database port (published as ``MONGODB_PORT``). On the local backend, when left at the default and taken, the next free port.", kind="int"),
+    Option(
+        "db_command",
+        ["mongod"],
+        "The database server program and leading arguments (a list); the cluster adds ``--port``, ``--dbpath``, ``--bind_ip_all``, cache size.",
+        kind="list",
+    ),
+    Option(
+        "db_port",
+        27017,
+        "Database port (published as ``MONGODB_PORT``). On the local backend, when left at the default and taken, the next free port.",
+        kind="int",
+    ),
     Option("db_cores", 1, "Cores for the database job.", kind="int"),
-    Option("db_memory", "2GiB", "Memory for the database job; the WiredTiger cache is sized from it (raise it for large databases).", kind="memory"),
+    Option(
+        "db_memory",
+        "2GiB",
+        "Memory for the database job; the WiredTiger cache is sized from it (raise it for large databases).",
+        kind="memory",
+    ),
     Option("db_partition", None, "Partition for the database job. Default: ``partition``."),
     Option("db_walltime", None, "Wall-clock limit of the database job. Default: ``walltime``.", kind="walltime"),
     Option("db_extra_directives", [], "Extra ``#SBATCH`` options for the database job only.", kind="list"),
     # --- waiting and watching
-    Option("startup_timeout", 3600, "Seconds to wait for the database and all workers (queue wait included) before giving up.", kind="float"),
-    Option("poll_interval", 5.0, "Longest pause, in seconds, between two ``squeue`` calls; polls start at 0.25 s and back off to it.", kind="float"),
+    Option(
+        "startup_timeout",
+        3600,
+        "Seconds to wait for the database and all workers (queue wait included) before giving up.",
+        kind="float",
+    ),
+    Option(
+        "poll_interval",
+        5.0,
+        "Longest pause, in seconds, between two ``squeue`` calls; polls start at 0.25 s and back off to it.",
+        kind="float",
+    ),
     Option("command_timeout", 60.0, "Seconds any one Slurm command (sbatch, squeue, scancel) may take.", kind="float"),
-    Option("verbose", False, "Log every job's submission and state change, and Dask's own scheduler log, at INFO. Default: a few lines of progress (warnings and errors always).", kind="bool"),
+    Option(
+        "verbose",
+        False,
+        "Log every job's submission and state change, and Dask's own scheduler log, at INFO. Default: a few lines of progress (warnings and errors always).",
+        kind="bool",
+    ),
 )
 
 _BY_NAME = {o.name: o for o in OPTIONS}

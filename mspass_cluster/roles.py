@@ -21,8 +21,8 @@ from importlib import resources
 
 from dask.utils import format_bytes, parse_bytes
 
-from ._version import __version__
 from . import containers
+from ._version import __version__
 from .config import ClusterOptions, parse_walltime
 from .slurm import build_directives
 
@@ -57,9 +57,14 @@ def worker_argv(options: ClusterOptions, scheduler_address: str, name: str) -> l
     ``processes > 1``, and ``<name>`` otherwise.
     """
     argv = [
-        options.python, "-m", "distributed.cli.dask_worker", scheduler_address,
-        "--name", name,
-        "--nworkers", str(options.processes),
+        options.python,
+        "-m",
+        "distributed.cli.dask_worker",
+        scheduler_address,
+        "--name",
+        name,
+        "--nworkers",
+        str(options.processes),
     ]
     if options.threads_per_process is not None:
         argv += ["--nthreads", str(options.threads_per_process)]
@@ -70,8 +75,10 @@ def worker_argv(options: ClusterOptions, scheduler_address: str, name: str) -> l
         argv += ["--memory-limit", "auto"]
     argv += [
         "--nanny",
-        "--death-timeout", str(options.death_timeout),
-        "--local-directory", options.worker_dir,
+        "--death-timeout",
+        str(options.death_timeout),
+        "--local-directory",
+        options.worker_dir,
     ]
     return argv + lifetime_args(options) + list(options.worker_extra_args)
 
@@ -128,11 +135,14 @@ def db_argv(options: ClusterOptions, local: bool = False) -> list[str]:
     """
     return [
         *options.db_command,
-        "--port", str(options.db_port),
-        "--dbpath", db_data_path(options),
+        "--port",
+        str(options.db_port),
+        "--dbpath",
+        db_data_path(options),
         *(["--bind_ip", "127.0.0.1"] if local else ["--bind_ip_all"]),
         "--nounixsocket",
-        "--wiredTigerCacheSizeGB", f"{db_cache_gb(options.db_memory):g}",
+        "--wiredTigerCacheSizeGB",
+        f"{db_cache_gb(options.db_memory):g}",
     ]
 
 
@@ -191,13 +201,13 @@ def heartbeat_watchdog(heartbeat: str, limit: int) -> list[str]:
         f"heartbeat={shlex.quote(heartbeat)}",
         "(",
         "    # Ended with the job script: its sleep goes with it.",
-        '    trap \'kill "$sleeper" 2>/dev/null; exit 0\' TERM',
+        "    trap 'kill \"$sleeper\" 2>/dev/null; exit 0' TERM",
         "    while :; do",
         f"        sleep {check} &",
         "        sleeper=$!",
         '        wait "$sleeper"',
         '        kill -0 "$server_pid" 2>/dev/null || exit 0',
-        f'        age={limit}',
+        f"        age={limit}",
         "        # Another job's guard may remove the stale file between a test and a read: read once.",
         '        stamp=$(date -r "$heartbeat" +%s 2>/dev/null) && age=$(( $(date +%s) - stamp ))',
         f'        if [ "$age" -ge {limit} ]; then',
@@ -279,9 +289,15 @@ def build_job_script(
     cd = shlex.join(["cd", options.work_dir])
     if role == "db":
         directives = build_directives(
-            job_name=job_name, output=output, walltime=options.db_walltime,
-            cores=options.db_cores, memory=options.db_memory, exclusive=False,
-            partition=options.db_partition, account=options.account, qos=options.qos,
+            job_name=job_name,
+            output=output,
+            walltime=options.db_walltime,
+            cores=options.db_cores,
+            memory=options.db_memory,
+            exclusive=False,
+            partition=options.db_partition,
+            account=options.account,
+            qos=options.qos,
             extra=[*options.job_extra_directives, *options.db_extra_directives],
         )
         setup = [
@@ -293,9 +309,15 @@ def build_job_script(
         argv = db_argv(options, local)
     elif role == "worker":
         directives = build_directives(
-            job_name=job_name, output=output, walltime=options.walltime,
-            cores=options.cores, memory=options.memory, exclusive=options.exclusive,
-            partition=options.partition, account=options.account, qos=options.qos,
+            job_name=job_name,
+            output=output,
+            walltime=options.walltime,
+            cores=options.cores,
+            memory=options.memory,
+            exclusive=options.exclusive,
+            partition=options.partition,
+            account=options.account,
+            qos=options.qos,
             extra=options.job_extra_directives,
         )
         setup = [cd, shlex.join(["mkdir", "-p", options.worker_dir])]
@@ -307,17 +329,27 @@ def build_job_script(
     )
     if options.in_container:
         container_setup, argv = containers.wrap(
-            argv, container=options.container, runtime=options.container_runtime,
+            argv,
+            container=options.container,
+            runtime=options.container_runtime,
             user_binds=options.binds,
             directories=[options.work_dir, options.db_dir, options.log_dir, options.worker_dir],
-            env_names=list(exports), extra_args=options.container_args, gpu=options.gpu,
+            env_names=list(exports),
+            extra_args=options.container_args,
+            gpu=options.gpu,
             cleanenv=options.container_cleanenv,
         )
         setup = setup + container_setup
     watchdog = heartbeat_watchdog(heartbeat, options.orphan_timeout) if heartbeat else []
     script = render_job_script(
-        role=role, cluster_id=cluster_id, directives=directives, exports=exports,
-        prologue=options.job_script_prologue, setup=setup, argv=argv, watchdog=watchdog,
+        role=role,
+        cluster_id=cluster_id,
+        directives=directives,
+        exports=exports,
+        prologue=options.job_script_prologue,
+        setup=setup,
+        argv=argv,
+        watchdog=watchdog,
     )
     return script, output
 
@@ -346,7 +378,12 @@ class ScriptContext:
     def render(self, role: str, job_name: str) -> tuple[str, str]:
         """The job script of ``role`` named ``job_name``, and its log pattern."""
         return build_job_script(
-            self.options, role, cluster_id=self.cluster_id, job_name=job_name,
-            scheduler_address=self.scheduler_address, db_host=self.db_host, local=self.local,
+            self.options,
+            role,
+            cluster_id=self.cluster_id,
+            job_name=job_name,
+            scheduler_address=self.scheduler_address,
+            db_host=self.db_host,
+            local=self.local,
             heartbeat=self.heartbeat,
         )

@@ -112,12 +112,21 @@ class JobState(enum.Enum):
 
 
 _PENDING = {
-    JobState.PENDING, JobState.CONFIGURING, JobState.REQUEUED, JobState.REQUEUE_HOLD,
-    JobState.REQUEUE_FED, JobState.RESV_DEL_HOLD, JobState.SUSPENDED,
+    JobState.PENDING,
+    JobState.CONFIGURING,
+    JobState.REQUEUED,
+    JobState.REQUEUE_HOLD,
+    JobState.REQUEUE_FED,
+    JobState.RESV_DEL_HOLD,
+    JobState.SUSPENDED,
 }
 _RUNNING = {
-    JobState.RUNNING, JobState.COMPLETING, JobState.RESIZING, JobState.SIGNALING,
-    JobState.STAGE_OUT, JobState.STOPPED,
+    JobState.RUNNING,
+    JobState.COMPLETING,
+    JobState.RESIZING,
+    JobState.SIGNALING,
+    JobState.STAGE_OUT,
+    JobState.STOPPED,
 }
 
 
@@ -239,8 +248,13 @@ def build_batch_directives(
     ['#SBATCH --job-name=nb', '#SBATCH --output=/l/nb-%j.log', '#SBATCH --nodes=3', '#SBATCH --ntasks-per-node=1', '#SBATCH --exclusive', '#SBATCH --mem=0', '#SBATCH --time=1:00:00', '#SBATCH --account=p']
     """
     options = [
-        f"--job-name={job_name}", output_directive(output), f"--nodes={nodes}", "--ntasks-per-node=1",
-        "--exclusive", "--mem=0", f"--time={walltime}",
+        f"--job-name={job_name}",
+        output_directive(output),
+        f"--nodes={nodes}",
+        "--ntasks-per-node=1",
+        "--exclusive",
+        "--mem=0",
+        f"--time={walltime}",
         *_where_and_who(partition, account, qos, extra),
     ]
     return [f"#SBATCH {o}" for o in options]
@@ -248,8 +262,11 @@ def build_batch_directives(
 
 def _where_and_who(partition, account, qos, extra) -> list[str]:
     """The partition, account and QOS options that are set, then ``extra`` as given (last, so they win)."""
-    options = [f"{flag}={value}" for flag, value in (("--partition", partition), ("--account", account),
-                                                      ("--qos", qos)) if value]
+    options = [
+        f"{flag}={value}"
+        for flag, value in (("--partition", partition), ("--account", account), ("--qos", qos))
+        if value
+    ]
     return options + [str(e) for e in extra]
 
 
@@ -308,8 +325,11 @@ def controller_unreachable(stderr: str) -> bool:
 def build_squeue_argv(job_ids) -> list[str]:
     """One ``squeue`` call for all ``job_ids``, including recently ended jobs."""
     return [
-        "squeue", "--noheader", "--states=all",
-        f"--jobs={','.join(str(j) for j in job_ids)}", f"--format={_SQUEUE_FORMAT}",
+        "squeue",
+        "--noheader",
+        "--states=all",
+        f"--jobs={','.join(str(j) for j in job_ids)}",
+        f"--format={_SQUEUE_FORMAT}",
     ]
 
 
@@ -352,8 +372,15 @@ def parse_squeue_mine(stdout: str) -> list[JobStatus]:
             continue
         job_id, name, state, where = parts
         waiting = where.startswith("(") and where.endswith(")")
-        statuses.append(JobStatus(job_id, JobState.parse(state), reason=where[1:-1] if waiting else "",
-                                  nodes="" if waiting else where, name=name))
+        statuses.append(
+            JobStatus(
+                job_id,
+                JobState.parse(state),
+                reason=where[1:-1] if waiting else "",
+                nodes="" if waiting else where,
+                name=name,
+            )
+        )
     return statuses
 
 
@@ -395,8 +422,12 @@ def parse_scontrol_job(stdout: str) -> JobStatus | None:
 
 def build_sacct_argv(job_ids) -> list[str]:
     return [
-        "sacct", "--noheader", "--parsable2", "--allocations",
-        f"--jobs={','.join(str(j) for j in job_ids)}", "--format=JobID,State,ExitCode,NodeList",
+        "sacct",
+        "--noheader",
+        "--parsable2",
+        "--allocations",
+        f"--jobs={','.join(str(j) for j in job_ids)}",
+        "--format=JobID,State,ExitCode,NodeList",
     ]
 
 

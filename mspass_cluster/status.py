@@ -59,14 +59,29 @@ def view_of(cluster) -> ClusterView:
             status = "running, but its database is lost"
     scheduler = getattr(cluster, "scheduler", None)
     return ClusterView(
-        name=cluster.name, backend=cluster.backend, status=status, db_address=db_address,
+        name=cluster.name,
+        backend=cluster.backend,
+        status=status,
+        db_address=db_address,
         dashboard=Cluster.dashboard_link.fget(cluster) if running else None,
         workers_connected=len(getattr(scheduler, "workers", None) or {}) if running else 0,
-        workers_planned=len(cluster.plan), nodes_planned=len(cluster.worker_spec),
+        workers_planned=len(cluster.plan),
+        nodes_planned=len(cluster.worker_spec),
         problems=[str(j.error).splitlines()[0] for j in jobs if j.error is not None],
-        jobs=[JobRow(j.role, j.unit, j.job_id, j.name, j.phase.value,
-                     j.state.value + (f" ({j.status.reason})" if j.status and j.status.reason else ""),
-                     j.node, j.time_left, j.log_path) for j in jobs],
+        jobs=[
+            JobRow(
+                j.role,
+                j.unit,
+                j.job_id,
+                j.name,
+                j.phase.value,
+                j.state.value + (f" ({j.status.reason})" if j.status and j.status.reason else ""),
+                j.node,
+                j.time_left,
+                j.log_path,
+            )
+            for j in jobs
+        ],
     )
 
 
@@ -95,13 +110,22 @@ def render_text(view: ClusterView) -> str:
     if view.jobs:
         lines.append(f"  {'role':6} {view.jobs[0].unit:>8} {'state':28} {'node':10} {'left':>8}  log")
         for job in view.jobs:
-            lines.append(f"  {job.role:6} {job.job_id:>8} {_state(job)[:28]:28} {job.node or '—':10} "
-                         f"{format_seconds(job.time_left):>8}  {job.log_path}")
+            lines.append(
+                f"  {job.role:6} {job.job_id:>8} {_state(job)[:28]:28} {job.node or '—':10} "
+                f"{format_seconds(job.time_left):>8}  {job.log_path}"
+            )
     return "\n".join(lines)
 
 
-_COLOURS = {"ready": "#1a7f37", "running": "#9a6700", "pending": "#9a6700", "submitted": "#9a6700",
-            "failed": "#cf222e", "stopping": "#57606a", "stopped": "#57606a"}
+_COLOURS = {
+    "ready": "#1a7f37",
+    "running": "#9a6700",
+    "pending": "#9a6700",
+    "submitted": "#9a6700",
+    "failed": "#cf222e",
+    "stopping": "#57606a",
+    "stopped": "#57606a",
+}
 
 
 def render_html(view: ClusterView) -> str:
@@ -122,13 +146,13 @@ def render_html(view: ClusterView) -> str:
     unit = view.jobs[0].unit if view.jobs else "job"
     return (
         '<div class="mspass-cluster">'
-        f"<h4 style=\"margin:0.2em 0\">MsPASSCluster {e(view.name)} "
+        f'<h4 style="margin:0.2em 0">MsPASSCluster {e(view.name)} '
         f"<small>({e(view.backend)} backend): {e(view.status)}</small></h4>"
         "<table><tbody>"
-        f"<tr><th style=\"text-align:left\">Database</th><td>{e(view.db_address or 'not answering')}</td></tr>"
-        f"<tr><th style=\"text-align:left\">Workers</th><td>{view.workers_connected} of {view.workers_planned} "
+        f'<tr><th style="text-align:left">Database</th><td>{e(view.db_address or "not answering")}</td></tr>'
+        f'<tr><th style="text-align:left">Workers</th><td>{view.workers_connected} of {view.workers_planned} '
         f"connected, on {view.nodes_planned} worker node(s)</td></tr>"
-        f"<tr><th style=\"text-align:left\">Dashboard</th><td>{link}</td></tr>"
+        f'<tr><th style="text-align:left">Dashboard</th><td>{link}</td></tr>'
         "</tbody></table>"
         f"{problems}"
         "<table><thead><tr>"

@@ -92,7 +92,9 @@ def coerce(option: Option, value):
         try:
             number = float(value)
         except (TypeError, ValueError):
-            raise ConfigError(f"{name}={value!r} is not a number of seconds; give e.g. {name}={option.default}.") from None
+            raise ConfigError(
+                f"{name}={value!r} is not a number of seconds; give e.g. {name}={option.default}."
+            ) from None
         if number <= 0:
             raise ConfigError(f"{name}={value!r} must be positive; give e.g. {name}={option.default}.")
         return number

@@ -30,7 +30,9 @@ def _testbed_problem() -> str | None:
     if shutil.which("sinfo") is None:
         return "Slurm is not installed"
     try:
-        out = subprocess.run(["sinfo", "--noheader", "--Node", "--format=%N %t"], capture_output=True, text=True, timeout=20)
+        out = subprocess.run(
+            ["sinfo", "--noheader", "--Node", "--format=%N %t"], capture_output=True, text=True, timeout=20
+        )
     except subprocess.TimeoutExpired:
         return "sinfo did not answer"
     nodes = [line.split() for line in out.stdout.splitlines() if line.strip()]

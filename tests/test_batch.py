@@ -9,9 +9,10 @@ import time
 
 import nbformat
 import pytest
-
 from conftest import queued, slurm_output
-from mspass_cluster.cli import main as cli_main, render_submit_script
+
+from mspass_cluster.cli import main as cli_main
+from mspass_cluster.cli import render_submit_script
 from mspass_cluster.notebook import inject_parameters, parse_params
 
 EMBEDDED_DB = repr([sys.executable, "-m", "mspass_cluster.embedded_db"])
@@ -20,17 +21,23 @@ CLI = [os.path.join(os.path.dirname(sys.executable), "mspass-cluster")]
 
 def test_params_are_python_literals_or_strings():
     assert parse_params(["n=3", "name=TA", "band=(0.5, 5)", "flag=True"]) == {
-        "n": 3, "name": "TA", "band": (0.5, 5), "flag": True}
+        "n": 3,
+        "name": "TA",
+        "band": (0.5, 5),
+        "flag": True,
+    }
     with pytest.raises(ValueError, match="name=value"):
         parse_params(["3=n"])
 
 
 def test_parameters_are_injected_after_the_tagged_cell():
-    nb = nbformat.v4.new_notebook(cells=[
-        nbformat.v4.new_code_cell("import x"),
-        nbformat.v4.new_code_cell("n = 1", metadata={"tags": ["parameters"]}),
-        nbformat.v4.new_code_cell("print(n)"),
-    ])
+    nb = nbformat.v4.new_notebook(
+        cells=[
+            nbformat.v4.new_code_cell("import x"),
+            nbformat.v4.new_code_cell("n = 1", metadata={"tags": ["parameters"]}),
+            nbformat.v4.new_code_cell("print(n)"),
+        ]
+    )
     inject_parameters(nb, {"n": 5, "label": "a b"})
     assert nb.cells[2].source == "# Parameters\nn = 5\nlabel = 'a b'"
     assert nb.cells[2].metadata["tags"] == ["injected-parameters"]
@@ -38,13 +45,32 @@ def test_parameters_are_injected_after_the_tagged_cell():
 
 def test_dry_run_prints_the_script_and_submits_nothing(tmp_path, capsys):
     notebook = tmp_path / "flow.ipynb"
-    nbformat.write(nbformat.v4.new_notebook(cells=[
-        nbformat.v4.new_code_cell("year = 2000", metadata={"tags": ["parameters"]})]), notebook)
-    assert cli_main(["submit", str(notebook), "--nodes", "3", "--walltime", "02:00:00", "--partition", "normal",
-                     "--param", "year=2012", "--dry-run"]) == 0
+    nbformat.write(
+        nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell("year = 2000", metadata={"tags": ["parameters"]})]),
+        notebook,
+    )
+    assert (
+        cli_main(
+            [
+                "submit",
+                str(notebook),
+                "--nodes",
+                "3",
+                "--walltime",
+                "02:00:00",
+                "--partition",
+                "normal",
+                "--param",
+                "year=2012",
+                "--dry-run",
+            ]
+        )
+        == 0
+    )
     out = capsys.readouterr().out
-    assert out == render_submit_script(str(notebook), nodes=3, walltime="02:00:00", partition="normal",
-                                       params=["year=2012"])
+    assert out == render_submit_script(
+        str(notebook), nodes=3, walltime="02:00:00", partition="normal", params=["year=2012"]
+    )
     assert "#SBATCH --nodes=3" in out and "#SBATCH --partition=normal" in out and "--param year=2012" in out
     assert not (tmp_path / "flow.sbatch").exists()
 
@@ -57,7 +83,7 @@ def test_bad_submit_input_is_refused(tmp_path, capsys):
     assert cli_main(["submit", str(tmp_path / "missing.ipynb"), "--dry-run"]) == 2
 
 
-WORKFLOW = '''\
+WORKFLOW = """\
 import os, socket
 from mspass_cluster import MsPASSCluster
 with MsPASSCluster() as cluster:
@@ -68,20 +94,27 @@ with MsPASSCluster() as cluster:
     stored = sorted(d["i"] for d in db.batch.docs.find())
     assert stored == list(range(count))
     print("RESULT", label, count, "workers on", hosts, "database on", cluster.db_job.node, "notebook on", socket.gethostname())
-'''
+"""
 
 
 def make_notebook(path, body):
-    nbformat.write(nbformat.v4.new_notebook(cells=[
-        nbformat.v4.new_code_cell("label = 'default'\ncount = 5", metadata={"tags": ["parameters"]}),
-        nbformat.v4.new_code_cell(body),
-    ], metadata={"kernelspec": {"name": "python3", "display_name": "Python 3", "language": "python"}}), path)
+    nbformat.write(
+        nbformat.v4.new_notebook(
+            cells=[
+                nbformat.v4.new_code_cell("label = 'default'\ncount = 5", metadata={"tags": ["parameters"]}),
+                nbformat.v4.new_code_cell(body),
+            ],
+            metadata={"kernelspec": {"name": "python3", "display_name": "Python 3", "language": "python"}},
+        ),
+        path,
+    )
 
 
 def submit_and_wait(tmp_path, notebook, *args):
     env = {**os.environ, "MSPASS_WORK_DIR": str(tmp_path), "DASK_MSPASS_CLUSTER__DB_COMMAND": EMBEDDED_DB}
-    out = subprocess.run([*CLI, "submit", str(notebook), "--walltime", "10", *args], capture_output=True, text=True,
-                         env=env, timeout=60)
+    out = subprocess.run(
+        [*CLI, "submit", str(notebook), "--walltime", "10", *args], capture_output=True, text=True, env=env, timeout=60
+    )
     assert out.returncode == 0, out.stderr
     job_id = out.stdout.split(" as job ")[1].split(";")[0]
     deadline = time.monotonic() + 240
@@ -91,8 +124,12 @@ def submit_and_wait(tmp_path, notebook, *args):
     info = slurm_output("scontrol", "--oneliner", "show", "job", job_id)
     fields = dict(item.split("=", 1) for item in info.split() if "=" in item)
     executed = nbformat.read(tmp_path / f"{notebook.stem}-{job_id}.ipynb", as_version=4)
-    text = "\n".join(str(o.get("text", "")) + "\n".join(o.get("traceback", []))
-                     for c in executed.cells if c.cell_type == "code" for o in c.get("outputs", []))
+    text = "\n".join(
+        str(o.get("text", "")) + "\n".join(o.get("traceback", []))
+        for c in executed.cells
+        if c.cell_type == "code"
+        for o in c.get("outputs", [])
+    )
     return fields, text, job_id
 
 
@@ -117,7 +154,10 @@ def test_submitted_notebook_computes_stores_keeps_outputs_and_leaves_nothing(slu
 @pytest.mark.slurm
 def test_notebook_raising_in_the_with_block_ends_the_job_at_once_with_its_traceback(slurm_testbed, tmp_path):
     notebook = tmp_path / "broken.ipynb"
-    make_notebook(notebook, WORKFLOW.replace('    print("RESULT"', '    raise ValueError("boom in the workflow")\n    print("RESULT"'))
+    make_notebook(
+        notebook,
+        WORKFLOW.replace('    print("RESULT"', '    raise ValueError("boom in the workflow")\n    print("RESULT"'),
+    )
     fields, text, job_id = submit_and_wait(tmp_path, notebook, "--nodes", "2")
     assert fields["JobState"] == "FAILED" and fields["ExitCode"] == "1:0"
     assert "ValueError" in text and "boom in the workflow" in text
@@ -128,8 +168,9 @@ def test_notebook_raising_in_the_with_block_ends_the_job_at_once_with_its_traceb
 def test_parameterised_run_receives_its_parameters(slurm_testbed, tmp_path):
     notebook = tmp_path / "params.ipynb"
     make_notebook(notebook, WORKFLOW)
-    fields, text, _ = submit_and_wait(tmp_path, notebook, "--nodes", "2", "--param", "label=usarray2012",
-                                      "--param", "count=7")
+    fields, text, _ = submit_and_wait(
+        tmp_path, notebook, "--nodes", "2", "--param", "label=usarray2012", "--param", "count=7"
+    )
     assert fields["ExitCode"] == "0:0"
     assert f"RESULT usarray2012 7 workers on {job_nodes(fields)[1:]}" in text
 
@@ -158,12 +199,19 @@ def test_status_lists_and_down_cancels_this_users_cluster_jobs(slurm_testbed, tm
 def test_a_notebook_stopped_by_slurm_keeps_the_outputs_it_had(slurm_testbed, tmp_path):
     notebook = tmp_path / "long.ipynb"
     marker = tmp_path / "first-cell-done"
-    nbformat.write(nbformat.v4.new_notebook(cells=[
-        nbformat.v4.new_code_cell(f"print('computed 42 things')\nopen({str(marker)!r}, 'w').close()"),
-        nbformat.v4.new_code_cell("import time\ntime.sleep(600)"),
-    ], metadata={"kernelspec": {"name": "python3", "display_name": "Python 3", "language": "python"}}), notebook)
-    out = subprocess.run([*CLI, "submit", str(notebook), "--walltime", "10", "--nodes", "1"], capture_output=True,
-                         text=True, timeout=60)
+    nbformat.write(
+        nbformat.v4.new_notebook(
+            cells=[
+                nbformat.v4.new_code_cell(f"print('computed 42 things')\nopen({str(marker)!r}, 'w').close()"),
+                nbformat.v4.new_code_cell("import time\ntime.sleep(600)"),
+            ],
+            metadata={"kernelspec": {"name": "python3", "display_name": "Python 3", "language": "python"}},
+        ),
+        notebook,
+    )
+    out = subprocess.run(
+        [*CLI, "submit", str(notebook), "--walltime", "10", "--nodes", "1"], capture_output=True, text=True, timeout=60
+    )
     assert out.returncode == 0, out.stderr
     job_id = out.stdout.split(" as job ")[1].split(";")[0]
     try:
@@ -172,7 +220,7 @@ def test_a_notebook_stopped_by_slurm_keeps_the_outputs_it_had(slurm_testbed, tmp
             time.sleep(0.2)
         assert marker.exists(), "the first cell never ran"
     finally:
-        subprocess.run(["scancel", job_id], check=True)   # what Slurm does at walltime: SIGTERM, then SIGKILL
+        subprocess.run(["scancel", job_id], check=True)  # what Slurm does at walltime: SIGTERM, then SIGKILL
     deadline = time.monotonic() + 120
     while queued([job_id]) and time.monotonic() < deadline:
         time.sleep(0.5)

@@ -13,7 +13,6 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from conftest import queued, queued_names
 
 pytestmark = pytest.mark.slurm
@@ -28,7 +27,10 @@ def smoke_run(slurm_testbed, tmp_path_factory):
     out = tmp_path_factory.mktemp("bench")
     proc = subprocess.run(
         [sys.executable, "-m", "benchmarks.bench", "--smoke", "--out", str(out)],
-        cwd=REPO, capture_output=True, text=True, timeout=280,
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=280,
     )
     assert proc.returncode == 0, f"benchmarks.bench --smoke failed:\n{proc.stderr[-4000:]}"
     return out, json.loads((out / "results.json").read_text()), proc.stderr
@@ -38,8 +40,14 @@ def test_smoke_run_writes_json_markdown_and_png(smoke_run):
     out, _, stderr = smoke_run
     assert (out / "results.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     markdown = (out / "results.md").read_text()
-    for heading in ("## Time to ready", "## Scaling", "## Failure detection", "## Teardown",
-                    "## Load on the Slurm controller", "## Reference: the MsPASS job scripts' fixed sleeps"):
+    for heading in (
+        "## Time to ready",
+        "## Scaling",
+        "## Failure detection",
+        "## Teardown",
+        "## Load on the Slurm controller",
+        "## Reference: the MsPASS job scripts' fixed sleeps",
+    ):
         assert heading in markdown
     assert "time to ready" in stderr, "progress is logged to stderr as the run goes"
 
@@ -49,8 +57,13 @@ def test_results_json_has_machine_info_and_every_measurement(smoke_run):
     meta = results["meta"]
     assert {"date", "uname", "cpu_count", "python", "versions", "testbed_nodes"} <= meta.keys()
     assert {"dask", "distributed", "dask-jobqueue", "mspass-cluster"} <= meta["versions"].keys()
-    assert {"startup_non_sharded_s", "startup_sharded_s", "shutdown_non_sharded_s",
-            "shutdown_sharded_4_shards_s", "source"} <= results["reference_sleeps"].keys()
+    assert {
+        "startup_non_sharded_s",
+        "startup_sharded_s",
+        "shutdown_non_sharded_s",
+        "shutdown_sharded_4_shards_s",
+        "source",
+    } <= results["reference_sleeps"].keys()
 
     ready = results["time_to_ready"]
     assert ready["sizes"] == [1]
@@ -90,8 +103,14 @@ def test_controller_load_counts_calls_for_both_tools(smoke_run):
     load = results["controller_load"]
     for tool in TOOLS:
         record = load[tool]
-        assert {"startup_s", "startup_calls", "startup_status_calls", "startup_status_per_min",
-                "steady_s", "steady_status_per_min"} <= record.keys()
+        assert {
+            "startup_s",
+            "startup_calls",
+            "startup_status_calls",
+            "startup_status_per_min",
+            "steady_s",
+            "steady_status_per_min",
+        } <= record.keys()
     assert load["mspass"]["startup_calls"].get("squeue", 0) >= 1
     # The PATH shims saw dask-jobqueue's sbatch, so they were on the path its commands use.
     assert load["jobqueue"]["startup_calls"].get("sbatch", 0) >= 1

@@ -15,9 +15,10 @@ import time
 
 import nbformat
 import pytest
-
 from conftest import queued, slurm_output
-from mspass_cluster.cli import ENV_BACKEND, ENV_WORK_DIR, main as cli_main, render_submit_script
+
+from mspass_cluster.cli import ENV_BACKEND, ENV_WORK_DIR, render_submit_script
+from mspass_cluster.cli import main as cli_main
 from mspass_cluster.errors import ConfigError
 from mspass_cluster.notebook import parameter_names
 
@@ -33,13 +34,22 @@ def make_notebook(path, body="print('ran')", parameters="label = 'default'\ncoun
 
 
 def run_cli(*args, input=None, env=None, timeout=60):
-    return subprocess.run([*CLI, *args], capture_output=True, text=True, timeout=timeout, input=input,
-                          stdin=None if input is not None else subprocess.DEVNULL, env=env)
+    return subprocess.run(
+        [*CLI, *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        input=input,
+        stdin=None if input is not None else subprocess.DEVNULL,
+        env=env,
+    )
 
 
 def my_queued_names(token: str) -> list[str]:
     """Names of this user's queued jobs that contain ``token`` (unique to one test)."""
-    return [line for line in slurm_output("squeue", "--me", "--noheader", "--format=%i %j").splitlines() if token in line]
+    return [
+        line for line in slurm_output("squeue", "--me", "--noheader", "--format=%i %j").splitlines() if token in line
+    ]
 
 
 def cancel_named(token: str) -> None:
@@ -94,15 +104,22 @@ def test_a_parameter_given_twice_is_refused(tmp_path, capsys):
 
 
 def test_parameter_names_are_what_the_parameters_cell_assigns():
-    nb = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell(
-        "%matplotlib inline\nyear = 2012\nlo, hi = 0.5, 5\nstation: str = 'TA'\n# n = 1\nimport os\n",
-        metadata={"tags": ["parameters"]})])
+    nb = nbformat.v4.new_notebook(
+        cells=[
+            nbformat.v4.new_code_cell(
+                "%matplotlib inline\nyear = 2012\nlo, hi = 0.5, 5\nstation: str = 'TA'\n# n = 1\nimport os\n",
+                metadata={"tags": ["parameters"]},
+            )
+        ]
+    )
     assert parameter_names(nb) == ["year", "lo", "hi", "station"]
     assert parameter_names(nbformat.v4.new_notebook()) is None
 
 
 def test_a_kernel_that_is_not_installed_is_refused(tmp_path, capsys):
-    notebook = make_notebook(tmp_path / "flow.ipynb", metadata={"kernelspec": {"name": "mspass-nosuch", "display_name": "x"}})
+    notebook = make_notebook(
+        tmp_path / "flow.ipynb", metadata={"kernelspec": {"name": "mspass-nosuch", "display_name": "x"}}
+    )
     assert cli_main(["submit", str(notebook), "--dry-run"]) == 2
     err = capsys.readouterr().err
     assert "Jupyter kernel 'mspass-nosuch'" in err and "python3" in err and "ipykernel install" in err
@@ -140,10 +157,19 @@ def test_a_notebook_in_a_directory_with_spaces_runs(slurm_testbed, tmp_path):
 # ---- nothing typed can add a line to the job script
 
 
-@pytest.mark.parametrize("flag, value", [("--partition", "normal\nrm -rf ~"), ("--account", "ear 123"),
-                                          ("--qos", "long\n#SBATCH --nodes=100"), ("--directive", "--comment=a\necho x"),
-                                          ("--directive", "constraint=ib"), ("--directive", "-N3"),
-                                          ("--directive", "--time 10"), ("--directive", "--output=x.log")])
+@pytest.mark.parametrize(
+    "flag, value",
+    [
+        ("--partition", "normal\nrm -rf ~"),
+        ("--account", "ear 123"),
+        ("--qos", "long\n#SBATCH --nodes=100"),
+        ("--directive", "--comment=a\necho x"),
+        ("--directive", "constraint=ib"),
+        ("--directive", "-N3"),
+        ("--directive", "--time 10"),
+        ("--directive", "--output=x.log"),
+    ],
+)
 def test_values_that_would_break_the_script_are_refused(tmp_path, capsys, flag, value):
     notebook = make_notebook(tmp_path / "flow.ipynb")
     assert cli_main(["submit", str(notebook), f"{flag}={value}", "--dry-run"]) == 2
@@ -158,8 +184,9 @@ def test_the_script_quotes_work_dir_and_backend_and_runs_under_bash(tmp_path):
     stub.write_text(f'#!/bin/sh\nprintf "%s|%s|%s" "${ENV_WORK_DIR}" "${ENV_BACKEND}" "$PWD"\n')
     stub.chmod(0o755)
     evil = str(tmp_path / "a dir'; touch pwned; echo '\n$(touch pwned2)")
-    script = render_submit_script(str(notebook), nodes=1, walltime="10\n", work_dir=evil, backend="local",
-                                  python=str(stub))
+    script = render_submit_script(
+        str(notebook), nodes=1, walltime="10\n", work_dir=evil, backend="local", python=str(stub)
+    )
     header = script.split("set -u")[0].splitlines()
     assert all(line.startswith("#") for line in header), header
     assert "#SBATCH --time=10" in header
@@ -172,8 +199,9 @@ def test_the_script_quotes_work_dir_and_backend_and_runs_under_bash(tmp_path):
         render_submit_script(str(notebook), nodes=1, walltime="10", partition="a\nb")
 
 
-@pytest.mark.parametrize("value, why", [("{file}/sub", "is a file, not a directory"),
-                                        ("/proc/mspass-run", "cannot be created in '/proc'")])
+@pytest.mark.parametrize(
+    "value, why", [("{file}/sub", "is a file, not a directory"), ("/proc/mspass-run", "cannot be created in '/proc'")]
+)
 def test_an_unusable_work_dir_is_refused(tmp_path, capsys, value, why):
     notebook = make_notebook(tmp_path / "flow.ipynb")
     value = value.format(file=notebook)
@@ -200,16 +228,32 @@ def test_work_dir_and_backend_override_the_users_dask_config(slurm_testbed, tmp_
     config = tmp_path / "dask-config"
     config.mkdir()
     (config / "mspass_cluster.yaml").write_text(
-        f"mspass_cluster:\n  backend: slurm\n  work-dir: {tmp_path / 'from-yaml'}\n  db-command: {EMBEDDED_DB}\n")
-    notebook = make_notebook(tmp_path / "where.ipynb", body=(
-        "from mspass_cluster import MsPASSCluster\n"
-        "with MsPASSCluster() as cluster:\n"
-        "    cluster.get_client().submit(sum, [1, 2]).result()\n"
-        "    print('RESULT', cluster.options.backend, cluster.options.work_dir)\n"))
+        f"mspass_cluster:\n  backend: slurm\n  work-dir: {tmp_path / 'from-yaml'}\n  db-command: {EMBEDDED_DB}\n"
+    )
+    notebook = make_notebook(
+        tmp_path / "where.ipynb",
+        body=(
+            "from mspass_cluster import MsPASSCluster\n"
+            "with MsPASSCluster() as cluster:\n"
+            "    cluster.get_client().submit(sum, [1, 2]).result()\n"
+            "    print('RESULT', cluster.options.backend, cluster.options.work_dir)\n"
+        ),
+    )
     work_dir = tmp_path / "run 1"
     env = {**os.environ, "DASK_CONFIG": str(config)}
-    out = run_cli("submit", str(notebook), "--nodes", "1", "--walltime", "5", "--backend", "local",
-                  "--work-dir", str(work_dir), env=env)
+    out = run_cli(
+        "submit",
+        str(notebook),
+        "--nodes",
+        "1",
+        "--walltime",
+        "5",
+        "--backend",
+        "local",
+        "--work-dir",
+        str(work_dir),
+        env=env,
+    )
     assert out.returncode == 0, out.stderr
     job_id = out.stdout.split(" as job ")[1].split(";")[0]
     try:
@@ -235,9 +279,16 @@ def test_help_is_plain_text_with_examples_and_defaults():
     assert "examples:" in top.stdout and "mspass-cluster down --all" in top.stdout
     submit = run_cli("submit", "--help").stdout
     flat = " ".join(submit.split())
-    for text in ("--walltime TIME time limit of the job", "(default: 01:00:00)", "--partition NAME Slurm partition",
-                 "--account NAME Slurm account", "--qos NAME Slurm quality of service", "--work-dir DIR",
-                 "--backend {auto,slurm,allocation,local}", "examples:"):
+    for text in (
+        "--walltime TIME time limit of the job",
+        "(default: 01:00:00)",
+        "--partition NAME Slurm partition",
+        "--account NAME Slurm account",
+        "--qos NAME Slurm quality of service",
+        "--work-dir DIR",
+        "--backend {auto,slurm,allocation,local}",
+        "examples:",
+    ):
         assert text in flat, text
     assert "--all" in run_cli("down", "--help").stdout
 
@@ -260,8 +311,21 @@ def held_clusters(slurm_testbed):
     for cluster in (first, second):
         for role in ("db", "worker-0"):
             name = f"t-{word}-{cluster}-{role}"
-            out = subprocess.run(["sbatch", "--parsable", "--hold", f"--job-name={name}", "--time=5",
-                                  "--output=/dev/null", "--wrap", "sleep 1"], capture_output=True, text=True, timeout=30)
+            out = subprocess.run(
+                [
+                    "sbatch",
+                    "--parsable",
+                    "--hold",
+                    f"--job-name={name}",
+                    "--time=5",
+                    "--output=/dev/null",
+                    "--wrap",
+                    "sleep 1",
+                ],
+                capture_output=True,
+                text=True,
+                timeout=30,
+            )
             assert out.returncode == 0, out.stderr
             jobs[(cluster, role)] = out.stdout.strip().split(";")[0]
     try:
@@ -314,7 +378,8 @@ def test_down_refuses_an_ambiguous_prefix_and_cancels_by_a_unique_one(held_clust
     mine = [jobs[(first, "db")], jobs[(first, "worker-0")]]
     assert wait_gone(mine) == []
     assert sorted(queued([jobs[(second, "db")], jobs[(second, "worker-0")]])) == sorted(
-        [jobs[(second, "db")], jobs[(second, "worker-0")]])
+        [jobs[(second, "db")], jobs[(second, "worker-0")]]
+    )
 
 
 @pytest.mark.slurm

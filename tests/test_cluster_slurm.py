@@ -17,12 +17,24 @@ import sys
 
 import pymongo
 import pytest
-
 from conftest import (
-    BIN, FAKE_MONGOD, NX_MONGOD, assert_nothing_left, cluster_processes, queued, queued_names, slurm_output,
+    BIN,
+    FAKE_MONGOD,
+    NX_MONGOD,
+    assert_nothing_left,
+    cluster_processes,
+    queued,
+    queued_names,
+    slurm_output,
 )
+
 from mspass_cluster import (
-    CommandRunner, JobFailedError, MsPASSCluster, SlurmUnavailableError, StartupTimeoutError, SubmitError,
+    CommandRunner,
+    JobFailedError,
+    MsPASSCluster,
+    SlurmUnavailableError,
+    StartupTimeoutError,
+    SubmitError,
 )
 
 pytestmark = pytest.mark.slurm
@@ -60,8 +72,8 @@ def stand_in_image(directory) -> str:
     mspass_home = stand_in_mspass_home(directory)
     venv_bin = os.path.dirname(sys.executable)
     (directory / "mspass_latest.sif.env").write_text(
-        f"PATH={venv_bin}:/usr/local/bin:/usr/bin:/bin\n"      # the image's python and dask
-        f"PYTHONPATH={TESTS_DIR}\n"                              # the image's Python finds this module's tasks
+        f"PATH={venv_bin}:/usr/local/bin:/usr/bin:/bin\n"  # the image's python and dask
+        f"PYTHONPATH={TESTS_DIR}\n"  # the image's Python finds this module's tasks
         f"MONGODB_PORT=27017\nDASK_SCHEDULER_PORT=8786\nMSPASS_HOME={mspass_home}\n"
     )
     return str(image)
@@ -87,8 +99,12 @@ def test_three_worker_nodes_store_data_scale_and_leave_nothing(slurm_testbed, sh
         options["job_script_prologue"] = TESTS_ON_PYTHONPATH
     else:
         # The image sets MONGODB_PORT=27017; the cluster's value must win inside the container.
-        options.update(container=stand_in_image(shared_dir), container_runtime=runtime, db_port=27311,
-                       job_script_prologue=[f"export PATH={BIN}:$PATH", "export HOST_ONLY=leak"])
+        options.update(
+            container=stand_in_image(shared_dir),
+            container_runtime=runtime,
+            db_port=27311,
+            job_script_prologue=[f"export PATH={BIN}:$PATH", "export HOST_ONLY=leak"],
+        )
     with MsPASSCluster(**options) as cluster:
         client = cluster.get_client()
         assert client is cluster.get_client()
@@ -99,6 +115,7 @@ def test_three_worker_nodes_store_data_scale_and_leave_nothing(slurm_testbed, sh
         # MsPASS code finds both services from the environment, as mspasspy.client.Client does.
         assert os.environ["MSPASS_DB_ADDRESS"] == cluster.db_job.node
         from distributed import Client
+
         with Client(f"{os.environ['MSPASS_SCHEDULER_ADDRESS']}:{os.environ['DASK_SCHEDULER_PORT']}") as by_env:
             assert len(by_env.scheduler_info()["workers"]) == 3
 
@@ -114,9 +131,14 @@ def test_three_worker_nodes_store_data_scale_and_leave_nothing(slurm_testbed, sh
         if runtime != "none":
             inside = client.run(lambda: {k: os.environ.get(k) for k in ("MONGODB_PORT", "HOST_ONLY", "MSPASS_HOME")})
             image_home = stand_in_mspass_home(shared_dir)
-            assert all(v == {"MONGODB_PORT": "27311", "HOST_ONLY": None, "MSPASS_HOME": image_home} for v in inside.values())
-            servers = [environ_of(pid) for pid in cluster_processes(cluster.cluster_id)
-                       if environ_of(pid).get("MSPASS_ROLE") == "db" and "MSPASS_CLUSTER_ID" in environ_of(pid)]
+            assert all(
+                v == {"MONGODB_PORT": "27311", "HOST_ONLY": None, "MSPASS_HOME": image_home} for v in inside.values()
+            )
+            servers = [
+                environ_of(pid)
+                for pid in cluster_processes(cluster.cluster_id)
+                if environ_of(pid).get("MSPASS_ROLE") == "db" and "MSPASS_CLUSTER_ID" in environ_of(pid)
+            ]
             in_image = [e for e in servers if e.get(f"{runtime.upper()}_CONTAINER") == options["container"]]
             assert in_image and all("HOST_ONLY" not in e for e in in_image)
 
@@ -145,8 +167,14 @@ def test_database_gets_a_clean_shutdown(slurm_testbed, shared_dir):
 
 def test_broken_worker_command_fails_fast_with_slurms_words(slurm_testbed, shared_dir):
     with pytest.raises(JobFailedError) as info:
-        MsPASSCluster(nodes=2, work_dir=str(shared_dir), db_command=FAKE_MONGOD, python="/nonexistent/python",
-                      walltime="10", startup_timeout=600)
+        MsPASSCluster(
+            nodes=2,
+            work_dir=str(shared_dir),
+            db_command=FAKE_MONGOD,
+            python="/nonexistent/python",
+            walltime="10",
+            startup_timeout=600,
+        )
     error = info.value
     assert error.role == "worker" and error.state == "FAILED" and error.exit_code.startswith("127")
     assert error.log_path.startswith(str(shared_dir / "logs"))
@@ -159,8 +187,13 @@ def test_broken_worker_command_fails_fast_with_slurms_words(slurm_testbed, share
 
 def test_broken_database_command_fails_fast_with_its_log(slurm_testbed, shared_dir):
     with pytest.raises(JobFailedError) as info:
-        MsPASSCluster(nodes=1, work_dir=str(shared_dir), db_command=[*FAKE_MONGOD, "--no-such-option"],
-                      walltime="10", startup_timeout=600)
+        MsPASSCluster(
+            nodes=1,
+            work_dir=str(shared_dir),
+            db_command=[*FAKE_MONGOD, "--no-such-option"],
+            walltime="10",
+            startup_timeout=600,
+        )
     error = info.value
     assert error.role == "db" and error.state == "FAILED" and error.exit_code.startswith("2")
     assert "unrecognised option '--no-such-option'" in error.log_tail
@@ -168,10 +201,13 @@ def test_broken_database_command_fails_fast_with_its_log(slurm_testbed, shared_d
     assert_no_job_named(shared_dir)
 
 
-@pytest.mark.parametrize("options, words", [
-    ({"partition": "no-such-partition"}, "invalid partition"),
-    ({"memory": "100GB"}, "Memory specification can not be satisfied"),
-])
+@pytest.mark.parametrize(
+    "options, words",
+    [
+        ({"partition": "no-such-partition"}, "invalid partition"),
+        ({"memory": "100GB"}, "Memory specification can not be satisfied"),
+    ],
+)
 def test_sbatch_rejection_raises_at_once_with_sbatchs_message(slurm_testbed, shared_dir, options, words):
     with pytest.raises(SubmitError) as info:
         MsPASSCluster(nodes=2, work_dir=str(shared_dir), db_command=FAKE_MONGOD, walltime="10", **options)
@@ -182,8 +218,14 @@ def test_sbatch_rejection_raises_at_once_with_sbatchs_message(slurm_testbed, sha
 def test_pending_jobs_are_reported_with_slurms_reason_and_cancelled_at_the_deadline(slurm_testbed, shared_dir, caplog):
     caplog.set_level(logging.INFO, logger="mspass_cluster")
     with pytest.raises(StartupTimeoutError) as info:
-        MsPASSCluster(nodes=1, work_dir=str(shared_dir), db_command=FAKE_MONGOD, walltime="10",
-                      job_extra_directives=["--hold"], startup_timeout=4)
+        MsPASSCluster(
+            nodes=1,
+            work_dir=str(shared_dir),
+            db_command=FAKE_MONGOD,
+            walltime="10",
+            job_extra_directives=["--hold"],
+            startup_timeout=4,
+        )
     assert "JobHeldUser" in str(info.value) and "startup_timeout=4" in str(info.value)
     assert any("JobHeldUser" in r.getMessage() for r in caplog.records if r.name == "mspass_cluster")
     assert_no_job_named(shared_dir)
@@ -212,6 +254,7 @@ def test_interpreter_exit_without_close_cancels_every_job(slurm_testbed, shared_
         "print(','.join(c.job_ids), c.cluster_id, flush=True)\n"
     )
     import subprocess
+
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=240)
     assert out.returncode == 0, out.stderr
     ids, cluster_id = out.stdout.split()
@@ -232,6 +275,7 @@ def test_worker_job_script_runs_by_hand_and_joins_the_cluster(slurm_testbed, sha
     import signal
     import subprocess
     import time
+
     with MsPASSCluster(nodes=1, work_dir=str(shared_dir), db_command=FAKE_MONGOD, walltime="10") as cluster:
         path = shared_dir / "by-hand.sh"
         path.write_text(cluster.job_script("worker"))
@@ -254,12 +298,16 @@ def test_worker_job_script_runs_by_hand_and_joins_the_cluster(slurm_testbed, sha
 def test_previewed_db_script_runs_under_sbatch_as_is(slurm_testbed, shared_dir):
     import subprocess
     import time
+
     from mspass_cluster.db import ping
+
     script = MsPASSCluster.job_script("db", work_dir=str(shared_dir), db_command=FAKE_MONGOD, walltime="5")
     path = shared_dir / "db.sh"
     path.write_text(script)
     (shared_dir / "logs").mkdir()  # the script says so: sbatch needs the --output directory
-    job_id = subprocess.run(["sbatch", "--parsable", str(path)], capture_output=True, text=True, check=True).stdout.strip()
+    job_id = subprocess.run(
+        ["sbatch", "--parsable", str(path)], capture_output=True, text=True, check=True
+    ).stdout.strip()
     try:
         deadline, node, answer = time.monotonic() + 60, "", "not tried"
         while time.monotonic() < deadline:
@@ -282,8 +330,9 @@ def test_previewed_db_script_runs_under_sbatch_as_is(slurm_testbed, shared_dir):
 
 
 def test_adapt_and_scale_count_worker_nodes_not_processes(slurm_testbed, shared_dir):
-    with MsPASSCluster(nodes=1, processes=2, cores=2, memory="1GiB", work_dir=str(shared_dir),
-                       db_command=FAKE_MONGOD, walltime="10") as cluster:
+    with MsPASSCluster(
+        nodes=1, processes=2, cores=2, memory="1GiB", work_dir=str(shared_dir), db_command=FAKE_MONGOD, walltime="10"
+    ) as cluster:
         assert len(cluster.scheduler_info["workers"]) == 2  # one node, two processes
         cluster.scale(cores=4)  # two nodes of 2 cores
         cluster.wait_for_workers()
@@ -301,8 +350,14 @@ def test_adapt_and_scale_count_worker_nodes_not_processes(slurm_testbed, shared_
 
 def test_container_runtime_missing_on_the_node_fails_fast_with_the_fix(slurm_testbed, shared_dir):
     with pytest.raises(JobFailedError) as info:
-        MsPASSCluster(nodes=1, work_dir=str(shared_dir), db_command=FAKE_MONGOD, walltime="10",
-                      container=stand_in_image(shared_dir), job_script_prologue=["export PATH=/usr/bin:/bin"])
+        MsPASSCluster(
+            nodes=1,
+            work_dir=str(shared_dir),
+            db_command=FAKE_MONGOD,
+            walltime="10",
+            container=stand_in_image(shared_dir),
+            job_script_prologue=["export PATH=/usr/bin:/bin"],
+        )
     assert info.value.exit_code.startswith("127")
     assert "apptainer or singularity is not on PATH" in info.value.log_tail and "module load" in info.value.log_tail
     assert_no_job_named(shared_dir)
@@ -310,9 +365,16 @@ def test_container_runtime_missing_on_the_node_fails_fast_with_the_fix(slurm_tes
 
 def test_container_that_fails_to_start_surfaces_the_runtimes_message(slurm_testbed, shared_dir):
     with pytest.raises(JobFailedError) as info:
-        MsPASSCluster(nodes=1, work_dir=str(shared_dir), db_command=FAKE_MONGOD, walltime="10",
-                      container=stand_in_image(shared_dir), container_runtime="apptainer",
-                      container_args=["--no-such-flag"], job_script_prologue=[f"export PATH={BIN}:$PATH"])
+        MsPASSCluster(
+            nodes=1,
+            work_dir=str(shared_dir),
+            db_command=FAKE_MONGOD,
+            walltime="10",
+            container=stand_in_image(shared_dir),
+            container_runtime="apptainer",
+            container_args=["--no-such-flag"],
+            job_script_prologue=[f"export PATH={BIN}:$PATH"],
+        )
     assert info.value.exit_code.startswith("1:")  # apptainer's exit status for a command-line error
     assert "unknown flag: --no-such-flag" in str(info.value)  # above the usage text that fills the log's tail
     assert_no_job_named(shared_dir)
@@ -323,6 +385,7 @@ def test_a_killed_notebook_leaves_no_job_running(slurm_testbed, shared_dir):
     import signal
     import subprocess
     import time
+
     script = (
         "import os, signal\n"
         "from mspass_cluster import MsPASSCluster\n"
@@ -349,6 +412,7 @@ def test_sigterm_to_the_notebook_stops_every_job_cleanly_at_once(slurm_testbed, 
     import signal
     import subprocess
     import time
+
     script = (
         "import time\nfrom mspass_cluster import MsPASSCluster\n"
         f"c = MsPASSCluster(nodes=2, work_dir={str(shared_dir)!r}, db_command={FAKE_MONGOD!r}, walltime='10',\n"
@@ -366,7 +430,7 @@ def test_sigterm_to_the_notebook_stops_every_job_cleanly_at_once(slurm_testbed, 
     finally:
         if proc.poll() is None:
             proc.kill()
-    deadline = time.monotonic() + 60   # far less than orphan_timeout
+    deadline = time.monotonic() + 60  # far less than orphan_timeout
     while queued(ids) and time.monotonic() < deadline:
         time.sleep(0.5)
     assert queued(ids) == [], "jobs of a terminated notebook are still in the queue"
@@ -378,6 +442,7 @@ def test_sigterm_to_the_notebook_stops_every_job_cleanly_at_once(slurm_testbed, 
 def test_backend_auto_in_a_one_node_interactive_job_submits_new_jobs(slurm_testbed, shared_dir):
     """Jupyter through Open OnDemand or ``srun --pty`` is a one-node Slurm job: it wants nodes of its own."""
     import subprocess
+
     script = (
         "from mspass_cluster import MsPASSCluster\n"
         f"with MsPASSCluster(nodes=2, work_dir={str(shared_dir)!r}, db_command={FAKE_MONGOD!r}, walltime='10') as c:\n"
@@ -385,8 +450,13 @@ def test_backend_auto_in_a_one_node_interactive_job_submits_new_jobs(slurm_testb
         "    ids = list(c.job_ids)\n"
         "print('JOBS', ','.join(ids))\n"
     )
-    out = subprocess.run(["srun", "--nodes=1", "--ntasks=1", "--time=5", sys.executable, "-c", script],
-                         capture_output=True, text=True, timeout=240, cwd=shared_dir)
+    out = subprocess.run(
+        ["srun", "--nodes=1", "--ntasks=1", "--time=5", sys.executable, "-c", script],
+        capture_output=True,
+        text=True,
+        timeout=240,
+        cwd=shared_dir,
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     assert "BACKEND slurm 2 workers" in out.stdout
     assert "backend='auto' chose 'slurm'" in out.stderr and "backend='allocation' would" in out.stderr
@@ -397,9 +467,11 @@ def test_backend_auto_in_a_one_node_interactive_job_submits_new_jobs(slurm_testb
 def test_a_worker_job_lost_after_it_ran_is_replaced(slurm_testbed, shared_dir, caplog):
     import subprocess
     import time
+
     caplog.set_level(logging.WARNING, logger="mspass_cluster")
-    with MsPASSCluster(nodes=2, work_dir=str(shared_dir), db_command=FAKE_MONGOD, walltime="10",
-                       poll_interval=1) as cluster:
+    with MsPASSCluster(
+        nodes=2, work_dir=str(shared_dir), db_command=FAKE_MONGOD, walltime="10", poll_interval=1
+    ) as cluster:
         lost = next(j for j, (role, _, _) in cluster.job_ids.items() if role == "worker")
         subprocess.run(["scancel", lost], check=True)  # as if its node failed or its walltime ran out
         deadline = time.monotonic() + 120
@@ -418,13 +490,20 @@ def square(x):
 
 def test_workers_leave_at_their_lifetime_and_are_replaced(slurm_testbed, shared_dir, caplog):
     import time
+
     caplog.set_level(logging.INFO, logger="mspass_cluster")
-    with MsPASSCluster(nodes=2, work_dir=str(shared_dir), db_command=FAKE_MONGOD, worker_lifetime="12s",
-                       poll_interval=1, job_script_prologue=TESTS_ON_PYTHONPATH) as cluster:
+    with MsPASSCluster(
+        nodes=2,
+        work_dir=str(shared_dir),
+        db_command=FAKE_MONGOD,
+        worker_lifetime="12s",
+        poll_interval=1,
+        job_script_prologue=TESTS_ON_PYTHONPATH,
+    ) as cluster:
         client = cluster.get_client()
         first_jobs = [j for j, (role, _, _) in cluster.job_ids.items() if role == "worker"]
         first_workers = set(client.scheduler_info()["workers"])
-        held = client.map(square, range(40))   # results kept in the workers' memory
+        held = client.map(square, range(40))  # results kept in the workers' memory
         assert client.gather(held) == [i * i for i in range(40)]
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline:
@@ -451,6 +530,7 @@ CTLD_PIDFILE = "/run/slurmctld.pid"
 def stop_controller():
     import signal
     import time
+
     pid = int(open(CTLD_PIDFILE).read())
     os.kill(pid, signal.SIGTERM)
     deadline = time.monotonic() + 30
@@ -461,6 +541,7 @@ def stop_controller():
 def start_controller():
     import subprocess
     import time
+
     if subprocess.run(["scontrol", "ping"], capture_output=True, text=True, timeout=20).stdout.count("UP"):
         return
     subprocess.run(["slurmctld"], cwd="/", check=True, timeout=60)
@@ -479,6 +560,7 @@ class ControllerRestartAfterSubmission(CommandRunner):
 
     async def arun(self, argv, **kwargs):
         import threading
+
         result = await super().arun(argv, **kwargs)
         if os.path.basename(argv[0]) == "sbatch":
             self.done += 1
@@ -508,6 +590,7 @@ def test_startup_rides_out_a_controller_restart(slurm_testbed, shared_dir, caplo
 
 def test_controller_down_says_so_at_once_and_queues_nothing(slurm_testbed, shared_dir):
     import time
+
     stop_controller()
     try:
         started = time.monotonic()
@@ -524,24 +607,34 @@ def test_a_database_port_taken_on_its_node_says_which_and_what_to_do(slurm_testb
     with MsPASSCluster(nodes=1, work_dir=str(shared_dir / "a"), db_command=FAKE_MONGOD, db_memory="1GiB") as first:
         node = first.db_job.node
         with pytest.raises(JobFailedError, match=rf"db_port=27017 on {node}.*db_port=27117") as info:
-            MsPASSCluster(nodes=1, work_dir=str(shared_dir / "b"), db_command=FAKE_MONGOD, db_memory="1GiB",
-                          db_extra_directives=[f"--nodelist={node}"], startup_timeout=120)
+            MsPASSCluster(
+                nodes=1,
+                work_dir=str(shared_dir / "b"),
+                db_command=FAKE_MONGOD,
+                db_memory="1GiB",
+                db_extra_directives=[f"--nodelist={node}"],
+                startup_timeout=120,
+            )
         assert info.value.role == "db" and "Address already in use" in str(info.value)
-        assert first.get_db_client().admin.command("ping")["ok"] == 1   # the first cluster is untouched
+        assert first.get_db_client().admin.command("ping")["ok"] == 1  # the first cluster is untouched
     assert_nothing_left(first)
 
 
 def test_the_database_walltime_is_announced_before_it_comes(slurm_testbed, shared_dir, caplog):
     import subprocess
     import time
+
     caplog.set_level(logging.INFO, logger="mspass_cluster")
-    with MsPASSCluster(nodes=1, work_dir=str(shared_dir), db_command=FAKE_MONGOD, db_walltime="10",
-                       poll_interval=1) as cluster:
+    with MsPASSCluster(
+        nodes=1, work_dir=str(shared_dir), db_command=FAKE_MONGOD, db_walltime="10", poll_interval=1
+    ) as cluster:
         assert not [r for r in caplog.records if "reaches its walltime" in r.getMessage()]
         # As an administrator (or `scontrol update` by the user) shortening the limit: Slurm's view counts.
         subprocess.run(["scontrol", "update", f"JobId={cluster.db_job.job_id}", "TimeLimit=1"], check=True)
         deadline = time.monotonic() + 30
-        while time.monotonic() < deadline and not [r for r in caplog.records if "reaches its walltime" in r.getMessage()]:
+        while time.monotonic() < deadline and not [
+            r for r in caplog.records if "reaches its walltime" in r.getMessage()
+        ]:
             time.sleep(0.2)
         warned = [r for r in caplog.records if "reaches its walltime" in r.getMessage()]
         assert len(warned) == 1 and warned[0].levelno == logging.WARNING
@@ -554,25 +647,39 @@ def test_the_database_walltime_is_announced_before_it_comes(slurm_testbed, share
 
 def slow_square(x):
     import time
+
     time.sleep(0.3)
     return x * x
 
 
 def test_adapt_follows_a_real_load_in_whole_nodes(slurm_testbed, shared_dir):
     import time
-    with MsPASSCluster(nodes=1, processes=2, cores=2, memory="1GiB", work_dir=str(shared_dir), db_command=FAKE_MONGOD,
-                       walltime="10", poll_interval=1, job_script_prologue=TESTS_ON_PYTHONPATH) as cluster:
+
+    with MsPASSCluster(
+        nodes=1,
+        processes=2,
+        cores=2,
+        memory="1GiB",
+        work_dir=str(shared_dir),
+        db_command=FAKE_MONGOD,
+        walltime="10",
+        poll_interval=1,
+        job_script_prologue=TESTS_ON_PYTHONPATH,
+    ) as cluster:
         client = cluster.get_client()
         cluster.adapt(minimum=1, maximum=3, interval="250ms", wait_count=4, target_duration="2s")
-        futures = client.map(slow_square, range(120))     # 36 s of work for one node: more nodes are wanted
+        futures = client.map(slow_square, range(120))  # 36 s of work for one node: more nodes are wanted
         most_nodes = 0
         while not all(f.done() for f in futures):
             most_nodes = max(most_nodes, len({w.rsplit("-", 1)[0] for w in cluster.workers_service.connected()}))
             time.sleep(0.2)
         assert client.gather(futures) == [x * x for x in range(120)]
         assert most_nodes == 3, f"adapt reached {most_nodes} worker node(s), not 3"
-        deadline = time.monotonic() + 60                   # idle: back to the minimum, a node at a time
-        while (len(cluster.worker_spec), len(cluster.workers_service.connected())) != (1, 2) and time.monotonic() < deadline:
+        deadline = time.monotonic() + 60  # idle: back to the minimum, a node at a time
+        while (len(cluster.worker_spec), len(cluster.workers_service.connected())) != (
+            1,
+            2,
+        ) and time.monotonic() < deadline:
             time.sleep(0.2)
         assert len(cluster.worker_spec) == 1 and len(cluster.workers_service.connected()) == 2
         # Every node is whole: both processes of each remaining job are connected, and the others' jobs ended.
@@ -589,10 +696,11 @@ def test_ctrl_c_while_waiting_cancels_every_job_and_raises_keyboardinterrupt(slu
     import signal
     import subprocess
     import time
+
     script = (
         "from mspass_cluster import MsPASSCluster\n"
         f"MsPASSCluster(nodes=2, work_dir={str(shared_dir)!r}, db_command={FAKE_MONGOD!r}, verbose=True, "
-        "job_extra_directives=['--hold'])\n"   # held: it waits, as in a busy queue, until the user gives up
+        "job_extra_directives=['--hold'])\n"  # held: it waits, as in a busy queue, until the user gives up
         "print('RETURNED')\n"
     )
     log = shared_dir / "notebook.log"
@@ -617,7 +725,9 @@ def test_ctrl_c_while_waiting_cancels_every_job_and_raises_keyboardinterrupt(slu
 
 def test_a_scheduler_the_nodes_cannot_reach_is_named_with_the_fix(slurm_testbed, shared_dir):
     # interface="lo": the scheduler listens on 127.0.0.1, which inside a node is the node itself.
-    with pytest.raises(JobFailedError, match=r"could not reach the scheduler at tcp://127\.0\.0\.1:\d+.*interface=") as info:
+    with pytest.raises(
+        JobFailedError, match=r"could not reach the scheduler at tcp://127\.0\.0\.1:\d+.*interface="
+    ) as info:
         MsPASSCluster(nodes=1, work_dir=str(shared_dir), db_command=FAKE_MONGOD, interface="lo", death_timeout=5)
     assert info.value.role == "worker" and "Timed out starting worker" in info.value.log_tail
 
@@ -627,19 +737,26 @@ def test_scaling_beyond_the_partition_says_how_many_will_wait(slurm_testbed, sha
     nodes = len(set(partition_nodes()))
     with MsPASSCluster(nodes=1, partition="debug", work_dir=str(shared_dir), db_command=FAKE_MONGOD) as cluster:
         assert not [r for r in caplog.records if "at most" in r.getMessage()]
-        cluster.scale(nodes)      # the database holds one node, so one worker job must wait
+        cluster.scale(nodes)  # the database holds one node, so one worker job must wait
         warned = [r.getMessage() for r in caplog.records if "at most" in r.getMessage()]
-        assert warned == [f"{nodes} worker node(s) asked for, but partition debug has {nodes} node(s), one of them "
-                          f"for the database, and each worker job takes a whole node: at most {nodes - 1} can run "
-                          "at once; the other 1 will wait in the queue (Resources) until some end."]
+        assert warned == [
+            f"{nodes} worker node(s) asked for, but partition debug has {nodes} node(s), one of them "
+            f"for the database, and each worker job takes a whole node: at most {nodes - 1} can run "
+            "at once; the other 1 will wait in the queue (Resources) until some end."
+        ]
         cluster.scale(1)
     assert_nothing_left(cluster)
 
 
 def partition_nodes():
     import subprocess
-    out = subprocess.run(["sinfo", "--noheader", "--Node", "--partition=debug", "--format=%N"],
-                         capture_output=True, text=True, check=True).stdout
+
+    out = subprocess.run(
+        ["sinfo", "--noheader", "--Node", "--partition=debug", "--format=%N"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
     return out.split()
 
 
@@ -655,7 +772,9 @@ def test_a_lost_database_is_raised_by_the_next_call_with_its_story(slurm_testbed
     """scancel of the database job: get_db_client() says so at once, not after a 30 s pymongo timeout."""
     import subprocess
     import time
+
     from mspass_cluster.jobs import JobPhase
+
     with MsPASSCluster(nodes=1, work_dir=str(shared_dir), db_command=NX_MONGOD, walltime="10") as cluster:
         db = cluster.get_db_client()
         db.t.c.insert_one({"x": 1})

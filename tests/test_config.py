@@ -19,9 +19,14 @@ def test_defaults_follow_the_work_dir(tmp_path):
 
 
 def test_argument_beats_dask_config_beats_legacy_environment_beats_default(tmp_path):
-    env = {"MSPASS_WORK_DIR": str(tmp_path / "env"), "MSPASS_LOG_DIR": str(tmp_path / "envlogs"),
-           "MSPASS_DB_DIR": str(tmp_path / "envdb")}
-    with dask.config.set({"mspass_cluster.work-dir": str(tmp_path / "cfg"), "mspass_cluster.db-dir": str(tmp_path / "cfgdb")}):
+    env = {
+        "MSPASS_WORK_DIR": str(tmp_path / "env"),
+        "MSPASS_LOG_DIR": str(tmp_path / "envlogs"),
+        "MSPASS_DB_DIR": str(tmp_path / "envdb"),
+    }
+    with dask.config.set(
+        {"mspass_cluster.work-dir": str(tmp_path / "cfg"), "mspass_cluster.db-dir": str(tmp_path / "cfgdb")}
+    ):
         opts = resolve_options(environ=env, work_dir=str(tmp_path / "arg"))
     assert opts.work_dir == str(tmp_path / "arg")
     assert opts.sources["work_dir"] == "argument"
@@ -60,9 +65,17 @@ def test_bad_memory_says_how_to_write_it(memory):
         resolve_options(environ={}, memory=memory)
 
 
-@pytest.mark.parametrize("text, seconds", [
-    ("30", 1800), ("10:30", 630), ("01:00:00", 3600), ("2-00", 172800), ("1-02:03", 93780), ("1-00:00:05", 86405),
-])
+@pytest.mark.parametrize(
+    "text, seconds",
+    [
+        ("30", 1800),
+        ("10:30", 630),
+        ("01:00:00", 3600),
+        ("2-00", 172800),
+        ("1-02:03", 93780),
+        ("1-00:00:05", 86405),
+    ],
+)
 def test_slurm_walltime_formats(text, seconds):
     assert parse_walltime(text) == seconds
 
@@ -96,8 +109,10 @@ def test_uncreatable_work_dir_is_named_with_the_fix(tmp_path):
 
 
 def test_packaged_config_file_declares_every_option_and_only_those():
-    import yaml
     from importlib import resources
+
+    import yaml
+
     text = resources.files("mspass_cluster").joinpath("mspass_cluster.yaml").read_text()
     keys = set(yaml.safe_load(text)["mspass_cluster"])
     assert keys == {o.name.replace("_", "-") for o in OPTIONS}
@@ -107,11 +122,18 @@ def test_packaged_config_file_declares_every_option_and_only_those():
 # ---- dask-jobqueue's jobqueue.slurm section: a site's settings, below our own section
 
 SITE = {
-    "jobqueue.slurm.queue": "normal", "jobqueue.slurm.account": "EAR12345", "jobqueue.slurm.walltime": "04:00:00",
-    "jobqueue.slurm.cores": 48, "jobqueue.slurm.memory": "180GiB", "jobqueue.slurm.processes": 8,
-    "jobqueue.slurm.interface": "ib0", "jobqueue.slurm.job-script-prologue": ["module load mongodb"],
-    "jobqueue.slurm.job-extra-directives": ["--constraint=ib"], "jobqueue.slurm.worker-extra-args": ["--nthreads", "6"],
-    "jobqueue.slurm.death-timeout": 120, "jobqueue.slurm.python": "/opt/site/bin/python",
+    "jobqueue.slurm.queue": "normal",
+    "jobqueue.slurm.account": "EAR12345",
+    "jobqueue.slurm.walltime": "04:00:00",
+    "jobqueue.slurm.cores": 48,
+    "jobqueue.slurm.memory": "180GiB",
+    "jobqueue.slurm.processes": 8,
+    "jobqueue.slurm.interface": "ib0",
+    "jobqueue.slurm.job-script-prologue": ["module load mongodb"],
+    "jobqueue.slurm.job-extra-directives": ["--constraint=ib"],
+    "jobqueue.slurm.worker-extra-args": ["--nthreads", "6"],
+    "jobqueue.slurm.death-timeout": 120,
+    "jobqueue.slurm.python": "/opt/site/bin/python",
 }
 
 
@@ -124,9 +146,23 @@ def test_a_sites_jobqueue_slurm_settings_are_used_when_ours_are_unset():
     assert opts.job_script_prologue == ["module load mongodb"] and opts.job_extra_directives == ["--constraint=ib"]
     assert opts.worker_extra_args == ["--nthreads", "6"] and opts.death_timeout == 120
     assert opts.python == "/opt/site/bin/python"
-    assert {opts.sources[name] for name in ("partition", "account", "walltime", "cores", "memory", "processes",
-                                            "interface", "job_script_prologue", "job_extra_directives",
-                                            "worker_extra_args", "death_timeout", "python")} == {"jobqueue.slurm config"}
+    assert {
+        opts.sources[name]
+        for name in (
+            "partition",
+            "account",
+            "walltime",
+            "cores",
+            "memory",
+            "processes",
+            "interface",
+            "job_script_prologue",
+            "job_extra_directives",
+            "worker_extra_args",
+            "death_timeout",
+            "python",
+        )
+    } == {"jobqueue.slurm config"}
     # Nothing of dask-jobqueue's means our nodes, job names, directories or database.
     assert opts.sources["nodes"] == opts.sources["job_name"] == opts.sources["worker_dir"] == "default"
 
@@ -175,8 +211,12 @@ def test_a_bad_value_from_jobqueue_slurm_names_its_key_and_file(tmp_path, monkey
             resolve_options(environ={})
     assert str(info.value).startswith(
         f"From 'jobqueue.slurm.memory' in {tmp_path / 'site-jobqueue.yaml'} (dask-jobqueue's configuration): "
-        "memory='4000' has no unit")
+        "memory='4000' has no unit"
+    )
     with dask.config.set({"jobqueue.slurm.cores": "many"}):
-        with pytest.raises(ConfigError, match=r"^From dask config key jobqueue.slurm.cores \(dask-jobqueue's "
-                                              r"configuration\): cores='many' is not a whole number"):
+        with pytest.raises(
+            ConfigError,
+            match=r"^From dask config key jobqueue.slurm.cores \(dask-jobqueue's "
+            r"configuration\): cores='many' is not a whole number",
+        ):
             resolve_options(environ={})

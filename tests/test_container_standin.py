@@ -12,7 +12,6 @@ the stand-in as a separate process, through its wrapper on PATH.
 
 from __future__ import annotations
 
-import errno
 import json
 import os
 import pwd
@@ -37,8 +36,10 @@ ENV_DUMP = [sys.executable, "-c", "import json, os; print(json.dumps(dict(os.env
 
 def _bwrap_works() -> bool:
     path = shutil.which("bwrap")
-    return bool(path) and subprocess.run([path, "--bind", "/", "/", "--", "/bin/true"],
-                                         capture_output=True).returncode == 0
+    return (
+        bool(path)
+        and subprocess.run([path, "--bind", "/", "/", "--", "/bin/true"], capture_output=True).returncode == 0
+    )
 
 
 needs_bwrap = pytest.mark.skipif(not _bwrap_works(), reason="bubblewrap cannot create mount namespaces here")
@@ -55,7 +56,8 @@ def sandbox(tmp_path):
         "export MSPASS_HOME=/mspass\n"
         "export MONGODB_PORT=27017\n"
         "IMAGE_ONLY='from the image'\n"
-        "export IMAGE_ONLY\n")
+        "export IMAGE_ONLY\n"
+    )
     return str(root)
 
 
@@ -65,7 +67,8 @@ def sif(tmp_path):
     image = tmp_path / "mspass_latest.sif"
     image.write_text("stand-in image (tests/bin/container_standin.py)\n")
     (tmp_path / "mspass_latest.sif.env").write_text(
-        f"PATH={IMAGE_PATH}\nMSPASS_HOME=\"/mspass\"\nMONGODB_PORT=27017\nIMAGE_ONLY='from the image'\n")
+        f"PATH={IMAGE_PATH}\nMSPASS_HOME=\"/mspass\"\nMONGODB_PORT=27017\nIMAGE_ONLY='from the image'\n"
+    )
     return str(image)
 
 
@@ -75,16 +78,20 @@ def image(request):
 
 
 def environment(**extra) -> dict:
-    env = {k: v for k, v in os.environ.items()
-           if not k.startswith(("APPTAINER", "SINGULARITY")) and k != "MSPASS_STANDIN_NO_BWRAP"}
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith(("APPTAINER", "SINGULARITY")) and k != "MSPASS_STANDIN_NO_BWRAP"
+    }
     env.update(PATH=f"{BIN}:{env.get('PATH', '/usr/bin:/bin')}", MSPASS_STANDIN_PYTHON=sys.executable)
     env.update(extra)
     return env
 
 
 def run(runtime, *args, env=None, cwd=None, **kw) -> subprocess.CompletedProcess:
-    return subprocess.run([runtime, *args], env=env or environment(), cwd=cwd, capture_output=True,
-                          text=True, timeout=30, **kw)
+    return subprocess.run(
+        [runtime, *args], env=env or environment(), cwd=cwd, capture_output=True, text=True, timeout=30, **kw
+    )
 
 
 def inside(result) -> dict:
@@ -102,8 +109,11 @@ def wait_for(path: Path, proc: subprocess.Popen, timeout=10.0):
 
 # --- command line -----------------------------------------------------------
 
-@pytest.mark.parametrize("runtime, line", [("apptainer", "apptainer version 1.3.4-standin"),
-                                           ("singularity", "singularity-ce version 4.1.5-standin")])
+
+@pytest.mark.parametrize(
+    "runtime, line",
+    [("apptainer", "apptainer version 1.3.4-standin"), ("singularity", "singularity-ce version 4.1.5-standin")],
+)
 def test_version(runtime, line):
     result = run(runtime, "--version")
     assert (result.returncode, result.stdout) == (0, line + "\n")
@@ -130,8 +140,22 @@ def test_unknown_global_option_and_command(sif):
 
 
 def test_global_options_before_the_command_and_options_stop_at_the_image(sif):
-    result = run("apptainer", "-q", "--silent", "-d", "exec", "-eB", f"{os.path.dirname(sif)}", "--env=X=1",
-                 sif, "echo", "--cleanenv", "-B", "x", "--no-such-flag")
+    result = run(
+        "apptainer",
+        "-q",
+        "--silent",
+        "-d",
+        "exec",
+        "-eB",
+        f"{os.path.dirname(sif)}",
+        "--env=X=1",
+        sif,
+        "echo",
+        "--cleanenv",
+        "-B",
+        "x",
+        "--no-such-flag",
+    )
     assert (result.returncode, result.stdout) == (0, "--cleanenv -B x --no-such-flag\n")
 
 
@@ -145,41 +169,46 @@ def test_missing_image(runtime, tmp_path):
     missing = tmp_path / "missing.sif"
     result = run(runtime, "exec", str(missing), "true")
     assert result.returncode == 255
-    assert result.stderr == (f"FATAL:   could not open image {missing}: failed to retrieve path for {missing}: "
-                             f"lstat {missing}: no such file or directory\n")
+    assert result.stderr == (
+        f"FATAL:   could not open image {missing}: failed to retrieve path for {missing}: "
+        f"lstat {missing}: no such file or directory\n"
+    )
 
 
 # --- environment ------------------------------------------------------------
 
+
 @pytest.mark.parametrize("runtime", RUNTIMES)
 def test_image_env_beats_host_and_prefixed_beats_image(runtime, image):
-    env = environment(MSPASS_HOME="/host", MONGODB_PORT="1", HOST_ONLY="leak",
-                      **{PREFIX[runtime] + "MONGODB_PORT": "27311"})
+    env = environment(
+        MSPASS_HOME="/host", MONGODB_PORT="1", HOST_ONLY="leak", **{PREFIX[runtime] + "MONGODB_PORT": "27311"}
+    )
     result = run(runtime, "exec", image, *ENV_DUMP, env=env)
     values = inside(result)
-    assert values["MONGODB_PORT"] == "27311"         # APPTAINERENV_/SINGULARITYENV_ over the image
-    assert values["MSPASS_HOME"] == "/mspass"        # the image's ENV over the host's value
+    assert values["MONGODB_PORT"] == "27311"  # APPTAINERENV_/SINGULARITYENV_ over the image
+    assert values["MSPASS_HOME"] == "/mspass"  # the image's ENV over the host's value
     assert values["IMAGE_ONLY"] == "from the image"
-    assert values["HOST_ONLY"] == "leak"             # inherited without --cleanenv
+    assert values["HOST_ONLY"] == "leak"  # inherited without --cleanenv
     assert values["HOME"] == HOME
     assert values["PATH"].startswith(IMAGE_PATH)
     assert not [k for k in values if k.startswith(("APPTAINERENV_", "SINGULARITYENV_"))]
     assert values["SINGULARITY_CONTAINER"] == image
     assert values.get("APPTAINER_CONTAINER") == (image if runtime == "apptainer" else None)
-    if runtime == "apptainer":   # SetContainerEnv's warning for a host value that differs from the override
+    if runtime == "apptainer":  # SetContainerEnv's warning for a host value that differs from the override
         assert "Environment variable MONGODB_PORT already has value [27311]" in result.stderr
 
 
 @pytest.mark.parametrize("runtime", RUNTIMES)
 def test_cleanenv_keeps_only_the_prefixed_variables(runtime, sandbox):
-    env = environment(HOST_ONLY="leak", TERM="xterm-standin", LANG="en_US.UTF-8",
-                      **{PREFIX[runtime] + "MSPASS_ROLE": "db"})
+    env = environment(
+        HOST_ONLY="leak", TERM="xterm-standin", LANG="en_US.UTF-8", **{PREFIX[runtime] + "MSPASS_ROLE": "db"}
+    )
     values = inside(run(runtime, "exec", "--cleanenv", sandbox, *ENV_DUMP, env=env))
     assert "HOST_ONLY" not in values
     assert values["MSPASS_ROLE"] == "db"
-    assert values["TERM"] == "xterm-standin"         # always passed
-    assert values["LANG"] == "C"                     # set by --cleanenv
-    assert values["PATH"] == IMAGE_PATH              # the image's, never the host's
+    assert values["TERM"] == "xterm-standin"  # always passed
+    assert values["LANG"] == "C"  # set by --cleanenv
+    assert values["PATH"] == IMAGE_PATH  # the image's, never the host's
     assert values["HOME"] == HOME
 
 
@@ -187,29 +216,62 @@ def test_apptainer_honours_singularityenv_with_a_notice(sif):
     result = run("apptainer", "exec", "--cleanenv", sif, *ENV_DUMP, env=environment(SINGULARITYENV_FOO="legacy"))
     assert inside(result)["FOO"] == "legacy"
     assert "INFO:    Environment variable SINGULARITYENV_FOO is set, but APPTAINERENV_FOO is preferred" in result.stderr
-    both = run("apptainer", "exec", "--cleanenv", sif, *ENV_DUMP,
-               env=environment(SINGULARITYENV_FOO="legacy", APPTAINERENV_FOO="new"))
+    both = run(
+        "apptainer",
+        "exec",
+        "--cleanenv",
+        sif,
+        *ENV_DUMP,
+        env=environment(SINGULARITYENV_FOO="legacy", APPTAINERENV_FOO="new"),
+    )
     assert inside(both)["FOO"] == "new"
     assert "WARNING: SINGULARITYENV_FOO and APPTAINERENV_FOO have different values, using the latter" in both.stderr
 
 
 def test_singularity_knows_only_its_own_prefix(sif):
-    values = inside(run("singularity", "exec", "--cleanenv", sif, *ENV_DUMP,
-                        env=environment(APPTAINERENV_FOO="x", SINGULARITYENV_BAR="y")))
+    values = inside(
+        run(
+            "singularity",
+            "exec",
+            "--cleanenv",
+            sif,
+            *ENV_DUMP,
+            env=environment(APPTAINERENV_FOO="x", SINGULARITYENV_BAR="y"),
+        )
+    )
     assert "FOO" not in values and "APPTAINERENV_FOO" not in values and values["BAR"] == "y"
 
 
 def test_env_option_splits_on_commas_and_wins(sif, tmp_path):
     env_file = tmp_path / "vars.env"
     env_file.write_text('D="from file"\nA=from-file\n')
-    values = inside(run("apptainer", "exec", "--env", "A=1,B=2", "--env", "C=x,y", "--env-file", str(env_file),
-                        sif, *ENV_DUMP, env=environment(APPTAINERENV_A="prefixed")))
+    values = inside(
+        run(
+            "apptainer",
+            "exec",
+            "--env",
+            "A=1,B=2",
+            "--env",
+            "C=x,y",
+            "--env-file",
+            str(env_file),
+            sif,
+            *ENV_DUMP,
+            env=environment(APPTAINERENV_A="prefixed"),
+        )
+    )
     assert (values["A"], values["B"], values["C"], values["D"]) == ("1", "2", "x,y", "from file")
 
 
 def test_path_overrides_and_forbidden_home(sif):
-    result = run("apptainer", "exec", "--cleanenv", sif, *ENV_DUMP,
-                 env=environment(APPTAINERENV_PREPEND_PATH="/opt/pre", APPTAINERENV_HOME="/elsewhere"))
+    result = run(
+        "apptainer",
+        "exec",
+        "--cleanenv",
+        sif,
+        *ENV_DUMP,
+        env=environment(APPTAINERENV_PREPEND_PATH="/opt/pre", APPTAINERENV_HOME="/elsewhere"),
+    )
     values = inside(result)
     assert values["PATH"].startswith("/opt/pre:" + IMAGE_PATH) and values["HOME"] == HOME
     assert "Overriding HOME environment variable with APPTAINERENV_HOME is not permitted" in result.stderr
@@ -219,15 +281,29 @@ def test_pwd_and_home(sif, tmp_path):
     (tmp_path / "work").mkdir()
     (tmp_path / "myhome").mkdir()
     code = "import os; print(os.getcwd(), os.environ['HOME'], os.environ['PWD'])"
-    result = run("apptainer", "exec", "--pwd", str(tmp_path / "work"), "--home", str(tmp_path / "myhome"),
-                 sif, sys.executable, "-c", code)
+    result = run(
+        "apptainer",
+        "exec",
+        "--pwd",
+        str(tmp_path / "work"),
+        "--home",
+        str(tmp_path / "myhome"),
+        sif,
+        sys.executable,
+        "-c",
+        code,
+    )
     assert result.stdout.split() == [str(tmp_path / "work"), str(tmp_path / "myhome"), str(tmp_path / "work")]
     missing = run("apptainer", "exec", "--pwd", str(tmp_path / "nope"), sif, "true")
     assert missing.returncode == 255
-    assert f"FATAL:   failed to set working directory: chdir {tmp_path / 'nope'}: no such file or directory" in missing.stderr
+    assert (
+        f"FATAL:   failed to set working directory: chdir {tmp_path / 'nope'}: no such file or directory"
+        in missing.stderr
+    )
 
 
 # --- mounts -----------------------------------------------------------------
+
 
 @needs_bwrap
 @pytest.mark.parametrize("runtime", RUNTIMES)
@@ -235,8 +311,10 @@ def test_a_bind_is_a_real_mount(runtime, sif, tmp_path):
     src, dst = tmp_path / "data", tmp_path / "elsewhere" / "data"
     src.mkdir()
     (src / "in.txt").write_text("from the host")
-    code = ("import os, sys; d = sys.argv[1]; print(open(os.path.join(d, 'in.txt')).read(), os.environ['SINGULARITY_BIND']);"
-            "open(os.path.join(d, 'out.txt'), 'w').write('from the container')")
+    code = (
+        "import os, sys; d = sys.argv[1]; print(open(os.path.join(d, 'in.txt')).read(), os.environ['SINGULARITY_BIND']);"
+        "open(os.path.join(d, 'out.txt'), 'w').write('from the container')"
+    )
     result = run(runtime, "exec", "--bind", f"{src}:{dst}", sif, sys.executable, "-c", code, str(dst), cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     expected_bind = str(dst) if runtime == "apptainer" else f"{src}:{dst}"
@@ -262,8 +340,10 @@ def test_bind_variables_of_the_calling_environment_add_binds(variable, sif, tmp_
 def test_missing_bind_source(runtime, hook, sif, tmp_path):
     result = run(runtime, "exec", "-B", "/nonexistent/data:/data", sif, "touch", str(tmp_path / "ran"))
     assert result.returncode == 255
-    assert result.stderr.endswith(f"FATAL:   container creation failed: {hook}mount /nonexistent/data->/data error: "
-                                  "while mounting /nonexistent/data: mount source /nonexistent/data doesn't exist\n")
+    assert result.stderr.endswith(
+        f"FATAL:   container creation failed: {hook}mount /nonexistent/data->/data error: "
+        "while mounting /nonexistent/data: mount source /nonexistent/data doesn't exist\n"
+    )
     assert not (tmp_path / "ran").exists()
 
 
@@ -271,9 +351,21 @@ def test_missing_bind_source(runtime, hook, sif, tmp_path):
 def test_read_only_bind_refuses_writes(sif, tmp_path):
     src = tmp_path / "ro"
     src.mkdir()
-    code = ("import errno, sys\ntry:\n    open(sys.argv[1], 'w')\nexcept OSError as e:\n    print(errno.errorcode[e.errno])")
-    result = run("apptainer", "exec", "--bind", f"{src}:{tmp_path / 'view'}:ro", sif, sys.executable, "-c", code,
-                 str(tmp_path / "view" / "x"), cwd=tmp_path)
+    code = (
+        "import errno, sys\ntry:\n    open(sys.argv[1], 'w')\nexcept OSError as e:\n    print(errno.errorcode[e.errno])"
+    )
+    result = run(
+        "apptainer",
+        "exec",
+        "--bind",
+        f"{src}:{tmp_path / 'view'}:ro",
+        sif,
+        sys.executable,
+        "-c",
+        code,
+        str(tmp_path / "view" / "x"),
+        cwd=tmp_path,
+    )
     assert result.stdout.strip() == "EROFS" and not (src / "x").exists()
 
 
@@ -281,7 +373,9 @@ def test_read_only_bind_refuses_writes(sif, tmp_path):
 @pytest.mark.skipif(os.geteuid() != 0, reason="root could write there if the image root were not read-only")
 def test_the_image_root_is_read_only(sif, tmp_path):
     probe = f"/var/lib/mspass-standin-probe-{uuid.uuid4().hex}"
-    code = "import errno, sys\ntry:\n    open(sys.argv[1], 'w')\nexcept OSError as e:\n    print(errno.errorcode[e.errno])"
+    code = (
+        "import errno, sys\ntry:\n    open(sys.argv[1], 'w')\nexcept OSError as e:\n    print(errno.errorcode[e.errno])"
+    )
     try:
         result = run("apptainer", "exec", sif, sys.executable, "-c", code, probe, cwd=tmp_path)
         assert result.stdout.strip() == "EROFS"
@@ -300,6 +394,7 @@ def test_contain_gives_an_empty_tmp_and_home(sif, tmp_path):
 
 
 # --- processes --------------------------------------------------------------
+
 
 @pytest.mark.parametrize("runtime", RUNTIMES)
 def test_exit_status_of_the_command(runtime, sandbox):
@@ -332,8 +427,11 @@ sys.exit(9)
 def test_sigterm_to_the_stand_in_reaches_the_command(runtime, sif, tmp_path):
     # What scancel does to the process our job script started: SIGTERM to the runtime's PID.
     marker, ready = tmp_path / "marker", tmp_path / "ready"
-    proc = subprocess.Popen([runtime, "exec", "--cleanenv", sif, sys.executable, "-c", TRAP_TERM, str(marker), str(ready)],
-                            env=environment(), cwd=tmp_path)
+    proc = subprocess.Popen(
+        [runtime, "exec", "--cleanenv", sif, sys.executable, "-c", TRAP_TERM, str(marker), str(ready)],
+        env=environment(),
+        cwd=tmp_path,
+    )
     try:
         wait_for(ready, proc)
         assert int(ready.read_text()) != proc.pid
@@ -347,8 +445,12 @@ def test_sigterm_to_the_stand_in_reaches_the_command(runtime, sif, tmp_path):
 def test_sigterm_to_the_whole_process_group_still_lets_the_command_stop_cleanly(sif, tmp_path):
     # Slurm signals every process of the job: bwrap must not die and take the command with it.
     marker, ready = tmp_path / "marker", tmp_path / "ready"
-    proc = subprocess.Popen(["apptainer", "exec", sif, sys.executable, "-c", TRAP_TERM, str(marker), str(ready)],
-                            env=environment(), cwd=tmp_path, start_new_session=True)
+    proc = subprocess.Popen(
+        ["apptainer", "exec", sif, sys.executable, "-c", TRAP_TERM, str(marker), str(ready)],
+        env=environment(),
+        cwd=tmp_path,
+        start_new_session=True,
+    )
     try:
         wait_for(ready, proc)
         os.killpg(proc.pid, signal.SIGTERM)
@@ -361,8 +463,9 @@ def test_sigterm_to_the_whole_process_group_still_lets_the_command_stop_cleanly(
 def test_a_command_killed_by_the_forwarded_signal_kills_the_stand_in_likewise(sif, tmp_path):
     ready = tmp_path / "ready"
     code = "import sys, time; open(sys.argv[1], 'w').close(); time.sleep(30)"
-    proc = subprocess.Popen(["apptainer", "exec", sif, sys.executable, "-c", code, str(ready)],
-                            env=environment(), cwd=tmp_path)
+    proc = subprocess.Popen(
+        ["apptainer", "exec", sif, sys.executable, "-c", code, str(ready)], env=environment(), cwd=tmp_path
+    )
     try:
         wait_for(ready, proc)
         proc.send_signal(signal.SIGTERM)
@@ -380,10 +483,18 @@ def test_nv_without_a_driver_warns_and_runs(sif):
 
 
 def test_without_bubblewrap_the_command_still_runs_with_a_notice(sif):
-    result = run("apptainer", "exec", "--cleanenv", sif, *ENV_DUMP,
-                 env=environment(MSPASS_STANDIN_NO_BWRAP="1", HOST_ONLY="leak", APPTAINERENV_X="1"))
+    result = run(
+        "apptainer",
+        "exec",
+        "--cleanenv",
+        sif,
+        *ENV_DUMP,
+        env=environment(MSPASS_STANDIN_NO_BWRAP="1", HOST_ONLY="leak", APPTAINERENV_X="1"),
+    )
     values = inside(result)
     assert "HOST_ONLY" not in values and values["X"] == "1"
     assert "NOT emulated" in result.stderr
-    assert run("apptainer", "exec", sif, "sh", "-c", "exit 4",
-               env=environment(MSPASS_STANDIN_NO_BWRAP="1")).returncode == 4
+    assert (
+        run("apptainer", "exec", sif, "sh", "-c", "exit 4", env=environment(MSPASS_STANDIN_NO_BWRAP="1")).returncode
+        == 4
+    )

@@ -20,27 +20,40 @@ def image(tmp_path):
 
 def script(image, role, **kw):
     opts = resolve_options(environ={}, work_dir="/scratch/run", container=image, **kw)
-    return build_job_script(opts, role, cluster_id="c1", job_name=f"mspass-c1-{role}",
-                            scheduler_address="tcp://10.0.0.1:8786", db_host="n2")[0]
+    return build_job_script(
+        opts, role, cluster_id="c1", job_name=f"mspass-c1-{role}", scheduler_address="tcp://10.0.0.1:8786", db_host="n2"
+    )[0]
 
 
-@pytest.mark.parametrize("runtime, candidates", [
-    ("auto", "apptainer singularity"), ("apptainer", "apptainer"), ("singularity", "singularity"),
-])
+@pytest.mark.parametrize(
+    "runtime, candidates",
+    [
+        ("auto", "apptainer singularity"),
+        ("apptainer", "apptainer"),
+        ("singularity", "singularity"),
+    ],
+)
 def test_worker_runs_the_images_python_through_the_runtime(image, runtime, candidates):
     text = script(image, "worker", container_runtime=runtime, binds=["/var/tmp:/data:ro"])
     assert f"for candidate in {candidates}; do" in text
-    assert (f'"$container_runtime" exec --cleanenv --bind /var/tmp:/data:ro,/scratch/run {image} '
-            "python -m distributed.cli.dask_worker tcp://10.0.0.1:8786 --name mspass-c1-worker") in text
+    assert (
+        f'"$container_runtime" exec --cleanenv --bind /var/tmp:/data:ro,/scratch/run {image} '
+        "python -m distributed.cli.dask_worker tcp://10.0.0.1:8786 --name mspass-c1-worker"
+    ) in text
     assert "apptainer) env_prefix=APPTAINERENV_ ;;" in text and "singularity) env_prefix=SINGULARITYENV_ ;;" in text
-    assert "for name in MSPASS_ROLE MSPASS_CLUSTER_ID" in text and "MSPASS_DB_ADDRESS MONGODB_PORT" not in text.split("for name in")[0]
+    assert (
+        "for name in MSPASS_ROLE MSPASS_CLUSTER_ID" in text
+        and "MSPASS_DB_ADDRESS MONGODB_PORT" not in text.split("for name in")[0]
+    )
     assert "unset APPTAINER_BIND SINGULARITY_BIND" in text
 
 
 def test_db_runs_mongod_from_the_image_with_gpu_and_extra_args(image):
     text = script(image, "db", gpu=True, container_args=["--contain"], binds=["/tmp"])
-    assert (f'"$container_runtime" exec --cleanenv --nv --bind /tmp,/scratch/run --contain {image} '
-            "mongod --port 27017 --dbpath /scratch/run/db/data") in text
+    assert (
+        f'"$container_runtime" exec --cleanenv --nv --bind /tmp,/scratch/run --contain {image} '
+        "mongod --port 27017 --dbpath /scratch/run/db/data"
+    ) in text
 
 
 def test_no_runtime_means_host_programs(image):
@@ -53,7 +66,9 @@ def test_directories_under_an_existing_bind_are_not_bound_again():
     assert [b.spec() for b in all_binds(["/scratch:/data"], ["/scratch/run"])] == ["/scratch:/data", "/scratch/run"]
 
 
-@pytest.mark.parametrize("spec, error", [("/a,/b", "comma"), ("/a:/b:rx", "'ro' or 'rw'"), (":/b", "src"), ("/a:/b:ro:x", "src")])
+@pytest.mark.parametrize(
+    "spec, error", [("/a,/b", "comma"), ("/a:/b:rx", "'ro' or 'rw'"), (":/b", "src"), ("/a:/b:ro:x", "src")]
+)
 def test_bad_bind_specs(spec, error):
     with pytest.raises(ConfigError, match=error):
         parse_bind(spec)
@@ -82,6 +97,13 @@ def test_runtime_must_be_known(image):
 
 
 def test_wrap_keeps_argv_words_quoted():
-    setup, argv = wrap(["echo", "a b"], container="/i.sif", runtime="apptainer", user_binds=[], directories=[],
-                       env_names=["X"], cleanenv=False)
+    setup, argv = wrap(
+        ["echo", "a b"],
+        container="/i.sif",
+        runtime="apptainer",
+        user_binds=[],
+        directories=[],
+        env_names=["X"],
+        cleanenv=False,
+    )
     assert join(argv) == "\"$container_runtime\" exec /i.sif echo 'a b'"

@@ -5,6 +5,7 @@ import socket
 import sys
 
 from conftest import require_mspasspy
+
 from mspass_cluster.db import DBClient, connection_string, get_db_client, ping
 
 
@@ -20,6 +21,7 @@ def test_db_client_pickles_to_its_connection_string_and_reconnects():
 def test_with_mspasspy_its_client_is_returned():
     require_mspasspy()
     from mspasspy.db.client import DBClient as MsPASSDBClient
+
     client = get_db_client(connection_string("localhost", 27017))
     assert isinstance(client, MsPASSDBClient)
     client.close()

@@ -15,8 +15,8 @@ import subprocess
 import time
 
 import pytest
-
 from conftest import FAKE_MONGOD
+
 from mspass_cluster import JobFailedError, MsPASSCluster
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
@@ -24,16 +24,30 @@ CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 
 def _screenshot(html: str, directory) -> "numpy.ndarray":  # noqa: F821
     import matplotlib.image
+
     page, picture = directory / "cluster.html", directory / "cluster.png"
     page.write_text(f"<!doctype html><html><body style='font-family:sans-serif'>{html}</body></html>")
-    subprocess.run([CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars",
-                    f"--screenshot={picture}", "--window-size=1400,400", page.as_uri()],
-                   check=True, capture_output=True, timeout=120)
+    subprocess.run(
+        [
+            CHROMIUM,
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--hide-scrollbars",
+            f"--screenshot={picture}",
+            "--window-size=1400,400",
+            page.as_uri(),
+        ],
+        check=True,
+        capture_output=True,
+        timeout=120,
+    )
     return matplotlib.image.imread(str(picture))
 
 
 def _has_colour(image, rgb, tolerance=0.12) -> bool:
     import numpy as np
+
     target = np.array(rgb) / 255.0
     return bool((np.abs(image[..., :3] - target) < tolerance).all(axis=-1).sum() > 20)
 
@@ -44,10 +58,11 @@ def test_a_lost_database_shows_in_red_in_the_notebook_display(tmp_path):
         if os.environ.get("CI", "").lower() == "true":
             pytest.fail(message)
         pytest.skip(message)
-    with MsPASSCluster(backend="local", nodes=1, work_dir=str(tmp_path / "run"), db_command=FAKE_MONGOD,
-                       dashboard_address=":0") as cluster:
+    with MsPASSCluster(
+        backend="local", nodes=1, work_dir=str(tmp_path / "run"), db_command=FAKE_MONGOD, dashboard_address=":0"
+    ) as cluster:
         healthy = _screenshot(cluster._repr_html_(), tmp_path)
-        assert _has_colour(healthy, (0x1a, 0x7f, 0x37)) and not _has_colour(healthy, (0xcf, 0x22, 0x2e))
+        assert _has_colour(healthy, (0x1A, 0x7F, 0x37)) and not _has_colour(healthy, (0xCF, 0x22, 0x2E))
         os.kill(int(cluster.db_job.job_id), signal.SIGKILL)
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:
@@ -59,4 +74,4 @@ def test_a_lost_database_shows_in_red_in_the_notebook_display(tmp_path):
         html = cluster._repr_html_()
         assert "running, but its database is lost" in html and f"<td>{cluster.db_job.job_id}</td>" in html
         lost = _screenshot(html, tmp_path)
-        assert _has_colour(lost, (0xcf, 0x22, 0x2e)), "the failed database is not shown in red"
+        assert _has_colour(lost, (0xCF, 0x22, 0x2E)), "the failed database is not shown in red"

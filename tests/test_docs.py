@@ -21,5 +21,6 @@ def test_ci_runs_the_readme_test_command():
 
 def test_public_names_are_exactly_all():
     import inspect
+
     public = {n for n, v in vars(mspass_cluster).items() if not n.startswith("_") and not inspect.ismodule(v)}
     assert public == set(mspass_cluster.__all__) - {"__version__"}

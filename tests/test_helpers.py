@@ -4,16 +4,16 @@ from __future__ import annotations
 
 import os
 
-import pytest
-
 import conftest
+import pytest
 from conftest import queued, queued_names
 
 
 def _failing_squeue(tmp_path, monkeypatch):
     """``squeue`` on PATH answers as it does while slurmctld is down."""
     (tmp_path / "squeue").write_text(
-        "#!/bin/sh\necho 'squeue: error: Unable to contact slurm controller (connect failure)' >&2\nexit 1\n")
+        "#!/bin/sh\necho 'squeue: error: Unable to contact slurm controller (connect failure)' >&2\nexit 1\n"
+    )
     (tmp_path / "squeue").chmod(0o755)
     monkeypatch.setenv("PATH", f"{tmp_path}{os.pathsep}{os.environ['PATH']}")
     monkeypatch.setattr(conftest, "SLURM_QUERY_PATIENCE", 0.0)
@@ -21,8 +21,11 @@ def _failing_squeue(tmp_path, monkeypatch):
 
 def test_queued_fails_when_squeue_fails(tmp_path, monkeypatch):
     _failing_squeue(tmp_path, monkeypatch)
-    with pytest.raises(RuntimeError, match=r"squeue --noheader --format=%i failed with exit code 1: squeue: error: "
-                                           r"Unable to contact slurm controller.*ci/testbed status"):
+    with pytest.raises(
+        RuntimeError,
+        match=r"squeue --noheader --format=%i failed with exit code 1: squeue: error: "
+        r"Unable to contact slurm controller.*ci/testbed status",
+    ):
         queued(["12345"])
     with pytest.raises(RuntimeError, match="Unable to contact slurm controller"):
         queued_names()

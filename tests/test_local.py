@@ -12,12 +12,11 @@ import subprocess
 import sys
 
 import pytest
-
+from conftest import FAKE_MONGOD, cluster_processes
 from dask.system import CPU_COUNT
 from dask.utils import format_bytes, parse_bytes
 from distributed.system import MEMORY_LIMIT
 
-from conftest import FAKE_MONGOD, cluster_processes
 from mspass_cluster import JobFailedError, MsPASSCluster
 
 PUBLISHED = ("MSPASS_SCHEDULER_ADDRESS", "DASK_SCHEDULER_PORT", "MSPASS_DB_ADDRESS", "MONGODB_PORT")
@@ -54,8 +53,14 @@ def test_local_cluster_stores_data_scales_and_leaves_nothing(tmp_path, caplog):
 
 def test_local_worker_failure_is_reported_with_its_log(tmp_path):
     with pytest.raises(JobFailedError) as info:
-        MsPASSCluster(backend="local", nodes=1, work_dir=str(tmp_path), db_command=FAKE_MONGOD, db_port=27392,
-                      python="/nonexistent/python")
+        MsPASSCluster(
+            backend="local",
+            nodes=1,
+            work_dir=str(tmp_path),
+            db_command=FAKE_MONGOD,
+            db_port=27392,
+            python="/nonexistent/python",
+        )
     assert info.value.role == "worker" and info.value.exit_code == "127:0"
     assert "/nonexistent/python" in info.value.log_tail
     assert not [p for p in cluster_processes_in(tmp_path)]
@@ -73,24 +78,28 @@ def test_backend_comes_from_the_environment(tmp_path, monkeypatch):
 
 
 def test_the_demo_round_trips_every_record_and_leaves_nothing(tmp_path):
-    out = subprocess.run([sys.executable, "-m", "mspass_cluster.demo", "--records", "12", "--work-dir", str(tmp_path)],
-                         capture_output=True, text=True, timeout=240)
+    out = subprocess.run(
+        [sys.executable, "-m", "mspass_cluster.demo", "--records", "12", "--work-dir", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     assert "12/12 records round-tripped intact" in out.stdout and "0 left running" in out.stdout
     assert cluster_processes_in(tmp_path) == []
 
 
 def test_local_nodes_share_the_machine_unless_told_otherwise():
-    from mspass_cluster.config import resolve_options
     from mspass_cluster.backends.local import share_of_this_machine
+    from mspass_cluster.config import resolve_options
 
     def share(**kw):
         opts = share_of_this_machine(resolve_options(environ={}, backend="local", **kw), cpus=16, memory=64 * 2**30)
         return opts.cores, opts.memory
 
     assert share(nodes=4) == (4, "16.00GiB")
-    assert share(nodes=3, processes=2) == (4, "21.33GiB")        # whole threads per process
-    assert share(nodes=32) == (1, "2.00GiB")                     # more nodes than cores: one each
+    assert share(nodes=3, processes=2) == (4, "21.33GiB")  # whole threads per process
+    assert share(nodes=32) == (1, "2.00GiB")  # more nodes than cores: one each
     assert share(nodes=2, cores=12, memory="40GiB") == (12, "40GiB")
     script = MsPASSCluster.job_script("worker", backend="local", nodes=2, work_dir="/tmp/preview")
     assert f"--nthreads {max(1, CPU_COUNT // 2)}" in script
@@ -98,8 +107,10 @@ def test_local_nodes_share_the_machine_unless_told_otherwise():
 
 def test_two_desktop_clusters_get_a_database_each(tmp_path):
     # Both on the default db_port: the second notebook's database takes the next free port.
-    with MsPASSCluster(backend="local", nodes=1, work_dir=str(tmp_path / "a")) as first, \
-         MsPASSCluster(backend="local", nodes=1, work_dir=str(tmp_path / "b")) as second:
+    with (
+        MsPASSCluster(backend="local", nodes=1, work_dir=str(tmp_path / "a")) as first,
+        MsPASSCluster(backend="local", nodes=1, work_dir=str(tmp_path / "b")) as second,
+    ):
         assert first.db_address != second.db_address
         first.get_db_client().t.c.insert_one({"cluster": "first"})
         assert second.get_db_client().t.c.count_documents({}) == 0
@@ -108,8 +119,16 @@ def test_two_desktop_clusters_get_a_database_each(tmp_path):
 
 def test_adapt_grows_with_the_load_and_shrinks_when_idle(tmp_path):
     import time
-    with MsPASSCluster(backend="local", nodes=1, cores=1, memory="1GiB", work_dir=str(tmp_path),
-                       db_command=FAKE_MONGOD, poll_interval=1) as cluster:
+
+    with MsPASSCluster(
+        backend="local",
+        nodes=1,
+        cores=1,
+        memory="1GiB",
+        work_dir=str(tmp_path),
+        db_command=FAKE_MONGOD,
+        poll_interval=1,
+    ) as cluster:
         client = cluster.get_client()
         adaptive = cluster.adapt(minimum=1, maximum=2, interval="250ms", wait_count=4, target_duration="1s")
         futures = client.map(lambda x: time.sleep(0.25) or x, range(60))

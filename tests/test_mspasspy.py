@@ -18,8 +18,8 @@ import zlib
 
 import numpy as np
 import pytest
-
 from conftest import BIN, NX_MONGOD, assert_nothing_left, require_mspasspy
+
 from mspass_cluster import MsPASSCluster
 
 STATIONS = ("AAK", "BRVK", "KURK")
@@ -36,21 +36,31 @@ def mspasspy():
 def synthetic_timeseries(sta, chan, i):
     """A TimeSeries as a MsPASS reader would make it: a wavelet on a linear trend, with the usual Metadata."""
     from mspasspy.ccore.seismic import TimeSeries
+
     ts = TimeSeries(NPTS)
     ts.set_live()
     ts.dt, ts.t0 = DT, 1262304000.0 + 3600.0 * i
     t = np.arange(NPTS) * DT
     rng = np.random.default_rng(zlib.crc32(f"{sta}.{chan}".encode()))
-    ts.data = type(ts.data)(np.exp(-((t - 15.0) ** 2)) * np.sin(2 * np.pi * 2.0 * t) + 0.05 * t + 0.3
-                            + 0.01 * rng.standard_normal(NPTS))
-    for key, value in {"net": "XX", "sta": sta, "chan": chan, "delta": DT, "sampling_rate": 1 / DT,
-                       "starttime": ts.t0, "npts": NPTS}.items():
+    ts.data = type(ts.data)(
+        np.exp(-((t - 15.0) ** 2)) * np.sin(2 * np.pi * 2.0 * t) + 0.05 * t + 0.3 + 0.01 * rng.standard_normal(NPTS)
+    )
+    for key, value in {
+        "net": "XX",
+        "sta": sta,
+        "chan": chan,
+        "delta": DT,
+        "sampling_rate": 1 / DT,
+        "starttime": ts.t0,
+        "npts": NPTS,
+    }.items():
         ts[key] = value
     return ts
 
 
 def process_locally(ts):
     from mspasspy.algorithms.signals import detrend, filter
+
     return filter(detrend(ts, type="linear"), "bandpass", freqmin=0.5, freqmax=5.0, corners=4)
 
 
@@ -79,8 +89,9 @@ def run_mspass_workflow(cluster, work_dir):
         assert back.live and back["sta"] == ts["sta"]
         np.testing.assert_array_equal(np.array(back.data), np.array(ts.data))
     in_file = synthetic_timeseries("FILE", "BHZ", 0)
-    saved = db.save_data(in_file, storage_mode="file", dir=str(work_dir / "wf"), dfile="file.dat",
-                         data_tag="file_copy", return_data=True)
+    saved = db.save_data(
+        in_file, storage_mode="file", dir=str(work_dir / "wf"), dfile="file.dat", data_tag="file_copy", return_data=True
+    )
     back = db.read_data(saved["_id"], collection="wf_TimeSeries")
     assert back["storage_mode"] == "file" and (work_dir / "wf" / "file.dat").stat().st_size > 0
     np.testing.assert_array_equal(np.array(back.data), np.array(in_file.data))
@@ -96,16 +107,17 @@ def run_mspass_workflow(cluster, work_dir):
     np.testing.assert_array_equal(np.array(back.data), np.array(seismogram.data))
 
     # Atomic: read_distributed_data -> detrend -> filter -> write_distributed_data on the workers.
-    bag = read_distributed_data(db, collection="wf_TimeSeries", query={"data_tag": {"$exists": False}},
-                                npartitions=3)
+    bag = read_distributed_data(db, collection="wf_TimeSeries", query={"data_tag": {"$exists": False}}, npartitions=3)
     bag = bag.map(detrend, type="linear").map(filter, "bandpass", freqmin=0.5, freqmax=5.0, corners=4)
-    write_distributed_data(bag, db, data_are_atomic=True, collection="wf_TimeSeries", storage_mode="gridfs",
-                           data_tag="filtered")
+    write_distributed_data(
+        bag, db, data_are_atomic=True, collection="wf_TimeSeries", storage_mode="gridfs", data_tag="filtered"
+    )
     assert db.wf_TimeSeries.count_documents({"data_tag": "filtered"}) == len(originals)
     for doc in db.wf_TimeSeries.find({"data_tag": "filtered"}):
         done = db.read_data(doc, collection="wf_TimeSeries")
-        (expected,) = [process_locally(ts) for ts in originals.values()
-                       if ts["sta"] == done["sta"] and ts["chan"] == done["chan"]]
+        (expected,) = [
+            process_locally(ts) for ts in originals.values() if ts["sta"] == done["sta"] and ts["chan"] == done["chan"]
+        ]
         np.testing.assert_array_equal(np.array(done.data), np.array(expected.data))  # the same, bit for bit
 
     # Ensembles by station, with get_client() alone: the workers need MsPASS's "dbclient" plugin.
@@ -125,6 +137,7 @@ def run_mspass_workflow(cluster, work_dir):
 def mspass_client_from_the_published_variables(cluster):
     """An unmodified mspasspy.client.Client(): scheduler and database from MSPASS_* / DASK_* / MONGODB_PORT."""
     from mspasspy.client import Client
+
     mspass_client = Client(database_name="mspass_ci")
     dask_client = mspass_client.get_scheduler()
     assert dask_client.scheduler_info()["address"] == cluster.scheduler_address
@@ -148,8 +161,12 @@ def cluster_options(backend, work_dir, request):
     options.update(backend="slurm", db_command=NX_MONGOD, walltime="15", db_port=27320)
     if backend == "apptainer":
         from test_cluster_slurm import stand_in_image
-        options.update(container=stand_in_image(work_dir), container_runtime="apptainer",
-                       job_script_prologue=[f"export PATH={BIN}:$PATH"])
+
+        options.update(
+            container=stand_in_image(work_dir),
+            container_runtime="apptainer",
+            job_script_prologue=[f"export PATH={BIN}:$PATH"],
+        )
     return options
 
 

@@ -14,9 +14,8 @@ from pathlib import Path
 
 import nbformat
 import pytest
-from nbclient import NotebookClient
-
 from conftest import require_mspasspy
+from nbclient import NotebookClient
 
 NOTEBOOKS = Path(__file__).resolve().parent.parent / "notebooks"
 EMBEDDED_DB = repr([sys.executable, "-m", "mspass_cluster.embedded_db"])
@@ -38,15 +37,20 @@ def run_notebook(name, tmp_path, monkeypatch, env):
     for key, value in env.items():
         monkeypatch.setenv(key, value)
     notebook = nbformat.read(NOTEBOOKS / name, as_version=4)
-    NotebookClient(notebook, timeout=300, kernel_name="python3",
-                   resources={"metadata": {"path": str(tmp_path)}}).execute()
+    NotebookClient(
+        notebook, timeout=300, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}}
+    ).execute()
     return "\n".join(o.get("text", "") for c in notebook.cells if c.cell_type == "code" for o in c.get("outputs", []))
 
 
 @pytest.mark.parametrize("name", ["desktop_prototype.ipynb", "slurm_interactive.ipynb", "batch_workflow.ipynb"])
 def test_notebook_on_the_desktop_backend(name, tmp_path, monkeypatch):
-    text = run_notebook(name, tmp_path, monkeypatch, {
-        "MSPASS_CLUSTER_BACKEND": "local", "MSPASS_WORK_DIR": str(tmp_path), "DASK_MSPASS_CLUSTER__DB_PORT": "27394"})
+    text = run_notebook(
+        name,
+        tmp_path,
+        monkeypatch,
+        {"MSPASS_CLUSTER_BACKEND": "local", "MSPASS_WORK_DIR": str(tmp_path), "DASK_MSPASS_CLUSTER__DB_PORT": "27394"},
+    )
     assert_all_records_intact(name, text)
 
 
@@ -54,9 +58,18 @@ def test_notebook_on_the_desktop_backend(name, tmp_path, monkeypatch):
 @pytest.mark.parametrize("name", ["desktop_prototype.ipynb", "slurm_interactive.ipynb", "batch_workflow.ipynb"])
 def test_same_notebook_on_the_slurm_test_bed(name, slurm_testbed, tmp_path, monkeypatch):
     from conftest import queued
-    text = run_notebook(name, tmp_path, monkeypatch, {
-        "MSPASS_CLUSTER_BACKEND": "slurm", "MSPASS_WORK_DIR": str(tmp_path),
-        "DASK_MSPASS_CLUSTER__DB_COMMAND": EMBEDDED_DB, "DASK_MSPASS_CLUSTER__WALLTIME": "10"})
+
+    text = run_notebook(
+        name,
+        tmp_path,
+        monkeypatch,
+        {
+            "MSPASS_CLUSTER_BACKEND": "slurm",
+            "MSPASS_WORK_DIR": str(tmp_path),
+            "DASK_MSPASS_CLUSTER__DB_COMMAND": EMBEDDED_DB,
+            "DASK_MSPASS_CLUSTER__WALLTIME": "10",
+        },
+    )
     assert_all_records_intact(name, text)
     ids = [line.split(".out")[0].rsplit("-", 1)[1] for line in os.listdir(tmp_path / "logs") if line.endswith(".out")]
     assert ids and queued(ids) == []

@@ -3,33 +3,81 @@
 import pytest
 
 from mspass_cluster.slurm import (
-    JobState, build_batch_directives, build_directives, build_squeue_mine_argv, controller_unreachable,
-    build_scancel_argv, build_squeue_argv, directive_option, parse_sacct, parse_sbatch_job_id, parse_scontrol_job,
-    parse_squeue, parse_squeue_mine,
+    JobState,
+    build_batch_directives,
+    build_directives,
+    build_scancel_argv,
+    build_squeue_argv,
+    build_squeue_mine_argv,
+    controller_unreachable,
+    directive_option,
+    parse_sacct,
+    parse_sbatch_job_id,
+    parse_scontrol_job,
+    parse_squeue,
+    parse_squeue_mine,
 )
 
 
 def test_directives_for_a_whole_exclusive_node():
-    assert build_directives(job_name="w", output="/l/w-%j.out", walltime="01:00:00", exclusive=True,
-                            partition="normal", account="proj", qos="debug", extra=["--constraint=ib"]) == [
-        "#SBATCH --job-name=w", "#SBATCH --output=/l/w-%j.out", "#SBATCH --nodes=1", "#SBATCH --ntasks=1",
-        "#SBATCH --mem=0", "#SBATCH --exclusive", "#SBATCH --time=01:00:00", "#SBATCH --partition=normal",
-        "#SBATCH --account=proj", "#SBATCH --qos=debug", "#SBATCH --constraint=ib",
+    assert build_directives(
+        job_name="w",
+        output="/l/w-%j.out",
+        walltime="01:00:00",
+        exclusive=True,
+        partition="normal",
+        account="proj",
+        qos="debug",
+        extra=["--constraint=ib"],
+    ) == [
+        "#SBATCH --job-name=w",
+        "#SBATCH --output=/l/w-%j.out",
+        "#SBATCH --nodes=1",
+        "#SBATCH --ntasks=1",
+        "#SBATCH --mem=0",
+        "#SBATCH --exclusive",
+        "#SBATCH --time=01:00:00",
+        "#SBATCH --partition=normal",
+        "#SBATCH --account=proj",
+        "#SBATCH --qos=debug",
+        "#SBATCH --constraint=ib",
     ]
 
 
 def test_directives_for_a_batch_job_of_whole_nodes_one_task_each():
-    assert build_batch_directives(job_name="mspass-nb-flow", output="/my runs/50%/flow-%j.log", nodes=4,
-                                  walltime="02:00:00", partition="normal", qos="long",
-                                  extra=["--constraint=ib", "-C x"]) == [
-        "#SBATCH --job-name=mspass-nb-flow", '#SBATCH --output="/my runs/50%%/flow-%j.log"', "#SBATCH --nodes=4",
-        "#SBATCH --ntasks-per-node=1", "#SBATCH --exclusive", "#SBATCH --mem=0", "#SBATCH --time=02:00:00",
-        "#SBATCH --partition=normal", "#SBATCH --qos=long", "#SBATCH --constraint=ib", "#SBATCH -C x",
+    assert build_batch_directives(
+        job_name="mspass-nb-flow",
+        output="/my runs/50%/flow-%j.log",
+        nodes=4,
+        walltime="02:00:00",
+        partition="normal",
+        qos="long",
+        extra=["--constraint=ib", "-C x"],
+    ) == [
+        "#SBATCH --job-name=mspass-nb-flow",
+        '#SBATCH --output="/my runs/50%%/flow-%j.log"',
+        "#SBATCH --nodes=4",
+        "#SBATCH --ntasks-per-node=1",
+        "#SBATCH --exclusive",
+        "#SBATCH --mem=0",
+        "#SBATCH --time=02:00:00",
+        "#SBATCH --partition=normal",
+        "#SBATCH --qos=long",
+        "#SBATCH --constraint=ib",
+        "#SBATCH -C x",
     ]
 
 
-@pytest.mark.parametrize("directive, option", [("--constraint=ib", "--constraint"), ("--time 10", "--time"),
-                                               ("--exclusive", "--exclusive"), ("-N2", "-N"), ("-t 5", "-t")])
+@pytest.mark.parametrize(
+    "directive, option",
+    [
+        ("--constraint=ib", "--constraint"),
+        ("--time 10", "--time"),
+        ("--exclusive", "--exclusive"),
+        ("-N2", "-N"),
+        ("-t 5", "-t"),
+    ],
+)
 def test_the_option_a_directive_sets(directive, option):
     assert directive_option(directive) == option
 
@@ -39,8 +87,9 @@ def test_memory_is_rounded_up_to_a_unit_slurm_accepts():
     assert "#SBATCH --mem=2G" in lines and "#SBATCH --cpus-per-task=1" in lines
 
 
-@pytest.mark.parametrize("out, job_id", [("123\n", "123"), ("4567;cluster\n", "4567"),
-                                         ("sbatch: warning: x\n89\n", "89")])
+@pytest.mark.parametrize(
+    "out, job_id", [("123\n", "123"), ("4567;cluster\n", "4567"), ("sbatch: warning: x\n89\n", "89")]
+)
 def test_parsable_sbatch_output(out, job_id):
     assert parse_sbatch_job_id(out) == job_id
 
@@ -66,8 +115,10 @@ def test_squeue_parsing_keeps_state_reason_node_and_time_left():
 
 def test_the_users_queue_with_names_nodes_and_pending_reasons():
     assert build_squeue_mine_argv() == ["squeue", "--me", "--noheader", "--format=%i|%j|%T|%R"]
-    jobs = parse_squeue_mine("21|t-a-0123abcd-db|RUNNING|n1\n22|mspass-nb-x|PENDING|(Resources)\n"
-                             "23|other|PENDING|(None)\n\nsqueue: warning: noise\n")
+    jobs = parse_squeue_mine(
+        "21|t-a-0123abcd-db|RUNNING|n1\n22|mspass-nb-x|PENDING|(Resources)\n"
+        "23|other|PENDING|(None)\n\nsqueue: warning: noise\n"
+    )
     assert [(j.job_id, j.name, j.state, j.nodes, j.reason) for j in jobs] == [
         ("21", "t-a-0123abcd-db", JobState.RUNNING, "n1", ""),
         ("22", "mspass-nb-x", JobState.PENDING, "", "Resources"),
@@ -76,8 +127,10 @@ def test_the_users_queue_with_names_nodes_and_pending_reasons():
 
 
 def test_scontrol_parsing_gives_exit_code():
-    out = ("JobId=30 JobName=w UserId=root(0) JobState=FAILED Reason=NonZeroExitCode Dependency=(null) "
-           "ExitCode=127:0 NodeList=n1 StdOut=/l/w-30.out\n")
+    out = (
+        "JobId=30 JobName=w UserId=root(0) JobState=FAILED Reason=NonZeroExitCode Dependency=(null) "
+        "ExitCode=127:0 NodeList=n1 StdOut=/l/w-30.out\n"
+    )
     status = parse_scontrol_job(out)
     assert (status.job_id, status.state, status.exit_code, status.nodes) == ("30", JobState.FAILED, "127:0", "n1")
     assert parse_scontrol_job("slurm_load_jobs error: Invalid job id specified") is None
@@ -105,7 +158,10 @@ def test_scancel_with_signal_reaches_every_process():
         ("squeue: error: slurm_receive_msg: Socket timed out on send/recv operation", True),
         ("slurm_load_jobs error: Zero Bytes were transmitted or received", True),
         ("sbatch: error: Batch job submission failed: Invalid partition name specified", False),
-        ("sbatch: error: Batch job submission failed: Invalid account or account/partition combination specified", False),
+        (
+            "sbatch: error: Batch job submission failed: Invalid account or account/partition combination specified",
+            False,
+        ),
     ],
 )
 def test_controller_outage_is_told_apart_from_a_refusal(stderr, down):
@@ -120,11 +176,15 @@ def test_importing_the_package_leaves_ctrl_c_alone():
         return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
 
     # dask-jobqueue 0.9.0 alone turns Ctrl-C into a silent sys.exit() (dask/dask-jobqueue#696): the reason for the guard.
-    kept = run("import signal; h = signal.getsignal(signal.SIGINT); import mspass_cluster; "
-               "assert signal.getsignal(signal.SIGINT) is h")
+    kept = run(
+        "import signal; h = signal.getsignal(signal.SIGINT); import mspass_cluster; "
+        "assert signal.getsignal(signal.SIGINT) is h"
+    )
     assert kept.returncode == 0, kept.stderr
-    restored = run("import signal, dask_jobqueue, mspass_cluster; "
-                   "assert signal.getsignal(signal.SIGINT) is signal.default_int_handler")
+    restored = run(
+        "import signal, dask_jobqueue, mspass_cluster; "
+        "assert signal.getsignal(signal.SIGINT) is signal.default_int_handler"
+    )
     assert restored.returncode == 0, restored.stderr
 
 

@@ -54,8 +54,12 @@ def wait_until(predicate: Callable[[], object], what: str, timeout: float = DEAD
 
 def client(port: int, timeout_ms: int = 2000) -> pymongo.MongoClient:
     """A direct pymongo client, as the package's readiness probe builds it."""
-    return pymongo.MongoClient(f"mongodb://127.0.0.1:{port}/", directConnection=True,
-                               serverSelectionTimeoutMS=timeout_ms, connectTimeoutMS=timeout_ms)
+    return pymongo.MongoClient(
+        f"mongodb://127.0.0.1:{port}/",
+        directConnection=True,
+        serverSelectionTimeoutMS=timeout_ms,
+        connectTimeoutMS=timeout_ms,
+    )
 
 
 def log_records(text: str) -> list[dict]:
@@ -87,8 +91,9 @@ class Server:
     def answers_ping(self) -> bool:
         """One quick ``ping``; fails the test at once if the process has exited."""
         if self.proc.poll() is not None:
-            pytest.fail(f"stand-in exited with {self.proc.returncode}\n--- stdout\n{self.stdout}\n"
-                        f"--- stderr\n{self.stderr}")
+            pytest.fail(
+                f"stand-in exited with {self.proc.returncode}\n--- stdout\n{self.stdout}\n--- stderr\n{self.stderr}"
+            )
         with client(self.port, timeout_ms=250) as probe:
             try:
                 probe.admin.command("ping")
@@ -113,8 +118,13 @@ def launch(tmp_path: Path):
         name = f"{'fake' if script == FAKE else 'nx'}-{len(started)}"
         stdout, stderr = tmp_path / f"{name}.out", tmp_path / f"{name}.err"
         with open(stdout, "wb") as out, open(stderr, "wb") as err:
-            proc = subprocess.Popen([sys.executable, *script, *args], stdout=out, stderr=err,
-                                    stdin=subprocess.DEVNULL, env={**os.environ, **(env or {})})
+            proc = subprocess.Popen(
+                [sys.executable, *script, *args],
+                stdout=out,
+                stderr=err,
+                stdin=subprocess.DEVNULL,
+                env={**os.environ, **(env or {})},
+            )
         started.append(proc)
         return Server(proc, port, stdout, stderr)
 
@@ -135,14 +145,26 @@ def dbpath(tmp_path: Path) -> Path:
 def start_fake(launch, dbpath: Path, *extra: str, port: int | None = None, env=None) -> Server:
     """fake_mongod on 127.0.0.1 with the package's usual options."""
     port = port or free_port()
-    return launch(FAKE, "--port", str(port), "--dbpath", str(dbpath), "--bind_ip", "127.0.0.1",
-                  "--nounixsocket", *extra, port=port, env=env)
+    return launch(
+        FAKE,
+        "--port",
+        str(port),
+        "--dbpath",
+        str(dbpath),
+        "--bind_ip",
+        "127.0.0.1",
+        "--nounixsocket",
+        *extra,
+        port=port,
+        env=env,
+    )
 
 
 def run_once(script: tuple, *args: str) -> subprocess.CompletedProcess:
     """Run a stand-in that is expected to exit on its own."""
-    return subprocess.run([sys.executable, *script, *args], capture_output=True, text=True,
-                          timeout=DEADLINE, stdin=subprocess.DEVNULL)
+    return subprocess.run(
+        [sys.executable, *script, *args], capture_output=True, text=True, timeout=DEADLINE, stdin=subprocess.DEVNULL
+    )
 
 
 # --------------------------------------------------------------------------- both stand-ins: command line
@@ -172,26 +194,32 @@ def test_fork_is_refused(script, dbpath):
     assert "--fork is not supported" in result.stderr
 
 
-@pytest.mark.parametrize(("args", "message"), [
-    (["--port", "abc"], "the argument ('abc') for option '--port' is invalid"),
-    (["--port"], "the required argument for option '--port' is missing"),
-    (["--port", "1", "--port", "2"], "option '--port' cannot be specified more than once"),
-    (["--bind_ip", "127.0.0.1", "--bind_ip_all"], "net.bindIp and net.bindIpAll are mutually exclusive"),
-    (["--quiet=yes"], "option '--quiet' does not take any arguments"),
-    (["stray"], "too many positional options"),
-])
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--port", "abc"], "the argument ('abc') for option '--port' is invalid"),
+        (["--port"], "the required argument for option '--port' is missing"),
+        (["--port", "1", "--port", "2"], "option '--port' cannot be specified more than once"),
+        (["--bind_ip", "127.0.0.1", "--bind_ip_all"], "net.bindIp and net.bindIpAll are mutually exclusive"),
+        (["--quiet=yes"], "option '--quiet' does not take any arguments"),
+        (["stray"], "too many positional options"),
+    ],
+)
 def test_bad_values_exit_2(args, message):
     result = run_once(FAKE, *args)
     assert result.returncode == 2
     assert message in result.stderr
 
 
-@pytest.mark.parametrize(("args", "message"), [
-    (["--port", "70000"], "Invalid value for net.port: 70000 is not in range [0, 65535]"),
-    (["--wiredTigerCacheSizeGB", "lots"], "the argument ('lots') for option '--wiredTigerCacheSizeGB' is invalid"),
-    (["--bind_ip", "127.0.0.1", "--bind_ip_all"], "net.bindIp and net.bindIpAll are mutually exclusive"),
-    (["--nounixsocket=yes"], "option '--nounixsocket' does not take any arguments"),
-])
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--port", "70000"], "Invalid value for net.port: 70000 is not in range [0, 65535]"),
+        (["--wiredTigerCacheSizeGB", "lots"], "the argument ('lots') for option '--wiredTigerCacheSizeGB' is invalid"),
+        (["--bind_ip", "127.0.0.1", "--bind_ip_all"], "net.bindIp and net.bindIpAll are mutually exclusive"),
+        (["--nounixsocket=yes"], "option '--nounixsocket' does not take any arguments"),
+    ],
+)
 def test_nx_bad_values_of_the_clusters_options_exit_2(args, message):
     result = run_once(NX, *args)
     assert result.returncode == 2
@@ -207,8 +235,9 @@ def test_nx_refuses_mongod_options_it_would_not_honour(option):
     assert f"Error parsing command line: unrecognised option '{option}'" in result.stderr
 
 
-@pytest.mark.parametrize(("script", "banner"), [(FAKE, "db version v7.0.0-fake"), (NX, "db version v7.0.0")],
-                         ids=["fake", "nx"])
+@pytest.mark.parametrize(
+    ("script", "banner"), [(FAKE, "db version v7.0.0-fake"), (NX, "db version v7.0.0")], ids=["fake", "nx"]
+)
 def test_version_prints_banner_and_exits_0(script, banner):
     result = run_once(script, "--version")
     assert result.returncode == 0
@@ -227,10 +256,19 @@ def test_missing_dbpath_exits_100(script, tmp_path):
 
 # --------------------------------------------------------------------------- fake_mongod
 
+
 def test_fake_answers_admin_commands(launch, dbpath):
     port = free_port()
-    server = launch(FAKE, f"--port={port}", f"--dbpath={dbpath}", "--bind_ip=127.0.0.1", "--nounixsocket",
-                    "--wiredTigerCacheSizeGB", "0.25", port=port).wait_ready()
+    server = launch(
+        FAKE,
+        f"--port={port}",
+        f"--dbpath={dbpath}",
+        "--bind_ip=127.0.0.1",
+        "--nounixsocket",
+        "--wiredTigerCacheSizeGB",
+        "0.25",
+        port=port,
+    ).wait_ready()
     with client(port) as c:
         assert c.admin.command("ping")["ok"] == 1
         hello = c.admin.command("hello")
@@ -316,8 +354,10 @@ def test_fake_second_instance_on_same_dbpath_is_refused(launch, dbpath):
     first = start_fake(launch, dbpath).wait_ready()
     result = run_once(FAKE, "--port", str(free_port()), "--dbpath", str(dbpath), "--nounixsocket")
     assert result.returncode == 100
-    assert (f"DBPathInUse: Unable to lock the lock file: {dbpath}/mongod.lock (Resource temporarily "
-            f"unavailable). Another mongod instance is already running on the {dbpath} directory") in result.stdout
+    assert (
+        f"DBPathInUse: Unable to lock the lock file: {dbpath}/mongod.lock (Resource temporarily "
+        f"unavailable). Another mongod instance is already running on the {dbpath} directory"
+    ) in result.stdout
     assert first.answers_ping()
     assert (dbpath / "mongod.lock").read_text() == f"{first.proc.pid}\n"
 
@@ -327,8 +367,9 @@ def test_fake_port_in_use_exits_48(dbpath):
         holder.bind(("127.0.0.1", 0))
         holder.listen()
         port = holder.getsockname()[1]
-        result = run_once(FAKE, "--port", str(port), "--dbpath", str(dbpath), "--bind_ip", "127.0.0.1",
-                          "--nounixsocket")
+        result = run_once(
+            FAKE, "--port", str(port), "--dbpath", str(dbpath), "--bind_ip", "127.0.0.1", "--nounixsocket"
+        )
     assert result.returncode == 48
     failure = [r for r in log_records(result.stdout) if r["msg"] == "Error setting up listener"]
     assert failure[0]["attr"]["error"]["errmsg"] == "Address already in use"
@@ -377,8 +418,7 @@ def test_fake_is_not_ready_during_startup_delay(launch, dbpath):
 
 def test_fake_sigterm_during_startup_is_clean(launch, dbpath):
     server = start_fake(launch, dbpath, env={"FAKE_MONGOD_STARTUP_DELAY": "600"})
-    wait_until(lambda: (dbpath / "mongod.lock").exists() and (dbpath / "mongod.lock").read_text(),
-               "the lock file")
+    wait_until(lambda: (dbpath / "mongod.lock").exists() and (dbpath / "mongod.lock").read_text(), "the lock file")
     server.proc.send_signal(signal.SIGTERM)
     assert server.wait_exit() == 0
     assert json.loads((dbpath / "fake_mongod.clean_shutdown").read_text())["signal"] == "SIGTERM"
@@ -386,8 +426,9 @@ def test_fake_sigterm_during_startup_is_clean(launch, dbpath):
 
 def test_fake_unix_socket(launch, dbpath, tmp_path):
     port = free_port()
-    server = launch(FAKE, "--port", str(port), "--dbpath", str(dbpath), "--unixSocketPrefix", str(tmp_path),
-                    port=port).wait_ready()
+    server = launch(
+        FAKE, "--port", str(port), "--dbpath", str(dbpath), "--unixSocketPrefix", str(tmp_path), port=port
+    ).wait_ready()
     path = tmp_path / f"mongodb-{port}.sock"
     assert path.is_socket()
     uri = f"mongodb://{urllib.parse.quote_plus(str(path))}/"
@@ -398,8 +439,9 @@ def test_fake_unix_socket(launch, dbpath, tmp_path):
     assert not path.exists()
 
 
-@pytest.mark.parametrize("bind", [["--bind_ip", "localhost,127.0.0.1"], ["--bind_ip_all"]],
-                         ids=["hostname-and-duplicate", "all"])
+@pytest.mark.parametrize(
+    "bind", [["--bind_ip", "localhost,127.0.0.1"], ["--bind_ip_all"]], ids=["hostname-and-duplicate", "all"]
+)
 def test_fake_bind_options(launch, dbpath, bind):
     port = free_port()
     launch(FAKE, "--port", str(port), "--dbpath", str(dbpath), "--nounixsocket", *bind, port=port).wait_ready()
@@ -407,8 +449,9 @@ def test_fake_bind_options(launch, dbpath, bind):
 
 def test_fake_many_concurrent_connections(launch, dbpath):
     server = start_fake(launch, dbpath, "--quiet").wait_ready()
-    with pymongo.MongoClient(f"mongodb://127.0.0.1:{server.port}/", directConnection=True,
-                             maxPoolSize=64, serverSelectionTimeoutMS=5000) as c:
+    with pymongo.MongoClient(
+        f"mongodb://127.0.0.1:{server.port}/", directConnection=True, maxPoolSize=64, serverSelectionTimeoutMS=5000
+    ) as c:
         with concurrent.futures.ThreadPoolExecutor(32) as pool:
             replies = list(pool.map(lambda _: c.admin.command("ping")["ok"], range(400)))
         assert replies == [1.0] * 400
@@ -447,20 +490,39 @@ def test_fake_wire_protocol_legacy_handshake_and_sequences(launch, dbpath):
 
     docs = b"".join(bson.encode({"i": i}) for i in range(3))
     sequence = b"documents\0" + docs
-    message = (struct.pack("<I", 0) + b"\0" + bson.encode({"ping": 1, "$db": "admin"})
-               + b"\1" + struct.pack("<i", 4 + len(sequence)) + sequence)
+    message = (
+        struct.pack("<I", 0)
+        + b"\0"
+        + bson.encode({"ping": 1, "$db": "admin"})
+        + b"\1"
+        + struct.pack("<i", 4 + len(sequence))
+        + sequence
+    )
     opcode, body = _raw_exchange(server.port, 2013, message)
     assert opcode == 2013 and bson.decode(body[5:]) == {"ok": 1.0}
 
 
 # --------------------------------------------------------------------------- nx_mongod
 
+
 def test_nx_stores_documents_and_gridfs_files_across_restarts(launch, dbpath, tmp_path):
     pidfile = tmp_path / "nx.pid"
     port = free_port()
-    server = launch(NX, "--port", str(port), "--dbpath", str(dbpath), "--bind_ip", "127.0.0.1",
-                    "--nounixsocket", "--wiredTigerCacheSizeGB", "0.25", "--pidfilepath", str(pidfile),
-                    port=port).wait_ready()
+    server = launch(
+        NX,
+        "--port",
+        str(port),
+        "--dbpath",
+        str(dbpath),
+        "--bind_ip",
+        "127.0.0.1",
+        "--nounixsocket",
+        "--wiredTigerCacheSizeGB",
+        "0.25",
+        "--pidfilepath",
+        str(pidfile),
+        port=port,
+    ).wait_ready()
     assert "nx-27017" in server.stdout
     # The adapter exec'd nx-27017: the PID the launcher knows is the server's.
     assert pidfile.read_text().strip() == str(server.proc.pid)
@@ -491,8 +553,10 @@ def test_nx_stores_documents_and_gridfs_files_across_restarts(launch, dbpath, tm
 
 # --------------------------------------------------------------------------- the readiness probe against them
 
+
 def test_readiness_probe_refuses_a_server_that_is_not_the_clusters(launch, dbpath, tmp_path):
     from mspass_cluster.db import ping
+
     server = start_fake(launch, dbpath).wait_ready()
     uri = f"mongodb://127.0.0.1:{server.port}/"
     assert ping(uri, 2.0, str(dbpath)) is None
@@ -505,6 +569,7 @@ def test_readiness_probe_refuses_a_server_that_is_not_the_clusters(launch, dbpat
 
 def test_readiness_probe_takes_the_nx_stand_in_at_its_word(launch, dbpath):
     from mspass_cluster.db import ping
+
     port = free_port()
     launch(NX, "--port", str(port), "--dbpath", str(dbpath), "--bind_ip", "127.0.0.1", port=port).wait_ready()
     # nx-27017 answers getCmdLineOpts without saying its dbPath: nothing to compare (a stand-in limit).

@@ -21,8 +21,9 @@ from mspass_cluster.errors import ConfigError
 
 
 def _python(code: str, env: dict) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
-                          env={**os.environ, **env})
+    return subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env={**os.environ, **env}
+    )
 
 
 @pytest.mark.parametrize("name", ["memory", "db_memory"])
@@ -46,8 +47,9 @@ def test_memory_split_over_too_many_processes_is_refused():
         resolve_options(environ={}, memory="2GiB", processes=16)
 
 
-@pytest.mark.parametrize("name, value", [("db_port", 70000), ("scheduler_port", 70000), ("db_port", 0),
-                                         ("scheduler_port", -1)])
+@pytest.mark.parametrize(
+    "name, value", [("db_port", 70000), ("scheduler_port", 70000), ("db_port", 0), ("scheduler_port", -1)]
+)
 def test_ports_out_of_range_are_refused(name, value):
     with pytest.raises(ConfigError, match=rf"{name}={value}"):
         resolve_options(environ={}, **{name: value})
@@ -67,8 +69,9 @@ def test_a_bad_value_from_the_legacy_environment_names_the_variable():
 
 
 def test_a_bad_value_from_a_dask_variable_names_the_variable():
-    out = _python("from mspass_cluster import resolve_options; resolve_options()",
-                  {"DASK_MSPASS_CLUSTER__DB_PORT": "70000"})
+    out = _python(
+        "from mspass_cluster import resolve_options; resolve_options()", {"DASK_MSPASS_CLUSTER__DB_PORT": "70000"}
+    )
     assert "ConfigError: From the environment variable DASK_MSPASS_CLUSTER__DB_PORT: db_port=70000" in out.stderr
 
 
@@ -96,13 +99,16 @@ def test_a_section_that_is_not_a_mapping_says_how_to_write_it():
 JOB = {"SLURM_JOB_ID": "77", "SLURM_JOB_NODELIST": "n1"}
 
 
-@pytest.mark.parametrize("environ, has_sbatch, expected", [
-    ({}, True, "slurm"),
-    ({}, False, "local"),
-    ({**JOB, "SLURM_JOB_NUM_NODES": "1"}, True, "slurm"),        # Open OnDemand Jupyter, srun --pty
-    ({**JOB, "SLURM_JOB_NUM_NODES": "1"}, False, "allocation"),  # no sbatch on the node: this job's node
-    ({**JOB, "SLURM_JOB_NODELIST": "n[1-3]", "SLURM_JOB_NUM_NODES": "3"}, True, "allocation"),  # batch for this
-])
+@pytest.mark.parametrize(
+    "environ, has_sbatch, expected",
+    [
+        ({}, True, "slurm"),
+        ({}, False, "local"),
+        ({**JOB, "SLURM_JOB_NUM_NODES": "1"}, True, "slurm"),  # Open OnDemand Jupyter, srun --pty
+        ({**JOB, "SLURM_JOB_NUM_NODES": "1"}, False, "allocation"),  # no sbatch on the node: this job's node
+        ({**JOB, "SLURM_JOB_NODELIST": "n[1-3]", "SLURM_JOB_NUM_NODES": "3"}, True, "allocation"),  # batch for this
+    ],
+)
 def test_backend_auto_inside_a_slurm_job_fits_what_the_job_is_for(environ, has_sbatch, expected):
     backend, why = auto_backend(has_sbatch, environ)
     assert backend == expected

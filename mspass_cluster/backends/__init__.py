@@ -36,8 +36,16 @@ from .local import LOCAL_HOST, LocalBackend, share_of_this_machine
 from .slurm import SlurmBackend
 
 __all__ = [
-    "Backend", "SlurmBackend", "AllocationBackend", "LocalBackend", "LOCAL_HOST",
-    "auto_backend", "choose_backend", "open_backend", "backend_defaults", "finalise_options",
+    "Backend",
+    "SlurmBackend",
+    "AllocationBackend",
+    "LocalBackend",
+    "LOCAL_HOST",
+    "auto_backend",
+    "choose_backend",
+    "open_backend",
+    "backend_defaults",
+    "finalise_options",
     "EMBEDDED_DB_COMMAND",
 ]
 
@@ -162,7 +170,9 @@ def finalise_options(options: ClusterOptions, backend_name: str, backend: Backen
         _check_the_share_of_this_machine(options)
         logger.info(
             "Local backend: each worker node gets %d core(s) and %s of this machine (set cores= and memory= "
-            "to change).", options.cores, options.memory,
+            "to change).",
+            options.cores,
+            options.memory,
         )
     elif backend_name == "allocation":
         options = _fit_allocation(options, backend)
@@ -183,7 +193,9 @@ def _local_database(options: ClusterOptions) -> ClusterOptions:
     if options.sources["db_port"] == "default":
         port = free_local_port(options.db_port)
         if port != options.db_port:
-            logger.info("Port %d is taken on this machine; this cluster's database uses port %d.", options.db_port, port)
+            logger.info(
+                "Port %d is taken on this machine; this cluster's database uses port %d.", options.db_port, port
+            )
             options = options.replace(db_port=port)
     return options
 
@@ -212,6 +224,10 @@ def _fit_allocation(options: ClusterOptions, backend: AllocationBackend) -> Clus
             f"{capacity} worker node(s) beside the database's. Ask sbatch for --nodes={options.nodes + 1}, "
             "or use backend='slurm' to get the worker nodes as new jobs of their own."
         )
-    logger.info("Allocation %s: database on %s, worker nodes on %s.", os.environ["SLURM_JOB_ID"],
-                backend.nodes[0], ", ".join(backend.nodes[1:]) or backend.nodes[0])
+    logger.info(
+        "Allocation %s: database on %s, worker nodes on %s.",
+        os.environ["SLURM_JOB_ID"],
+        backend.nodes[0],
+        ", ".join(backend.nodes[1:]) or backend.nodes[0],
+    )
     return options

@@ -85,8 +85,9 @@ class AllocationBackend(LocalBackend):
 
     def _running_steps(self) -> dict[str, str]:
         """Step ids of this allocation's running steps, by step name."""
-        result = self.runner.run(["squeue", "--steps", "--noheader", "--format=%i|%j",
-                                  f"--jobs={os.environ['SLURM_JOB_ID']}"], check=False)
+        result = self.runner.run(
+            ["squeue", "--steps", "--noheader", "--format=%i|%j", f"--jobs={os.environ['SLURM_JOB_ID']}"], check=False
+        )
         pairs = (line.strip().split("|", 1) for line in result.stdout.splitlines() if "|" in line)
         return {name: step for step, name in pairs}
 
@@ -108,8 +109,17 @@ class AllocationBackend(LocalBackend):
                 )
             node = free[0]
         name = os.path.basename(script_path)[: -len(".sh")]
-        argv = ["srun", "--nodes=1", "--ntasks=1", f"--nodelist={node}", "--overlap", "--kill-on-bad-exit=1",
-                f"--job-name={name}", "bash", script_path]
+        argv = [
+            "srun",
+            "--nodes=1",
+            "--ntasks=1",
+            f"--nodelist={node}",
+            "--overlap",
+            "--kill-on-bad-exit=1",
+            f"--job-name={name}",
+            "bash",
+            script_path,
+        ]
         return argv, node
 
     async def submit(self, script_path: str, what: str, output: str = "", role: str = "worker") -> str:

@@ -79,7 +79,11 @@ class LocalBackend:
         starting = output.replace("%j", f"starting-{os.getpid()}-{next(self._ids)}") if output else os.devnull
         with open(starting, "ab") as log:
             proc = subprocess.Popen(
-                argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True,
+                argv,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                start_new_session=True,
             )
         job_id = str(proc.pid)
         if output:

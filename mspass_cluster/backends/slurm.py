@@ -68,7 +68,9 @@ class SlurmBackend:
         try:
             return slurm.parse_sbatch_job_id(result.stdout)
         except ValueError as exc:
-            raise SubmitError(argv, 0, result.stdout, result.stderr, reason=f"sbatch printed no job id for the {what}.") from exc
+            raise SubmitError(
+                argv, 0, result.stdout, result.stderr, reason=f"sbatch printed no job id for the {what}."
+            ) from exc
 
     async def statuses(self, job_ids) -> dict[str, JobStatus]:
         """The status of every job in ``job_ids``, with one ``squeue`` call.
@@ -84,8 +86,13 @@ class SlurmBackend:
         found = slurm.parse_squeue(result.stdout)
         if result.returncode != 0 and not found and "Invalid job id" not in result.stderr:
             error = SlurmUnavailableError if slurm.controller_unreachable(result.stderr) else CommandError
-            raise error(result.argv, result.returncode, result.stdout, result.stderr,
-                        reason="squeue failed while watching the cluster's jobs.")
+            raise error(
+                result.argv,
+                result.returncode,
+                result.stdout,
+                result.stderr,
+                reason="squeue failed while watching the cluster's jobs.",
+            )
         missing = [j for j in job_ids if j not in found]
         if missing:
             found.update(await self.final_statuses(missing))
@@ -131,13 +138,18 @@ class SlurmBackend:
         if result.returncode != 0:
             if slurm.controller_unreachable(result.stderr):
                 raise SlurmUnavailableError(
-                    argv, result.returncode, result.stdout, result.stderr,
+                    argv,
+                    result.returncode,
+                    result.stdout,
+                    result.stderr,
                     reason=(
                         "Slurm's controller is not answering, so no job can be submitted now; nothing was "
                         "queued. `scontrol ping` shows when it is back; try again then, or ask your "
                         "cluster's support."
                     ),
                 )
-            logger.warning("sinfo failed (%s); the scheduler's address is chosen without the nodes' addresses.",
-                           result.stderr.strip() or f"exit code {result.returncode}")
+            logger.warning(
+                "sinfo failed (%s); the scheduler's address is chosen without the nodes' addresses.",
+                result.stderr.strip() or f"exit code {result.returncode}",
+            )
         return [line.strip() for line in result.stdout.splitlines() if line.strip()]

@@ -13,6 +13,11 @@ from .supervisor import Supervisor
 from .workers import NodeAdaptive, WorkerJob, WorkerNodes, node_of_worker
 
 __all__ = [
-    "DatabaseService", "WorkerNodes", "WorkerJob", "NodeAdaptive", "node_of_worker", "Supervisor",
+    "DatabaseService",
+    "WorkerNodes",
+    "WorkerJob",
+    "NodeAdaptive",
+    "node_of_worker",
+    "Supervisor",
     "DB_STOP_TIMEOUT",
 ]

@@ -107,8 +107,14 @@ class DatabaseService:
         if self.not_answering is None:
             self.uri = uri
             self.job.ready = True
-            logger.log(self.launcher.detail, "Database ready at %s (%s %s on %s).", uri, self.job.unit,
-                       self.job.job_id, self.job.node)
+            logger.log(
+                self.launcher.detail,
+                "Database ready at %s (%s %s on %s).",
+                uri,
+                self.job.unit,
+                self.job.job_id,
+                self.job.node,
+            )
         return self.uri is not None
 
     def waiting_for(self) -> str | None:
@@ -128,9 +134,14 @@ class DatabaseService:
         log = tail(self.job.log_path, 200)
         record = dbdir.holder(self.options.db_dir)
         if any(words in log for words in dbdir.LOCKED_WORDS):
-            fix = self._in_use_text(record) if record and record.get("cluster") != self.cluster_name else (
-                f"Another database server holds db_dir={self.options.db_dir!r}. Stop it, or give this cluster "
-                "a directory of its own (work_dir= or db_dir=).")
+            fix = (
+                self._in_use_text(record)
+                if record and record.get("cluster") != self.cluster_name
+                else (
+                    f"Another database server holds db_dir={self.options.db_dir!r}. Stop it, or give this cluster "
+                    "a directory of its own (work_dir= or db_dir=)."
+                )
+            )
         elif _ADDRESS_IN_USE.search(log):
             port = self.options.db_port
             fix = (
@@ -139,7 +150,8 @@ class DatabaseService:
                 f"e.g. db_port={port + 100}, or a node of its own with db_extra_directives=['--exclusive']."
             )
         self.job.error = self.job.failure(
-            "ended before the database answered", "Every job of this cluster was cancelled. " + fix)
+            "ended before the database answered", "Every job of this cluster was cancelled. " + fix
+        )
         return self.job.error
 
     # ------------------------------------------------------------ running
@@ -187,7 +199,11 @@ class DatabaseService:
             "The database job %s reaches its walltime in %d min %02d s (db_walltime=%s). The database then stops, "
             "and the cluster with it; what it stored stays in %s. Finish or save your work and close this cluster; "
             "start the next one with a longer db_walltime.",
-            job.job_id, left // 60, left % 60, self.options.db_walltime, self.options.db_dir,
+            job.job_id,
+            left // 60,
+            left % 60,
+            self.options.db_walltime,
+            self.options.db_dir,
         )
 
     # ------------------------------------------------------------ stop
@@ -201,21 +217,29 @@ class DatabaseService:
             return
         # The server may take longer than Slurm's KillWait to flush, so it gets DB_STOP_TIMEOUT first.
         if not await self.launcher.cancel(job, signal="TERM", timeout=DB_STOP_TIMEOUT):
-            logger.error("The database job %s did not end %.0f s after SIGTERM; cancelling it.", job.job_id, DB_STOP_TIMEOUT)
+            logger.error(
+                "The database job %s did not end %.0f s after SIGTERM; cancelling it.", job.job_id, DB_STOP_TIMEOUT
+            )
             await self.launcher.cancel(job, timeout=JOB_STOP_TIMEOUT)
             return
         status = await asyncio.to_thread(server_exit_status, job.log_path)
         if status is None:
             logger.info("Database %s %s ended before its server ran (%s).", job.unit, job.job_id, job.state.value)
         elif not job.ready:
-            logger.info("Database %s %s stopped while its server was starting (exit status %s).", job.unit,
-                        job.job_id, status)
+            logger.info(
+                "Database %s %s stopped while its server was starting (exit status %s).", job.unit, job.job_id, status
+            )
         elif status == 0:
-            logger.info("Cluster %s closed; its database stopped cleanly (%s %s, server exit status 0).",
-                        self.cluster_name, job.unit, job.job_id)
+            logger.info(
+                "Cluster %s closed; its database stopped cleanly (%s %s, server exit status 0).",
+                self.cluster_name,
+                job.unit,
+                job.job_id,
+            )
         else:
-            logger.warning("Database %s %s ended with server exit status %s; see %s.", job.unit, job.job_id, status,
-                           job.log_path)
+            logger.warning(
+                "Database %s %s ended with server exit status %s; see %s.", job.unit, job.job_id, status, job.log_path
+            )
 
     def release(self) -> None:
         """Give ``db_dir`` free for the next cluster."""

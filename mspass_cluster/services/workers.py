@@ -27,7 +27,6 @@ __all__ = ["WorkerJob", "WorkerNodes", "NodeAdaptive", "node_of_worker"]
 logger = logging.getLogger("mspass_cluster")
 
 
-
 class WorkerJob(ProcessInterface):
     """One worker node: one job running ``processes`` Dask workers.
 
@@ -52,8 +51,9 @@ class WorkerJob(ProcessInterface):
     async def close(self):
         if self.job is not None and not self.job.ended:
             if not await self.launcher.cancel(self.job, timeout=JOB_STOP_TIMEOUT):
-                logger.warning("Worker job %s was still listed by Slurm %.0f s after scancel.", self.job.job_id,
-                               JOB_STOP_TIMEOUT)
+                logger.warning(
+                    "Worker job %s was still listed by Slurm %.0f s after scancel.", self.job.job_id, JOB_STOP_TIMEOUT
+                )
         await super().close()
 
     def __repr__(self):
@@ -132,8 +132,10 @@ class WorkerNodes:
         """The error to raise when a worker job ended before its workers connected."""
         for job in self.jobs():
             if job.ended and not job.ready:
-                fix = ("Check python=, worker_extra_args and the log above; "
-                       "print(cluster.job_script('worker')) shows what ran.")
+                fix = (
+                    "Check python=, worker_extra_args and the log above; "
+                    "print(cluster.job_script('worker')) shows what ran."
+                )
                 if "Timed out starting worker" in tail(job.log_path, 200):
                     fix = (
                         f"The workers on {job.node or 'the node'} could not reach the scheduler at "
@@ -141,8 +143,9 @@ class WorkerNodes:
                         "that address is not reachable from the compute nodes. Set interface= to a network they "
                         "share with this machine (e.g. interface='ib0'; `ip -brief addr` lists them)."
                     )
-                job.error = job.failure("ended before its Dask workers connected",
-                                        "Every job of this cluster was cancelled. " + fix)
+                job.error = job.failure(
+                    "ended before its Dask workers connected", "Every job of this cluster was cancelled. " + fix
+                )
                 return job.error
         return None
 
@@ -150,19 +153,30 @@ class WorkerNodes:
         """After start-up: replace a node whose job ended after its workers ran; report one that never ran."""
         cluster = self.cluster
         worker = cluster.workers.get(job.name)
-        if not job.ended or not isinstance(worker, WorkerJob) or worker.job is not job or job.name not in cluster.worker_spec:
+        if (
+            not job.ended
+            or not isinstance(worker, WorkerJob)
+            or worker.job is not job
+            or job.name not in cluster.worker_spec
+        ):
             return
         del cluster.workers[job.name]
         worker.status = Status.closed
         if job.ready:
             # COMPLETED: its workers reached worker_lifetime and left gracefully, as planned.
             level = logging.INFO if job.state is JobState.COMPLETED else logging.WARNING
-            logger.log(level, "%s; submitting a replacement to keep %d worker node(s).", job.describe(),
-                       len(cluster.worker_spec))
+            logger.log(
+                level,
+                "%s; submitting a replacement to keep %d worker node(s).",
+                job.describe(),
+                len(cluster.worker_spec),
+            )
             cluster._correct_state()
         else:
             del cluster.worker_spec[job.name]
-            job.error = job.failure("ended before its Dask workers connected", "It was not replaced; check the log above.")
+            job.error = job.failure(
+                "ended before its Dask workers connected", "It was not replaced; check the log above."
+            )
             self.failures.append(job.error)
             logger.error("%s", job.error)
 
@@ -174,7 +188,9 @@ class WorkerNodes:
             raise ConfigError(f"scale({target!r}): give a whole number of worker nodes, 0 or more.")
         if memory is not None:
             if self.options.memory_bytes is None:
-                raise ConfigError("scale(memory=...) needs memory= per worker node, e.g. MsPASSCluster(memory='64GiB').")
+                raise ConfigError(
+                    "scale(memory=...) needs memory= per worker node, e.g. MsPASSCluster(memory='64GiB')."
+                )
             target = max(target, math.ceil(parse_bytes(memory) / self.options.memory_bytes))
         if cores is not None:
             if self.options.cores is None:
@@ -190,8 +206,12 @@ class WorkerNodes:
     def check_adapt_bounds(self, minimum, maximum) -> None:
         """ConfigError for ``adapt`` bounds that are not whole node counts, are reversed, or exceed an allocation."""
         for name, value in (("minimum", minimum), ("maximum", maximum)):
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0 or (
-                    value != math.inf and value != int(value)):
+            if (
+                isinstance(value, bool)
+                or not isinstance(value, (int, float))
+                or value < 0
+                or (value != math.inf and value != int(value))
+            ):
                 raise ConfigError(f"adapt({name}={value!r}): give a whole number of worker nodes, 0 or more.")
         if minimum > maximum:
             raise ConfigError(
@@ -213,8 +233,11 @@ class WorkerNodes:
             logger.warning(
                 "%d worker node(s) asked for, but partition %s has %d node(s)%s, and each worker job takes a whole "
                 "node: at most %d can run at once; the other %d will wait in the queue (Resources) until some end.",
-                target, self.options.partition, self.partition_nodes,
-                ", one of them for the database" if room < self.partition_nodes else "", max(room, 0),
+                target,
+                self.options.partition,
+                self.partition_nodes,
+                ", one of them for the database" if room < self.partition_nodes else "",
+                max(room, 0),
                 target - max(room, 0),
             )
 

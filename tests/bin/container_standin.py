@@ -183,37 +183,120 @@ class Flavour:
 
 
 APPTAINER = Flavour(
-    cmd="apptainer", package="apptainer", version="1.3.4-standin",
-    cfg_prefixes=("APPTAINER_", "SINGULARITY_"),      # options from the environment; never forwarded
+    cmd="apptainer",
+    package="apptainer",
+    version="1.3.4-standin",
+    cfg_prefixes=("APPTAINER_", "SINGULARITY_"),  # options from the environment; never forwarded
     env_prefixes=("APPTAINERENV_", "SINGULARITYENV_"),  # forwarded into the container, prefix removed
-    omit_keys={"HOME": False, "PATH": False, "APPTAINER_SHELL": False, "APPTAINER_APPNAME": False,
-               "SINGULARITY_SHELL": False, "SINGULARITY_APPNAME": False, "LD_LIBRARY_PATH": True},
+    omit_keys={
+        "HOME": False,
+        "PATH": False,
+        "APPTAINER_SHELL": False,
+        "APPTAINER_APPNAME": False,
+        "SINGULARITY_SHELL": False,
+        "SINGULARITY_APPNAME": False,
+        "LD_LIBRARY_PATH": True,
+    },
     keep_on_clear=("PWD", "HOME", "OPTIND", "UID", "GID", "SINGULARITY_APPNAME", "SINGULARITY_SHELL"),
     readonly_on_clear=("APPTAINER_NAME", "APPTAINER_CONTAINER", "APPTAINER_INSTANCE"),
-    ps1="Apptainer> ", environment_vars=("APPTAINER_ENVIRONMENT", "SINGULARITY_ENVIRONMENT"),
+    ps1="Apptainer> ",
+    environment_vars=("APPTAINER_ENVIRONMENT", "SINGULARITY_ENVIRONMENT"),
     mount_hook_prefix="mount hook function failure: ",
-    commands=("build", "cache", "capability", "checkpoint", "completion", "config", "delete", "exec",
-              "help", "inspect", "instance", "key", "keyserver", "oci", "overlay", "plugin", "pull",
-              "push", "registry", "remote", "run", "run-help", "search", "shell", "sif", "sign",
-              "test", "verify", "version"),
+    commands=(
+        "build",
+        "cache",
+        "capability",
+        "checkpoint",
+        "completion",
+        "config",
+        "delete",
+        "exec",
+        "help",
+        "inspect",
+        "instance",
+        "key",
+        "keyserver",
+        "oci",
+        "overlay",
+        "plugin",
+        "pull",
+        "push",
+        "registry",
+        "remote",
+        "run",
+        "run-help",
+        "search",
+        "shell",
+        "sif",
+        "sign",
+        "test",
+        "verify",
+        "version",
+    ),
 )
 SINGULARITY = Flavour(
-    cmd="singularity", package="singularity-ce", version="4.1.5-standin",
+    cmd="singularity",
+    package="singularity-ce",
+    version="4.1.5-standin",
     cfg_prefixes=("SINGULARITY_",),
     env_prefixes=("SINGULARITYENV_",),
-    omit_keys={"HOME": False, "PATH": False, "SINGULARITY_SHELL": False, "SINGULARITY_APPNAME": False,
-               "LD_LIBRARY_PATH": True},
+    omit_keys={
+        "HOME": False,
+        "PATH": False,
+        "SINGULARITY_SHELL": False,
+        "SINGULARITY_APPNAME": False,
+        "LD_LIBRARY_PATH": True,
+    },
     keep_on_clear=("PWD", "HOME", "OPTIND", "UID", "SINGULARITY_APPNAME", "SINGULARITY_SHELL"),
     readonly_on_clear=("SINGULARITY_NAME", "SINGULARITY_CONTAINER", "SINGULARITY_INSTANCE"),
-    ps1="Singularity> ", environment_vars=("SINGULARITY_ENVIRONMENT",),
+    ps1="Singularity> ",
+    environment_vars=("SINGULARITY_ENVIRONMENT",),
     mount_hook_prefix="",
-    commands=("build", "cache", "capability", "config", "data", "delete", "exec", "help", "inspect",
-              "instance", "key", "keyserver", "oci", "overlay", "plugin", "pull", "push", "registry",
-              "remote", "run", "run-help", "search", "shell", "sif", "sign", "test", "verify", "version"),
+    commands=(
+        "build",
+        "cache",
+        "capability",
+        "config",
+        "data",
+        "delete",
+        "exec",
+        "help",
+        "inspect",
+        "instance",
+        "key",
+        "keyserver",
+        "oci",
+        "overlay",
+        "plugin",
+        "pull",
+        "push",
+        "registry",
+        "remote",
+        "run",
+        "run-help",
+        "search",
+        "shell",
+        "sif",
+        "sign",
+        "test",
+        "verify",
+        "version",
+    ),
 )
 FLAVOURS = {"apptainer": APPTAINER, "singularity": SINGULARITY}
-ALWAYS_PASS = ("TERM", "http_proxy", "HTTP_PROXY", "https_proxy", "HTTPS_PROXY", "no_proxy", "NO_PROXY",
-               "all_proxy", "ALL_PROXY", "ftp_proxy", "FTP_PROXY")
+ALWAYS_PASS = (
+    "TERM",
+    "http_proxy",
+    "HTTP_PROXY",
+    "https_proxy",
+    "HTTPS_PROXY",
+    "no_proxy",
+    "NO_PROXY",
+    "all_proxy",
+    "ALL_PROXY",
+    "ftp_proxy",
+    "FTP_PROXY",
+)
 
 # --------------------------------------------------------------------------
 # Messages (sylog): "LEVEL:" padded to 8 characters, a space, the message.
@@ -390,10 +473,22 @@ class Flag:
     def set(self, text):
         """pflag's Value.Set; raises ValueError with pflag's wording."""
         if self.kind == BOOL:
-            truth = {"1": True, "t": True, "T": True, "TRUE": True, "true": True, "True": True,
-                     "0": False, "f": False, "F": False, "FALSE": False, "false": False, "False": False}
+            truth = {
+                "1": True,
+                "t": True,
+                "T": True,
+                "TRUE": True,
+                "true": True,
+                "True": True,
+                "0": False,
+                "f": False,
+                "F": False,
+                "FALSE": False,
+                "false": False,
+                "False": False,
+            }
             if text not in truth:
-                raise ValueError('strconv.ParseBool: parsing %s: invalid syntax' % go_quote(text))
+                raise ValueError("strconv.ParseBool: parsing %s: invalid syntax" % go_quote(text))
             self.value = truth[text]
         elif self.kind == STR:
             self.value = text
@@ -401,7 +496,7 @@ class Flag:
             try:
                 self.value = int(text, 0)
             except ValueError:
-                raise ValueError('strconv.ParseInt: parsing %s: invalid syntax' % go_quote(text))
+                raise ValueError("strconv.ParseInt: parsing %s: invalid syntax" % go_quote(text))
         elif self.kind == SARRAY:
             self.value = (self.value if self.changed else []) + [text]
         elif self.kind == SSLICE:
@@ -446,7 +541,7 @@ class FlagSet:
         while i < len(args):
             arg = args[i]
             if arg == "--":
-                return args[i + 1:]
+                return args[i + 1 :]
             if arg.startswith("--"):
                 name, eq, text = arg[2:].partition("=")
                 flag = self.by_name.get(name)
@@ -501,18 +596,22 @@ class FlagSet:
                     if rank > 0:
                         if key in found:
                             if found[key] != value:
-                                log.warning("%s and %s have different values, using the latter"
-                                            % (prefix + key, flavour.cfg_prefixes[0] + key))
+                                log.warning(
+                                    "%s and %s have different values, using the latter"
+                                    % (prefix + key, flavour.cfg_prefixes[0] + key)
+                                )
                             continue
-                        log.info("Environment variable %s is set, but %s is preferred"
-                                 % (prefix + key, flavour.cfg_prefixes[0] + key))
+                        log.info(
+                            "Environment variable %s is set, but %s is preferred"
+                            % (prefix + key, flavour.cfg_prefixes[0] + key)
+                        )
                     found[key] = value
                     stripped = value.strip()
                     if not stripped:
                         continue
-                    if flag.name in ("bind", "mount"):     # EnvAppendValue: added to the command line's
+                    if flag.name in ("bind", "mount"):  # EnvAppendValue: added to the command line's
                         pass
-                    elif flag.changed:                     # EnvSetValue: only when not given on the command line
+                    elif flag.changed:  # EnvSetValue: only when not given on the command line
                         continue
                     elif flag.kind == SSLICE:
                         value = ",".join(v.strip() for v in stripped.split(","))
@@ -538,7 +637,7 @@ class FlagSet:
 def exec_flagset(flavour):
     extra = _APPTAINER_ONLY if flavour is APPTAINER else _SINGULARITY_ONLY
     rows = list(_EXEC_FLAGS) + extra
-    if flavour is SINGULARITY:   # its --bind is a pflag StringSlice: values are split on commas as CSV
+    if flavour is SINGULARITY:  # its --bind is a pflag StringSlice: values are split on commas as CSV
         rows = [(n, s, SSLICE if n == "bind" else k, sup, env) for (n, s, k, sup, env) in rows]
     return FlagSet(rows)
 
@@ -557,14 +656,18 @@ def cobra_error(flavour, command, message, options=None, usage=None):
 
 
 def root_usage(flavour):
-    return ("Usage:\n  %s [global options...] <command>\n\nAvailable Commands:\n%s\n"
-            "(stand-in: only exec, version and help are emulated)\n"
-            % (flavour.cmd, "".join("  %s\n" % c for c in flavour.commands)))
+    return (
+        "Usage:\n  %s [global options...] <command>\n\nAvailable Commands:\n%s\n"
+        "(stand-in: only exec, version and help are emulated)\n"
+        % (flavour.cmd, "".join("  %s\n" % c for c in flavour.commands))
+    )
 
 
 def exec_usage(flavour, flags):
-    return ("Usage:\n  %s [global options...] exec [exec options...] <container> <command>\n\n"
-            "Options:\n%s" % (flavour.cmd, flags.usage()))
+    return "Usage:\n  %s [global options...] exec [exec options...] <container> <command>\n\nOptions:\n%s" % (
+        flavour.cmd,
+        flags.usage(),
+    )
 
 
 def levenshtein(a, b):
@@ -580,6 +683,7 @@ def levenshtein(a, b):
 # --------------------------------------------------------------------------
 # Binds: ParseBindPath / newBindPath / ParseMountString of the runtime.
 
+
 class BindError(Exception):
     pass
 
@@ -592,7 +696,7 @@ def _split_by(text, sep):
     out, cursor = [], 0
     matches = list(re.finditer(r"[^\\]" + re.escape(sep), text))
     for n, m in enumerate(matches):
-        out.append(text[cursor:m.end() - 1])
+        out.append(text[cursor : m.end() - 1])
         cursor = m.end()
         if n == len(matches) - 1:
             return out + [text[cursor:]]
@@ -602,7 +706,7 @@ def _split_by(text, sep):
 def _new_bind(spec):
     parts = _split_by(spec, ":")
     if len(parts) > 3:
-        raise BindError('bad bind syntax %s: should be %s:%s:%s' % (go_quote(spec), parts[0], parts[1], parts[2]))
+        raise BindError("bad bind syntax %s: should be %s:%s:%s" % (go_quote(spec), parts[0], parts[1], parts[2]))
     source = parts[0].replace("\\:", ":")
     if source == "":
         raise BindError("empty bind source for bind path %s" % go_quote(spec))
@@ -611,7 +715,7 @@ def _new_bind(spec):
         for value in parts[2].split(","):
             for name, is_flag in _BIND_OPTIONS.items():
                 if (is_flag and value == name) or (not is_flag and value.startswith(name + "=")):
-                    bind["options"][name] = value[len(name) + 1:] if not is_flag else ""
+                    bind["options"][name] = value[len(name) + 1 :] if not is_flag else ""
                     break
             else:
                 raise BindError("%s is not a valid bind option" % value)
@@ -694,7 +798,9 @@ def parse_mount(text):
             elif key in ("image-src", "id"):
                 bind["options"][key] = value
             elif key == "bind-propagation":
-                raise BindError("bind-propagation not supported for individual mounts, check apptainer.conf for global setting")
+                raise BindError(
+                    "bind-propagation not supported for individual mounts, check apptainer.conf for global setting"
+                )
             else:
                 raise BindError("invalid key %s in mount specification" % go_quote(key))
         if not bind["src"] or not bind["dst"]:
@@ -706,10 +812,13 @@ def parse_mount(text):
 # --------------------------------------------------------------------------
 # Image
 
+
 def open_image(image, log):
     if re.match(r"^[A-Za-z][A-Za-z0-9+.-]*://", image):
-        log.fatal("%s: %s is a URI; the stand-in cannot pull images, give a local .sif file or sandbox directory"
-                  % (STANDIN, image))
+        log.fatal(
+            "%s: %s is a URI; the stand-in cannot pull images, give a local .sif file or sandbox directory"
+            % (STANDIN, image)
+        )
     abspath = os.path.abspath(image)
     prefix = ""
     for part in abspath.split("/")[1:]:
@@ -717,12 +826,15 @@ def open_image(image, log):
         try:
             os.lstat(prefix)
         except OSError as exc:
-            log.fatal("could not open image %s: failed to retrieve path for %s: lstat %s: %s"
-                      % (abspath, abspath, prefix, go_err(exc)))
+            log.fatal(
+                "could not open image %s: failed to retrieve path for %s: lstat %s: %s"
+                % (abspath, abspath, prefix, go_err(exc))
+            )
     resolved = os.path.realpath(abspath)
     if not os.access(resolved, os.R_OK):
-        log.fatal("could not open image %s: %s is not readable by the current user, check permissions"
-                  % (abspath, resolved))
+        log.fatal(
+            "could not open image %s: %s is not readable by the current user, check permissions" % (abspath, resolved)
+        )
     if os.path.isdir(resolved):
         return abspath, "sandbox", resolved
     if os.path.isfile(resolved):
@@ -736,7 +848,7 @@ def open_image(image, log):
 # --------------------------------------------------------------------------
 # Environment: SetContainerEnv, then the action script (run by bash).
 
-_ACTION_SCRIPT = r'''
+_ACTION_SCRIPT = r"""
 __standin_kind=$1 __standin_path=$2 __standin_inject=/dev/fd/$3 __standin_envfd=$4 __standin_out=$5
 __standin_level=$6 __standin_ps1=$7 __standin_envvars=$8 __standin_readonly=$9
 # bash gives these shell variables defaults that the runtime's interpreter does not have: without
@@ -841,9 +953,9 @@ for __standin_k in "$@"; do export "$__standin_k=${!__standin_first}"; done
 
 for __standin_k in $(compgen -e); do printf '%s=%s\0' "$__standin_k" "${!__standin_k}"; done >&"$__standin_out"
 printf '__STANDIN_DONE__=1\0' >&"$__standin_out"
-'''
+"""
 
-_ENV_FILE_SCRIPT = r'''
+_ENV_FILE_SCRIPT = r"""
 unset SHLVL
 while IFS= read -r -d '' -u "$2" __standin_e; do
     __standin_k=${__standin_e%%=*}
@@ -855,7 +967,7 @@ source "$1" || exit $?
 set +a
 for __standin_k in $(compgen -e); do printf '%s=%s\0' "$__standin_k" "${!__standin_k}"; done >&"$3"
 printf '__STANDIN_DONE__=1\0' >&"$3"
-'''
+"""
 
 
 def _memfd(name, data=b""):
@@ -910,15 +1022,27 @@ def evaluate_env_file(path, image, log):
     script = _memfd("standin-env-file-content", content)
     env_in = _memfd("standin-host-env", _nul_env(current.items()))
     out = _memfd("standin-env-file")
-    proc = subprocess.run([bash_path(log), "--noprofile", "--norc", "-c", _ENV_FILE_SCRIPT, "bash",
-                           "/dev/fd/%d" % script, str(env_in), str(out)], env={},
-                          pass_fds=(script, env_in, out), stdin=subprocess.DEVNULL)
+    proc = subprocess.run(
+        [
+            bash_path(log),
+            "--noprofile",
+            "--norc",
+            "-c",
+            _ENV_FILE_SCRIPT,
+            "bash",
+            "/dev/fd/%d" % script,
+            str(env_in),
+            str(out),
+        ],
+        env={},
+        pass_fds=(script, env_in, out),
+        stdin=subprocess.DEVNULL,
+    )
     values, done = _parse_nul_env(_read_fd(out))
     for fd in (script, env_in, out):
         os.close(fd)
     if not done:
-        log.fatal("while processing %s: while evaluating environment script: exit status %d"
-                  % (path, proc.returncode))
+        log.fatal("while processing %s: while evaluating environment script: exit status %d" % (path, proc.returncode))
     read_only = {"EUID", "GID", "HOME", "IFS", "OPTIND", "PWD", "UID"}
     return {k: v for k, v in values.items() if k not in read_only}
 
@@ -937,8 +1061,8 @@ def container_environment(flavour, host_env, cleanenv, home_dest, log):
     if flavour is APPTAINER:
         legacy, new = flavour.env_prefixes[1], flavour.env_prefixes[0]
         for key, value in host_env.items():
-            if key.startswith(legacy) and key[len(legacy):]:
-                name = key[len(legacy):]
+            if key.startswith(legacy) and key[len(legacy) :]:
+                name = key[len(legacy) :]
                 if new + name in host_env:
                     if host_env[new + name] != value:
                         log.warning("%s and %s have different values, using the latter" % (key, new + name))
@@ -946,9 +1070,9 @@ def container_environment(flavour, host_env, cleanenv, home_dest, log):
                     log.info("Environment variable %s is set, but %s is preferred" % (key, new + name))
         for prefix in flavour.env_prefixes:
             for key, value in host_env.items():
-                if not key.startswith(prefix) or not key[len(prefix):]:
+                if not key.startswith(prefix) or not key[len(prefix) :]:
                     continue
-                name = key[len(prefix):]
+                name = key[len(prefix) :]
                 if name in ("PREPEND_PATH", "APPEND_PATH", "PATH"):
                     name = "SING_USER_DEFINED_" + name
                 elif flavour.omit_keys.get(name) is False:
@@ -956,8 +1080,10 @@ def container_environment(flavour, host_env, cleanenv, home_dest, log):
                     continue
                 if name in overrides:
                     if overrides[name] != value:
-                        log.warning("Skipping environment variable [%s=%s], %s is already overridden with "
-                                    "different value [%s]" % (key, value, name, overrides[name]))
+                        log.warning(
+                            "Skipping environment variable [%s=%s], %s is already overridden with "
+                            "different value [%s]" % (key, value, name, overrides[name])
+                        )
                     continue
                 overrides[name] = value
                 process.pop(name, None)
@@ -967,8 +1093,10 @@ def container_environment(flavour, host_env, cleanenv, home_dest, log):
             if add_host(key):
                 if key in overrides:
                     if overrides[key] != value:
-                        log.warning("Environment variable %s already has value [%s], will not forward new "
-                                    "value [%s] from parent process environment" % (key, overrides[key], value))
+                        log.warning(
+                            "Environment variable %s already has value [%s], will not forward new "
+                            "value [%s] from parent process environment" % (key, overrides[key], value)
+                        )
                 else:
                     process[key] = value
     else:
@@ -977,7 +1105,7 @@ def container_environment(flavour, host_env, cleanenv, home_dest, log):
             if key.startswith(flavour.cfg_prefixes):
                 continue
             if key.startswith(prefix):
-                name = key[len(prefix):]
+                name = key[len(prefix) :]
                 if name in ("PREPEND_PATH", "APPEND_PATH", "PATH"):
                     overrides["SING_USER_DEFINED_" + name] = value
                     continue
@@ -1008,26 +1136,49 @@ def inject_script(overrides, no_eval):
         else:
             quoted = '"' + value.replace('"', '\\"') + '"'
         text += 'if test -v %s; then\n    sylog debug "Overriding %s environment variable"\nfi\nexport %s=%s\n' % (
-            key, key, key, quoted)
+            key,
+            key,
+            key,
+            quoted,
+        )
     return text.encode("utf-8", "surrogateescape")
 
 
 def run_action_script(flavour, kind, path, process, overrides, no_eval, cwd, log):
     exported = [(k, v) for k, v in process.items() if _NAME_RE.match(k)]
     keep = set(flavour.keep_on_clear) | set(flavour.readonly_on_clear)
-    start_env = {k: v for k, v in exported if k in keep}     # clear_env
+    start_env = {k: v for k, v in exported if k in keep}  # clear_env
     env_in = _memfd("standin-exported-env", _nul_env(exported))
     inject = _memfd("standin-inject", inject_script(overrides, no_eval))
     out = _memfd("standin-final-env")
-    argv = [bash_path(log), "--noprofile", "--norc", "-c", _ACTION_SCRIPT, "bash", kind, path, str(inject),
-            str(env_in), str(out), str(log.level), flavour.ps1, " ".join(flavour.environment_vars),
-            " ".join(flavour.readonly_on_clear)]
-    proc = subprocess.run(argv, env=start_env, pass_fds=(env_in, inject, out), stdin=subprocess.DEVNULL,
-                          cwd=cwd if os.path.isdir(cwd) else "/")
+    argv = [
+        bash_path(log),
+        "--noprofile",
+        "--norc",
+        "-c",
+        _ACTION_SCRIPT,
+        "bash",
+        kind,
+        path,
+        str(inject),
+        str(env_in),
+        str(out),
+        str(log.level),
+        flavour.ps1,
+        " ".join(flavour.environment_vars),
+        " ".join(flavour.readonly_on_clear),
+    ]
+    proc = subprocess.run(
+        argv,
+        env=start_env,
+        pass_fds=(env_in, inject, out),
+        stdin=subprocess.DEVNULL,
+        cwd=cwd if os.path.isdir(cwd) else "/",
+    )
     final, done = _parse_nul_env(_read_fd(out))
     for fd in (env_in, inject, out):
         os.close(fd)
-    if not done:   # an environment script called exit
+    if not done:  # an environment script called exit
         sys.exit(proc.returncode)
     return final
 
@@ -1035,9 +1186,15 @@ def run_action_script(flavour, kind, path, process, overrides, no_eval, cwd, log
 # --------------------------------------------------------------------------
 # GPU
 
+
 def nv_check(log):
-    binaries = ("nvidia-smi", "nvidia-debugdump", "nvidia-persistenced", "nvidia-cuda-mps-control",
-                "nvidia-cuda-mps-server")
+    binaries = (
+        "nvidia-smi",
+        "nvidia-debugdump",
+        "nvidia-persistenced",
+        "nvidia-cuda-mps-control",
+        "nvidia-cuda-mps-server",
+    )
     files = [b for b in binaries if shutil.which(b)]
     if os.path.exists("/var/run/nvidia-persistenced/socket"):
         files.append("/var/run/nvidia-persistenced/socket")
@@ -1058,9 +1215,20 @@ def nv_check(log):
 # --------------------------------------------------------------------------
 # Launching: the master process (this one) and stage 2 (in the namespace).
 
+
 def forwarded_signals():
-    skip = {signal.SIGKILL, signal.SIGSTOP, signal.SIGCHLD, signal.SIGURG, signal.SIGSEGV, signal.SIGBUS,
-            signal.SIGILL, signal.SIGFPE, signal.SIGTRAP, signal.SIGSYS}
+    skip = {
+        signal.SIGKILL,
+        signal.SIGSTOP,
+        signal.SIGCHLD,
+        signal.SIGURG,
+        signal.SIGSEGV,
+        signal.SIGBUS,
+        signal.SIGILL,
+        signal.SIGFPE,
+        signal.SIGTRAP,
+        signal.SIGSYS,
+    }
     return sorted(int(s) for s in signal.valid_signals() if int(s) not in {int(x) for x in skip})
 
 
@@ -1084,8 +1252,13 @@ def bwrap_usable(log):
     if path is None:
         return None, "bwrap is not installed"
     true = shutil.which("true") or "/bin/true"
-    probe = subprocess.run([path, "--bind", "/", "/", "--", true], stdin=subprocess.DEVNULL,
-                           stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    probe = subprocess.run(
+        [path, "--bind", "/", "/", "--", true],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     if probe.returncode != 0:
         return None, "bwrap cannot create a mount namespace here: %s" % probe.stderr.strip()
     return path, None
@@ -1162,8 +1335,10 @@ def launch(spec, bwrap, mounts, python, log):
         os.close(info_r)
         if info is None:
             status = proc.wait()
-            log.fatal("container creation failed: %s: bwrap could not set up the mounts (exit status %d, "
-                      "see its message above)" % (STANDIN, status))
+            log.fatal(
+                "container creation failed: %s: bwrap could not set up the mounts (exit status %d, "
+                "see its message above)" % (STANDIN, status)
+            )
         state["pid"] = int(info["child-pid"])
         pending, state["pending"] = state["pending"], []
         for sig in pending:
@@ -1173,7 +1348,7 @@ def launch(spec, bwrap, mounts, python, log):
                 pass
 
     status = proc.wait()
-    if status < 0:                       # the direct child (stage 2 / command, or bwrap) died of a signal
+    if status < 0:  # the direct child (stage 2 / command, or bwrap) died of a signal
         _reraise(-status, 128 - status)
     if bwrap and status > 128:
         sig = status - 128
@@ -1277,6 +1452,7 @@ main(int(sys.argv[1]), int(sys.argv[2]))
 
 def stage2_python(hidden, log):
     """An interpreter (and its standard library) that the container's mounts do not hide."""
+
     def visible(*paths):
         for path in paths:
             for h in hidden:
@@ -1292,8 +1468,10 @@ def stage2_python(hidden, log):
     for path, prefix in candidates:
         if visible(path, os.path.realpath(path), prefix):
             return path
-    log.fatal("%s: no Python interpreter for the stand-in's stage 2 stays visible with these mounts "
-              "(hidden: %s)" % (STANDIN, ", ".join(hidden)))
+    log.fatal(
+        "%s: no Python interpreter for the stand-in's stage 2 stays visible with these mounts "
+        "(hidden: %s)" % (STANDIN, ", ".join(hidden))
+    )
 
 
 # --------------------------------------------------------------------------
@@ -1303,8 +1481,10 @@ _OS_DIRS = ("/", "/etc", "/bin", "/mnt", "/usr", "/var", "/opt", "/sbin", "/lib"
 
 
 def refuse(flavour, what, log):
-    log.fatal("%s: %s of %s is not emulated by this stand-in (tests/bin/container_standin.py); "
-              "see its docstring" % (STANDIN, what, flavour.cmd))
+    log.fatal(
+        "%s: %s of %s is not emulated by this stand-in (tests/bin/container_standin.py); "
+        "see its docstring" % (STANDIN, what, flavour.cmd)
+    )
 
 
 def run_exec(flavour, args, log):
@@ -1317,8 +1497,12 @@ def run_exec(flavour, args, log):
         sys.stdout.write(exec_usage(flavour, flags))
         sys.exit(0)
     if len(positional) < 2:
-        cobra_error(flavour, "exec", 'Error for command "exec": requires at least 2 arg(s), only received %d\n\n'
-                    % len(positional), usage=exec_usage(flavour, flags))
+        cobra_error(
+            flavour,
+            "exec",
+            'Error for command "exec": requires at least 2 arg(s), only received %d\n\n' % len(positional),
+            usage=exec_usage(flavour, flags),
+        )
     flags.from_environment(flavour, log)
     image, command = positional[0], positional[1:]
 
@@ -1354,8 +1538,10 @@ def run_exec(flavour, args, log):
             for path in flags["bind"].value:
                 binds += parse_bind_paths([path])
     except BindError as exc:
-        log.fatal("while parsing bind path: %s" % ("while getting bind path: %s" % exc
-                                                    if not str(exc).startswith("wrong") else exc))
+        log.fatal(
+            "while parsing bind path: %s"
+            % ("while getting bind path: %s" % exc if not str(exc).startswith("wrong") else exc)
+        )
     for text in flags["mount"].value:
         try:
             binds += parse_mount(text)
@@ -1422,11 +1608,14 @@ def run_exec(flavour, args, log):
     mount_list = ([{"src": home_src, "dst": home_dst, "options": {}}] if custom_home else []) + binds
     for bind in mount_list:
         if not os.path.exists(bind["src"]):
-            log.fatal("container creation failed: %smount %s->%s error: while mounting %s: mount source %s "
-                      "doesn't exist" % (flavour.mount_hook_prefix, bind["src"], bind["dst"], bind["src"], bind["src"]))
+            log.fatal(
+                "container creation failed: %smount %s->%s error: while mounting %s: mount source %s "
+                "doesn't exist" % (flavour.mount_hook_prefix, bind["src"], bind["dst"], bind["src"], bind["src"])
+            )
 
-    final_env = run_action_script(flavour, kind, env_source, process, overrides, flags["no-eval"].value,
-                                  target_cwd or host_cwd, log)
+    final_env = run_action_script(
+        flavour, kind, env_source, process, overrides, flags["no-eval"].value, target_cwd or host_cwd, log
+    )
 
     # The current directory is bound unless --contain, --no-mount cwd, / or a system directory.
     cwd_path = os.path.normpath(host_cwd)
@@ -1434,8 +1623,9 @@ def run_exec(flavour, args, log):
     if bind_cwd and cwd_path == "/":
         log.warning("No current working directory set: skipping mount")
         bind_cwd = False
-    if bind_cwd and any(p in _OS_DIRS or p.startswith(("/sys", "/proc", "/dev"))
-                        for p in (cwd_path, os.path.realpath(cwd_path))):
+    if bind_cwd and any(
+        p in _OS_DIRS or p.startswith(("/sys", "/proc", "/dev")) for p in (cwd_path, os.path.realpath(cwd_path))
+    ):
         bind_cwd = False
 
     bwrap, why_not = bwrap_usable(log)
@@ -1464,8 +1654,10 @@ def run_exec(flavour, args, log):
         if not flags["writable-tmpfs"].value:
             mounts += ["--remount-ro", "/"]
     else:
-        sys.stderr.write("%s: %s; running the command directly on the host: binds to another destination, "
-                         ":ro, --contain and the read-only image root are NOT emulated\n" % (STANDIN, why_not))
+        sys.stderr.write(
+            "%s: %s; running the command directly on the host: binds to another destination, "
+            ":ro, --contain and the read-only image root are NOT emulated\n" % (STANDIN, why_not)
+        )
         sys.stderr.flush()
 
     # Paths whose host content the container does not see (for the stand-in's own stage 2).
@@ -1473,18 +1665,27 @@ def run_exec(flavour, args, log):
     hidden = [m["dst"] for m in moved if os.path.realpath(m["src"]) != os.path.realpath(m["dst"])]
     if contain:
         hidden += ["/tmp", "/var/tmp", "/dev"] + ([] if custom_home else [home_dst])
-    spec = {"argv": command, "env": final_env, "cwd": target_cwd or host_cwd, "custom_cwd": custom_cwd,
-            "home": home_dst, "no_umask": flags["no-umask"].value}
+    spec = {
+        "argv": command,
+        "env": final_env,
+        "cwd": target_cwd or host_cwd,
+        "custom_cwd": custom_cwd,
+        "home": home_dst,
+        "no_umask": flags["no-umask"].value,
+    }
     launch(spec, bwrap, mounts, stage2_python(hidden if bwrap else [], log), log)
 
 
 # --------------------------------------------------------------------------
 # main
 
+
 def main(argv):
     if len(argv) < 2 or argv[0] != "--as" or argv[1] not in FLAVOURS:
-        sys.stderr.write("usage: container_standin.py --as apptainer|singularity ARGS... "
-                         "(normally run through tests/bin/apptainer or tests/bin/singularity)\n")
+        sys.stderr.write(
+            "usage: container_standin.py --as apptainer|singularity ARGS... "
+            "(normally run through tests/bin/apptainer or tests/bin/singularity)\n"
+        )
         sys.exit(2)
     flavour = FLAVOURS[argv[1]]
     args = argv[2:]
@@ -1500,7 +1701,7 @@ def main(argv):
         words = [a for a in args if not a.startswith("-")]
         name = words[0] if words and words[0] in flavour.commands else flavour.cmd
         options = exec_flagset(flavour).usage() if name == "exec" else flags.usage()
-        cobra_error(flavour, name, 'Error for command %s: %s\n\n' % (go_quote(name), exc), options)
+        cobra_error(flavour, name, "Error for command %s: %s\n\n" % (go_quote(name), exc), options)
     for name in ("debug", "silent", "quiet", "verbose"):
         for prefix in flavour.cfg_prefixes:
             value = os.environ.get(prefix + name.upper(), "").strip()

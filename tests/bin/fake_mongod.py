@@ -66,8 +66,8 @@ from typing import Any, Callable
 import bson
 from bson.errors import BSONError
 from bson.int64 import Int64
-
 from fake_mongod_cli import MAX_WIRE_VERSION, FakeMongodOptions
+
 from mspass_cluster import _mongod_cli as cli
 from mspass_cluster import _mongod_log as mlog
 
@@ -122,8 +122,9 @@ class RecordingLog:
         self._startup_warnings: list[str] = []
         self._lines_written = 0
 
-    def write(self, severity: str, component: str, log_id: int, ctx: str, msg: str,
-              attr: dict[str, Any] | None = None) -> None:
+    def write(
+        self, severity: str, component: str, log_id: int, ctx: str, msg: str, attr: dict[str, Any] | None = None
+    ) -> None:
         """Log one line (see :meth:`mlog.MongodLog.write`); silently dropped once closed."""
         with self._lock:
             if self._closed:
@@ -191,8 +192,7 @@ class FakeMongod:
             "buildinfo": self._build_info,
             "endSessions": lambda db, body, conn: {"ok": 1.0},
             "getLog": self._get_log,
-            "getCmdLineOpts": lambda db, body, conn: {
-                "argv": sys.argv, "parsed": self.opts.as_config(), "ok": 1.0},
+            "getCmdLineOpts": lambda db, body, conn: {"argv": sys.argv, "parsed": self.opts.as_config(), "ok": 1.0},
             "serverStatus": self._server_status,
             "shutdown": self._shutdown_command,
         }
@@ -232,9 +232,14 @@ class FakeMongod:
             with open(path, "w", encoding="ascii") as handle:
                 handle.write(f"{os.getpid()}\n")
         except OSError as exc:
-            self.log.write("E", "CONTROL", 23312, "initandlisten",
-                           "ERROR: Cannot write pid file to {path_string}: {errAndStr_second}",
-                           {"path_string": path, "errAndStr_second": exc.strerror})
+            self.log.write(
+                "E",
+                "CONTROL",
+                23312,
+                "initandlisten",
+                "ERROR: Cannot write pid file to {path_string}: {errAndStr_second}",
+                {"path_string": path, "errAndStr_second": exc.strerror},
+            )
             raise _StartupFailure(cli.EXIT_FAILURE) from None
 
     def _listen(self) -> None:
@@ -294,7 +299,8 @@ class FakeMongod:
             fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o600)
         except OSError as exc:
             mlog.log_initandlisten_failure(
-                self.log, f"IllegalOperation: Unable to create/open the lock file: {lock_path} ({exc.strerror}).")
+                self.log, f"IllegalOperation: Unable to create/open the lock file: {lock_path} ({exc.strerror})."
+            )
             raise _StartupFailure(cli.EXIT_UNCAUGHT) from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -303,12 +309,19 @@ class FakeMongod:
             mlog.log_initandlisten_failure(
                 self.log,
                 f"DBPathInUse: Unable to lock the lock file: {lock_path} (Resource temporarily unavailable). "
-                f"Another mongod instance is already running on the {dbpath} directory")
+                f"Another mongod instance is already running on the {dbpath} directory",
+            )
             raise _StartupFailure(cli.EXIT_UNCAUGHT) from None
         self._lock_fd = fd
         if os.fstat(fd).st_size > 0:
-            self.log.write("W", "STORAGE", 22271, "initandlisten", "Detected unclean shutdown - Lock file is not empty",
-                      {"lockFile": lock_path})
+            self.log.write(
+                "W",
+                "STORAGE",
+                22271,
+                "initandlisten",
+                "Detected unclean shutdown - Lock file is not empty",
+                {"lockFile": lock_path},
+            )
         try:
             os.unlink(os.path.join(dbpath, CLEAN_SHUTDOWN_MARKER))
         except FileNotFoundError:
@@ -356,8 +369,14 @@ class FakeMongod:
             self._total_connections += 1
             current = len(self._connections)
         if not self.opts.quiet:
-            self.log.write("I", "NETWORK", 22943, "listener", "Connection accepted",
-                      {"remote": remote, "connectionId": conn.id, "connectionCount": current})
+            self.log.write(
+                "I",
+                "NETWORK",
+                22943,
+                "listener",
+                "Connection accepted",
+                {"remote": remote, "connectionId": conn.id, "connectionCount": current},
+            )
         threading.Thread(target=self._session, args=(conn,), name=f"conn{conn.id}", daemon=True).start()
 
     def _on_signal(self, signum: int, frame: Any) -> None:
@@ -371,8 +390,9 @@ class FakeMongod:
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         # Only record and wake the main loop: logging here could deadlock on
         # a lock the interrupted main thread already holds.
-        self._request_shutdown(signal.Signals(signum).name, "SignalHandler",
-                               {"signal": signum, "error": _SIGNAL_TEXT[signum]})
+        self._request_shutdown(
+            signal.Signals(signum).name, "SignalHandler", {"signal": signum, "error": _SIGNAL_TEXT[signum]}
+        )
 
     def _request_shutdown(self, reason: str, ctx: str, attr: dict[str, Any]) -> None:
         if self._shutdown_reason is None:
@@ -418,8 +438,14 @@ class FakeMongod:
                 pass
         marker = os.path.join(self.opts.dbpath, CLEAN_SHUTDOWN_MARKER)
         with open(marker + ".tmp", "w", encoding="utf-8") as handle:
-            json.dump({"pid": os.getpid(), "signal": reason,
-                       "time": datetime.datetime.now(datetime.timezone.utc).isoformat()}, handle)
+            json.dump(
+                {
+                    "pid": os.getpid(),
+                    "signal": reason,
+                    "time": datetime.datetime.now(datetime.timezone.utc).isoformat(),
+                },
+                handle,
+            )
         os.replace(marker + ".tmp", marker)
         self.log.write("I", "STORAGE", 22279, ctx, "shutdown: removing fs lock...")
         # mongod empties the lock file rather than deleting it; "empty" is
@@ -449,8 +475,14 @@ class FakeMongod:
                 self._connections.pop(conn.id, None)
                 current = len(self._connections)
             if not self.opts.quiet and self._shutdown_reason is None:
-                self.log.write("I", "NETWORK", 22944, f"conn{conn.id}", "Connection ended",
-                          {"remote": conn.remote, "connectionId": conn.id, "connectionCount": current})
+                self.log.write(
+                    "I",
+                    "NETWORK",
+                    22944,
+                    f"conn{conn.id}",
+                    "Connection ended",
+                    {"remote": conn.remote, "connectionId": conn.id, "connectionCount": current},
+                )
 
     def _serve_one_message(self, conn: _Connection) -> bool:
         """Read, answer one message; False when the connection should close."""
@@ -482,14 +514,14 @@ class FakeMongod:
             pos += 1
             if kind == 0:
                 size = struct.unpack_from("<i", payload, pos)[0]
-                body = bson.decode(payload[pos:pos + size])
+                body = bson.decode(payload[pos : pos + size])
                 pos += size
             elif kind == 1:
                 size = struct.unpack_from("<i", payload, pos)[0]
                 section_end = pos + size
                 name_end = payload.index(b"\0", pos + 4)
-                identifier = payload[pos + 4:name_end].decode()
-                sequences[identifier] = bson.decode_all(payload[name_end + 1:section_end])
+                identifier = payload[pos + 4 : name_end].decode()
+                sequences[identifier] = bson.decode_all(payload[name_end + 1 : section_end])
                 pos = section_end
             else:
                 return False
@@ -506,8 +538,9 @@ class FakeMongod:
             return False
         if not flags & _MSG_MORE_TO_COME:
             encoded = struct.pack("<IB", 0, 0) + bson.encode(reply)
-            conn.sock.sendall(_HEADER.pack(_HEADER.size + len(encoded), next(_request_ids), request_id, OP_MSG)
-                              + encoded)
+            conn.sock.sendall(
+                _HEADER.pack(_HEADER.size + len(encoded), next(_request_ids), request_id, OP_MSG) + encoded
+            )
         return True
 
     def _handle_query(self, conn: _Connection, request_id: int, payload: bytes) -> bool:
@@ -515,7 +548,7 @@ class FakeMongod:
         namespace = payload[4:name_end].decode()
         query_start = name_end + 1 + 8  # skip numberToSkip, numberToReturn
         size = struct.unpack_from("<i", payload, query_start)[0]
-        query = bson.decode(payload[query_start:query_start + size])
+        query = bson.decode(payload[query_start : query_start + size])
         if "$query" in query:
             query = query["$query"]
         db, _, collection = namespace.partition(".")
@@ -527,7 +560,9 @@ class FakeMongod:
             reply = _error(
                 f"Unsupported OP_QUERY command: {command}. The client driver may require an upgrade. "
                 "For more details see https://dochub.mongodb.org/core/legacy-opcode-removal",
-                352, "UnsupportedOpQueryCommand")
+                352,
+                "UnsupportedOpQueryCommand",
+            )
         document = bson.encode(reply)
         body = struct.pack("<iqii", 8, 0, 0, 1) + document  # flags: AwaitCapable, as mongod
         conn.sock.sendall(_HEADER.pack(_HEADER.size + len(body), next(_request_ids), request_id, OP_REPLY) + body)
@@ -554,25 +589,36 @@ class FakeMongod:
             reply["setName"] = self.opts.replSet
         # No topologyVersion: drivers then poll instead of streaming, and a
         # server whose state never changes gains nothing from streaming.
-        reply.update({
-            "maxBsonObjectSize": MAX_BSON_SIZE,
-            "maxMessageSizeBytes": MAX_MESSAGE_SIZE,
-            "maxWriteBatchSize": MAX_WRITE_BATCH_SIZE,
-            "localTime": datetime.datetime.now(datetime.timezone.utc),
-            "logicalSessionTimeoutMinutes": 30,
-            "connectionId": conn.id,
-            "minWireVersion": 0,
-            "maxWireVersion": MAX_WIRE_VERSION,
-            "readOnly": False,
-            "ok": 1.0,
-        })
+        reply.update(
+            {
+                "maxBsonObjectSize": MAX_BSON_SIZE,
+                "maxMessageSizeBytes": MAX_MESSAGE_SIZE,
+                "maxWriteBatchSize": MAX_WRITE_BATCH_SIZE,
+                "localTime": datetime.datetime.now(datetime.timezone.utc),
+                "logicalSessionTimeoutMinutes": 30,
+                "connectionId": conn.id,
+                "minWireVersion": 0,
+                "maxWireVersion": MAX_WIRE_VERSION,
+                "readOnly": False,
+                "ok": 1.0,
+            }
+        )
         return reply
 
     def _build_info(self, db: str, body: dict[str, Any], conn: _Connection) -> dict[str, Any]:
         major, minor, patch = (int(part) for part in cli.MONGODB_VERSION.split("."))
-        return {"version": VERSION, "gitVersion": "fake", "modules": [], "allocator": "system",
-                "versionArray": [major, minor, patch, 0], "bits": 64, "debug": False,
-                "maxBsonObjectSize": MAX_BSON_SIZE, "storageEngines": [], "ok": 1.0}
+        return {
+            "version": VERSION,
+            "gitVersion": "fake",
+            "modules": [],
+            "allocator": "system",
+            "versionArray": [major, minor, patch, 0],
+            "bits": 64,
+            "debug": False,
+            "maxBsonObjectSize": MAX_BSON_SIZE,
+            "storageEngines": [],
+            "ok": 1.0,
+        }
 
     def _get_log(self, db: str, body: dict[str, Any], conn: _Connection) -> dict[str, Any]:
         which = body["getLog"]
@@ -588,15 +634,25 @@ class FakeMongod:
         host = socket.gethostname() if self.port == 27017 else f"{socket.gethostname()}:{self.port}"
         with self._connections_lock:
             connections = {"current": len(self._connections), "totalCreated": self._total_connections}
-        return {"host": host, "version": VERSION, "process": "fake_mongod", "pid": Int64(os.getpid()),
-                "uptime": float(int(uptime)), "uptimeMillis": Int64(int(uptime * 1000)),
-                "uptimeEstimate": Int64(int(uptime)), "localTime": datetime.datetime.now(datetime.timezone.utc),
-                "connections": connections, "ok": 1.0}
+        return {
+            "host": host,
+            "version": VERSION,
+            "process": "fake_mongod",
+            "pid": Int64(os.getpid()),
+            "uptime": float(int(uptime)),
+            "uptimeMillis": Int64(int(uptime * 1000)),
+            "uptimeEstimate": Int64(int(uptime)),
+            "localTime": datetime.datetime.now(datetime.timezone.utc),
+            "connections": connections,
+            "ok": 1.0,
+        }
 
     def _shutdown_command(self, db: str, body: dict[str, Any], conn: _Connection) -> None:
-        self._request_shutdown("shutdown-command", f"conn{conn.id}",
-                               {"force": bool(body.get("force", False)),
-                                "timeoutSecs": body.get("timeoutSecs", 15)})
+        self._request_shutdown(
+            "shutdown-command",
+            f"conn{conn.id}",
+            {"force": bool(body.get("force", False)), "timeoutSecs": body.get("timeoutSecs", 15)},
+        )
 
 
 def _recv_exact(sock: socket.socket, size: int) -> bytes | None:

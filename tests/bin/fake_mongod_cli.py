@@ -114,5 +114,6 @@ Options (a subset of mongod's; this program is a test stand-in):
         key, sep, param = value.partition("=")
         if not sep or not key:
             raise CommandLineError(
-                f"Error parsing command line: the argument ('{value}') for option '{shown}' is invalid")
+                f"Error parsing command line: the argument ('{value}') for option '{shown}' is invalid"
+            )
         self.setParameter[key] = param
