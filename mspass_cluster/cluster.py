@@ -21,7 +21,6 @@ import functools
 import math
 import os
 import secrets
-import shutil
 
 from distributed import Client, Scheduler
 from distributed.core import Status
@@ -30,14 +29,13 @@ from distributed.deploy.spec import SpecCluster
 from distributed.protocol.pickle import dumps
 
 from . import exit_guard
-from .backends import LOCAL_HOST, auto_backend, backend_defaults, choose_backend, finalise_options, open_backend
+from .backends import choose_backend, finalise_options, open_backend, preview_script, scheduler_placement
 from .commands import CommandRunner
 from .config import ClusterOptions, prepare_directories, resolve_options
 from .db import get_db_client
-from .errors import ClusterClosedError, CommandError, ConfigError, MsPASSClusterError, SlurmUnavailableError
+from .errors import ClusterClosedError, CommandError, ConfigError, MsPASSClusterError
 from .jobs import JOB_STOP_TIMEOUT, JobLauncher, TrackedJob
 from .mspass_clients import add_mspass_worker_plugin, close_other_clients
-from .network import scheduler_host
 from .progress import DaskChatter, logger, make_progress_visible
 from .roles import ROLES, ScriptContext, service_environment
 from .services import DatabaseService, NodeAdaptive, Supervisor, WorkerJob, WorkerNodes, node_of_worker
@@ -114,7 +112,7 @@ class MsPASSCluster(SpecCluster):
         self.database.refuse_a_directory_in_use()
         exit_guard.guard(self)  # from here on SIGTERM (also while starting) stops what this cluster submitted
 
-        host, partition_nodes = self._scheduler_host(backend)
+        host, partition_nodes = scheduler_placement(self.backend, backend, self.options)
         self.workers_service = WorkerNodes(
             self, capacity=getattr(backend, "worker_capacity", None), partition_nodes=partition_nodes
         )
@@ -156,22 +154,6 @@ class MsPASSCluster(SpecCluster):
                 runner.stop()
             raise
         exit_guard.guard_at_exit(self)
-
-    def _scheduler_host(self, backend) -> tuple[str, int | None]:
-        """The address the nodes reach the scheduler on (logged), and the partition's node count if named."""
-        if self.backend == "local":
-            logger.debug("The Dask scheduler listens on %s (the local backend: loopback only).", LOCAL_HOST)
-            return LOCAL_HOST, None
-        try:
-            nodes_seen = backend.node_addresses(self.options.partition)
-        except SlurmUnavailableError:
-            raise
-        except CommandError as exc:
-            raise ConfigError(f"Could not list the nodes of partition {self.options.partition!r}: {exc}") from exc
-        host, reason = scheduler_host(self.options.interface, nodes_seen)
-        logger.info("The Dask scheduler listens on %s, chosen from %s (set interface= to change it).", host, reason)
-        partition_nodes = len(set(nodes_seen)) if self.backend == "slurm" and self.options.partition else None
-        return host, partition_nodes
 
     # ------------------------------------------------------------------ names
     def _new_worker_name(self, worker_number):
@@ -392,12 +374,7 @@ class MsPASSCluster(SpecCluster):
         if role not in ROLES:
             raise ConfigError(f"role={role!r} is not a role; use one of {', '.join(ROLES)}.")
         if isinstance(self_or_cls, type):
-            opts = resolve_options(**options)
-            backend = auto_backend(shutil.which("sbatch") is not None)[0] if opts.backend == "auto" else opts.backend
-            opts = backend_defaults(opts, backend)
-            name = f"{opts.job_name}-preview"
-            context = ScriptContext(opts, "preview", name, local=backend == "local")
-            return context.render(role, name + ("-db" if role == "db" else "-worker-0"))[0]
+            return preview_script(role, resolve_options(**options))
         if options:
             raise ConfigError("cluster.job_script(role) takes no options; they were fixed when the cluster was made.")
         self = self_or_cls

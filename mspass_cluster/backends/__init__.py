@@ -28,8 +28,9 @@ from distributed.system import MEMORY_LIMIT
 
 from ..commands import CommandRunner
 from ..config import MIN_MEMORY, ClusterOptions, check_consistency
-from ..errors import ConfigError
-from ..network import free_local_port
+from ..errors import CommandError, ConfigError, SlurmUnavailableError
+from ..network import free_local_port, scheduler_host
+from ..roles import ScriptContext
 from ..slurm import JobStatus
 from .allocation import AllocationBackend, allocation_nodes, allocation_size, in_allocation
 from .local import LOCAL_HOST, LocalBackend, share_of_this_machine
@@ -47,6 +48,8 @@ __all__ = [
     "backend_defaults",
     "finalise_options",
     "EMBEDDED_DB_COMMAND",
+    "scheduler_placement",
+    "preview_script",
 ]
 
 logger = logging.getLogger("mspass_cluster")
@@ -231,3 +234,29 @@ def _fit_allocation(options: ClusterOptions, backend: AllocationBackend) -> Clus
         ", ".join(backend.nodes[1:]) or backend.nodes[0],
     )
     return options
+
+
+def scheduler_placement(backend_name: str, backend: Backend, options: ClusterOptions) -> tuple[str, int | None]:
+    """The address the nodes reach the scheduler on (logged), and the partition's node count when it was named."""
+    if backend_name == "local":
+        logger.debug("The Dask scheduler listens on %s (the local backend: loopback only).", LOCAL_HOST)
+        return LOCAL_HOST, None
+    try:
+        nodes_seen = backend.node_addresses(options.partition)
+    except SlurmUnavailableError:
+        raise
+    except CommandError as exc:
+        raise ConfigError(f"Could not list the nodes of partition {options.partition!r}: {exc}") from exc
+    host, reason = scheduler_host(options.interface, nodes_seen)
+    logger.info("The Dask scheduler listens on %s, chosen from %s (set interface= to change it).", host, reason)
+    partition_nodes = len(set(nodes_seen)) if backend_name == "slurm" and options.partition else None
+    return host, partition_nodes
+
+
+def preview_script(role: str, options: ClusterOptions) -> str:
+    """The job script ``role`` would get from ``options``, the scheduler's address a placeholder; nothing runs."""
+    backend = auto_backend(shutil.which("sbatch") is not None)[0] if options.backend == "auto" else options.backend
+    options = backend_defaults(options, backend)
+    name = f"{options.job_name}-preview"
+    context = ScriptContext(options, "preview", name, local=backend == "local")
+    return context.render(role, name + ("-db" if role == "db" else "-worker-0"))[0]
