@@ -41,6 +41,14 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+def _text_or_empty(path) -> str:
+    """A log's text, or "" while it does not exist (it may be between rotation and re-creation)."""
+    try:
+        return path.read_text()
+    except FileNotFoundError:
+        return ""
+
+
 def wait_until(predicate: Callable[[], object], what: str, timeout: float = DEADLINE):
     """Poll ``predicate`` until it returns something true; fail after ``timeout``."""
     deadline = time.monotonic() + timeout
@@ -381,7 +389,11 @@ def test_fake_logpath_receives_the_log(launch, dbpath, tmp_path):
     logpath = tmp_path / "mongod.log"
     logpath.write_text("previous run\n")
     server = start_fake(launch, dbpath, "--logpath", str(logpath))
-    wait_until(lambda: "Waiting for connections" in logpath.read_text(), "Waiting for connections in --logpath")
+    # The server renames the old log aside, then creates the new one, as mongod does: between the two, no file.
+    wait_until(
+        lambda: "Waiting for connections" in _text_or_empty(logpath),
+        "Waiting for connections in --logpath",
+    )
     assert server.answers_ping()
     assert server.stdout == ""
     assert "previous run" not in logpath.read_text()
