@@ -175,12 +175,8 @@ class DatabaseService:
 
     async def check(self) -> None:
         """Ask the backend about the database job now and raise its failure if it is gone (one query)."""
-        if self.job is None or self.job.ended:
-            pass
-        else:
-            changed = await self.launcher.poll([self.job.job_id])
-            if self.job in changed:
-                self.on_change(self.job)
+        if self.job is not None and not self.job.ended and self.job in await self.launcher.poll([self.job.job_id]):
+            self.on_change(self.job)
         error = self.lost()
         if error is not None:
             raise error
