@@ -190,7 +190,17 @@ OPTIONS: tuple[Option, ...] = (
         "Dask scheduler port; 0 picks a free one (published as ``DASK_SCHEDULER_PORT``).",
         kind="int",
     ),
-    Option("dashboard_address", ":8787", "Dask dashboard address; Dask picks another port when this one is taken."),
+    Option(
+        "dashboard_address",
+        None,
+        "Dask dashboard address; Dask picks another port when this one is taken. Default: ``127.0.0.1:8787`` (loopback only) with ``security``, ``:8787`` (every interface) without.",
+    ),
+    Option(
+        "security",
+        True,
+        "Secure by default: mutual TLS with a fresh per-cluster CA for the scheduler, workers and nannies; the database requires TLS with this cluster's client certificate and authenticates it (x.509); credentials, scripts, logs and data in directories only you can read (0700). `False` turns all of that off (with a warning saying who can then reach what); a `distributed.Security` is used for Dask instead of the cluster's own.",
+        kind="security",
+    ),
     # --- worker role
     Option(
         "python",
@@ -303,7 +313,8 @@ class ClusterOptions:
     container_cleanenv: bool
     interface: str | None
     scheduler_port: int
-    dashboard_address: str
+    dashboard_address: str | None
+    security: Any
     python: str
     worker_extra_args: list
     worker_lifetime: str

@@ -119,6 +119,8 @@ def coerce(option: Option, value):
         if value not in CHOICES[name]:
             raise ConfigError(f"{name}={value!r} is not one of {', '.join(map(repr, CHOICES[name]))}.")
         return value
+    if option.kind == "security":
+        return _check_security(name, value)
     if option.kind == "walltime":
         parse_walltime(value)
         return str(value).strip()
@@ -129,6 +131,31 @@ def coerce(option: Option, value):
     if not isinstance(value, str):
         raise ConfigError(f"{name}={value!r} must be a string.")
     return _one_line(name, value)
+
+
+def _check_security(name, value):
+    """``True``/``False`` (or their spellings in YAML and the environment), or a ``distributed.Security``."""
+    from distributed.security import Security
+
+    if isinstance(value, Security):
+        if not value.require_encryption or not value.tls_ca_file:
+            raise ConfigError(
+                f"{name}={value!r} does not require encryption with a CA: the nodes would accept anyone. Give "
+                f"Security(require_encryption=True, tls_ca_file=..., tls_worker_cert=..., ...), or {name}=True for "
+                "the cluster's own fresh credentials."
+            )
+        return value
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text in ("1", "true", "yes", "on"):
+        return True
+    if text in ("0", "false", "no", "off"):
+        return False
+    raise ConfigError(
+        f"{name}={value!r} is not true, false or a distributed.Security; give {name}=True (the default) or, "
+        f"to run open to every user of the machine, {name}=False."
+    )
 
 
 def _one_line(name, value: str) -> str:

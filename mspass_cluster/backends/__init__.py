@@ -168,6 +168,9 @@ def finalise_options(options: ClusterOptions, backend_name: str, backend: Backen
     ``nodes`` was given.
     """
     options = backend_defaults(options, backend_name)
+    if options.dashboard_address is None:
+        # Dask's dashboard has no login: on loopback, only this machine's users can reach it.
+        options = options.replace(dashboard_address="127.0.0.1:8787" if options.security else ":8787")
     if backend_name == "local":
         options = _local_database(options)
         _check_the_share_of_this_machine(options)
