@@ -21,14 +21,18 @@ import functools
 import math
 import os
 import secrets
+import shutil
 
+import dask
 from distributed import Client, Scheduler
 from distributed.core import Status
 from distributed.deploy.cluster import Cluster
 from distributed.deploy.spec import SpecCluster
 from distributed.protocol.pickle import dumps
+from distributed.security import Security
+from distributed.utils import format_dashboard_link
 
-from . import exit_guard
+from . import dashboard_guard, exit_guard
 from .backends import choose_backend, finalise_options, open_backend, preview_script, scheduler_placement
 from .commands import CommandRunner
 from .config import ClusterOptions, prepare_directories, resolve_options
@@ -37,7 +41,8 @@ from .errors import ClusterClosedError, CommandError, ConfigError, MsPASSCluster
 from .jobs import JOB_STOP_TIMEOUT, JobLauncher, TrackedJob
 from .mspass_clients import add_mspass_worker_plugin, close_other_clients
 from .progress import DaskChatter, logger, make_progress_visible
-from .roles import ROLES, ScriptContext, service_environment
+from .roles import ROLES, SECURE_SCHEDULER_PLACEHOLDER, ScriptContext, service_environment
+from .security import ClusterCredentials
 from .services import DatabaseService, NodeAdaptive, Supervisor, WorkerJob, WorkerNodes, node_of_worker
 from .status import ClusterView, render_html, render_text, view_of
 from .worker_env import EnvironmentPlugin, PublishedEnvironment
@@ -100,16 +105,24 @@ class MsPASSCluster(SpecCluster):
         prepare_directories(self.options)
         self.cluster_id = secrets.token_hex(4)
         name = f"{self.options.job_name}-{self.cluster_id}"
-        context = ScriptContext(
-            self.options,
-            self.cluster_id,
-            name,
-            local=self.backend == "local",
-            heartbeat=os.path.join(self.options.log_dir, f"{name}.heartbeat"),
-        )
-        self._launcher = JobLauncher(context, backend)
-        self.database = DatabaseService(self.options, self._launcher, name, local=self.backend == "local")
-        self.database.refuse_a_directory_in_use()
+        self._credentials = None
+        try:
+            tls, self.security = self._secure(name)
+            context = ScriptContext(
+                self.options,
+                self.cluster_id,
+                name,
+                local=self.backend == "local",
+                heartbeat=os.path.join(self.options.log_dir, f"{name}.heartbeat"),
+                tls=tls,
+                **({"scheduler_address": SECURE_SCHEDULER_PLACEHOLDER} if tls else {}),
+            )
+            self._launcher = JobLauncher(context, backend)
+            self.database = DatabaseService(self.options, self._launcher, name, local=self.backend == "local", tls=tls)
+            self.database.refuse_a_directory_in_use()
+        except BaseException:
+            self._forget_credentials()
+            raise
         exit_guard.guard(self)  # from here on SIGTERM (also while starting) stops what this cluster submitted
 
         host, partition_nodes = scheduler_placement(self.backend, backend, self.options)
@@ -122,6 +135,9 @@ class MsPASSCluster(SpecCluster):
         self._client = None
         self._db_client = None
         self._environment = PublishedEnvironment()
+        self._published_config = None
+        #: With security, the dashboard (and every page of the scheduler's HTTP server) needs this token.
+        self._dashboard_token = secrets.token_urlsafe(24) if self.options.security else None
         self._holds_dask_chatter = not self.options.verbose
         if self._holds_dask_chatter:
             DaskChatter.hold()
@@ -137,10 +153,19 @@ class MsPASSCluster(SpecCluster):
                 "dashboard_address": self.options.dashboard_address,
                 # Its scratch space goes with the workers', not into /tmp.
                 "local_directory": self.options.worker_dir,
+                "security": self.security,
+                "protocol": "tls" if tls else "tcp",
             },
         }
         try:
-            super().__init__(scheduler=scheduler, worker=worker, asynchronous=asynchronous, loop=loop, name=name)
+            super().__init__(
+                scheduler=scheduler,
+                worker=worker,
+                asynchronous=asynchronous,
+                loop=loop,
+                name=name,
+                security=self.security,
+            )
         except BaseException:
             # Also reached on Ctrl-C while waiting: nothing may stay queued.
             if getattr(self, "status", Status.closed) != Status.closed:
@@ -154,6 +179,53 @@ class MsPASSCluster(SpecCluster):
                 runner.stop()
             raise
         exit_guard.guard_at_exit(self)
+
+    # -------------------------------------------------------------- security
+    def _secure(self, name: str):
+        """The credentials' files for job scripts and the :class:`Security` of this process (``security``)."""
+        if not self.options.security:
+            return None, Security()
+        directory = os.path.join(self.options.work_dir, ".mspass_cluster", name)
+        os.makedirs(os.path.dirname(directory), mode=0o700, exist_ok=True)
+        os.mkdir(directory, 0o700)
+        self._credentials = ClusterCredentials.create(directory, cluster=name)
+        tls = self._credentials.files
+        if isinstance(self.options.security, Security):
+            return tls.with_dask(self.options.security), self.options.security
+        return tls, self._credentials.dask_security()
+
+    def _forget_credentials(self) -> None:
+        """Remove the credentials' directory: nothing may use this cluster's certificates after it."""
+        if self._credentials is not None:
+            shutil.rmtree(self._credentials.directory, ignore_errors=True)
+
+    def _warn_if_open(self) -> None:
+        if self.options.security:
+            return
+        nodes = "this machine" if self.backend == "local" else "this machine and every node of the cluster"
+        logger.warning(
+            "security=False: cluster %s is open. Any user of %s can run code as you through the scheduler (%s), "
+            "the workers and their nannies; read, change and drop your database (%s, no authentication); and read "
+            "your logs on the dashboard (%s). Leave security on unless this machine is yours alone.",
+            self._name,
+            nodes,
+            self.scheduler.address,
+            self.database.address or f"port {self.options.db_port} of the database's node",
+            self.dashboard_link,
+        )
+
+    def _publish_dask_config(self) -> None:
+        """Let a plain ``Client(address)`` of this process (MsPASS's ``Client()``) reach the TLS scheduler."""
+        if not self.security.require_encryption:
+            return
+        self._published_config = dask.config.set(
+            {
+                "distributed.comm.default-scheme": "tls",
+                "distributed.comm.tls.ca-file": self.security.tls_ca_file,
+                "distributed.comm.tls.client.cert": self.security.tls_client_cert,
+                "distributed.comm.tls.client.key": self.security.tls_client_key,
+            }
+        )
 
     # ------------------------------------------------------------------ names
     def _new_worker_name(self, worker_number):
@@ -171,6 +243,10 @@ class MsPASSCluster(SpecCluster):
     # --------------------------------------------------------------- bring-up
     async def _start(self):
         await super()._start()
+        if self._dashboard_token is not None and getattr(self.scheduler, "http_application", None) is not None:
+            dashboard_guard.guard(
+                self.scheduler.http_application, self._dashboard_token, self.scheduler.http_server.port
+            )
         try:
             await self._bring_up()
         except BaseException:
@@ -180,6 +256,7 @@ class MsPASSCluster(SpecCluster):
     async def _bring_up(self):
         self._tasks.append(asyncio.ensure_future(self._supervisor.beat()))
         self._launcher.know(scheduler_address=self.scheduler.address)
+        self._publish_dask_config()
         self._environment.publish(self._job_environment(), but=("MSPASS_DB_ADDRESS",))
         for _ in range(self.options.nodes):
             self.worker_spec.update(self.new_worker_spec())
@@ -190,10 +267,14 @@ class MsPASSCluster(SpecCluster):
         await self._supervisor.wait_ready(lambda: self.plan)
         await self._share_db_address()
         self._tasks.append(asyncio.ensure_future(self._supervisor.watch()))
+        self._warn_if_open()
         logger.info(
-            "MsPASS cluster %s ready: database %s, %d worker node(s), %d worker process(es); dashboard %s",
+            "MsPASS cluster %s ready: scheduler %s, database %s%s, %d worker node(s), %d worker process(es); "
+            "dashboard %s",
             self._name,
-            self.database.uri,
+            self.scheduler.address,
+            self.database.address,
+            " (TLS, this cluster's certificate required)" if self.database.tls else "",
             len(self.worker_spec),
             len(self.scheduler.workers),
             self.dashboard_link,
@@ -206,7 +287,8 @@ class MsPASSCluster(SpecCluster):
         await self.scheduler.register_worker_plugin(None, dumps(plugin), name=plugin.name, idempotent=False)
 
     def _job_environment(self) -> dict:
-        return service_environment(self.scheduler.address, self._launcher.context.db_host, self.options.db_port)
+        context = self._launcher.context
+        return service_environment(self.scheduler.address, context.db_host, self.options.db_port, context.tls)
 
     def _update_worker_status(self, op, msg):
         # SpecCluster closes a job 15 s after a worker of the same name leaves;
@@ -326,7 +408,16 @@ class MsPASSCluster(SpecCluster):
     def dashboard_link(self) -> str:
         """The dashboard's URL (raises :class:`ClusterClosedError` once the cluster is closed)."""
         self._require_open("dashboard_link")
-        return super().dashboard_link
+        try:
+            port = self.scheduler_info["services"]["dashboard"]
+        except KeyError:
+            return ""
+        # Where it listens: on loopback (the default with security), the scheduler's address would not answer.
+        host = self.options.dashboard_address.rpartition(":")[0].strip("[]")
+        if host in ("", "0.0.0.0", "::"):
+            host = self.scheduler_address.split("://")[-1].rpartition(":")[0].strip("[]")
+        link = format_dashboard_link(host, port)
+        return dashboard_guard.with_token(link, self._dashboard_token) if self._dashboard_token else link
 
     @property
     def db_address(self) -> str | None:
@@ -355,7 +446,7 @@ class MsPASSCluster(SpecCluster):
         display(HTML(self._repr_html_()))
 
     def __repr__(self):
-        db = self.database.uri or (self.db_job.describe() if self.db_job else "not started")
+        db = self.database.address or (self.db_job.describe() if self.db_job else "not started")
         return (
             f"<MsPASSCluster {self._name}: {len(self.worker_spec)} worker node(s), "
             f"{len(getattr(self.scheduler, 'workers', {}) or {})} worker(s) connected, db {db}, status {self.view().status}>"
@@ -396,7 +487,11 @@ class MsPASSCluster(SpecCluster):
             if leftovers:
                 await asyncio.gather(*(self._launcher.cancel(j, timeout=JOB_STOP_TIMEOUT) for j in leftovers))
             self._environment.restore()
+            if self._published_config is not None:
+                self._published_config.__exit__(None, None, None)
+                self._published_config = None
             self.database.release()
+            self._forget_credentials()
             if self._holds_dask_chatter:
                 self._holds_dask_chatter = False
                 DaskChatter.release()

@@ -24,6 +24,7 @@ from dask.utils import format_bytes, parse_bytes
 from . import containers
 from ._version import __version__
 from .config import ClusterOptions, parse_walltime
+from .security import CredentialFiles, db_client_uri
 from .slurm import build_directives
 
 __all__ = [
@@ -43,6 +44,7 @@ ROLES = ("db", "worker")
 
 #: Placeholder used in scripts previewed before the scheduler exists.
 SCHEDULER_PLACEHOLDER = "tcp://<scheduler-address>:<port>"
+SECURE_SCHEDULER_PLACEHOLDER = "tls://<scheduler-address>:<port>"
 
 
 class _ScriptTemplate(string.Template):
@@ -50,11 +52,21 @@ class _ScriptTemplate(string.Template):
     delimiter = "@"
 
 
-def worker_argv(options: ClusterOptions, scheduler_address: str, name: str) -> list[str]:
+def worker_argv(
+    options: ClusterOptions,
+    scheduler_address: str,
+    name: str,
+    tls: CredentialFiles | None = None,
+    local: bool = False,
+) -> list[str]:
     """``dask worker`` command line for one worker node.
 
     Dask names the processes ``<name>-0``, ``<name>-1``, ... when
-    ``processes > 1``, and ``<name>`` otherwise.
+    ``processes > 1``, and ``<name>`` otherwise. With ``tls``, workers and
+    nannies listen on TLS only (the scheduler's scheme), accept only peers
+    with a certificate from the cluster's CA, and run no dashboard of their
+    own (it would serve their logs to anyone). ``local`` (the desktop):
+    they listen on loopback only.
     """
     argv = [
         options.python,
@@ -80,6 +92,14 @@ def worker_argv(options: ClusterOptions, scheduler_address: str, name: str) -> l
         "--local-directory",
         options.worker_dir,
     ]
+    if tls is not None:
+        argv += ["--tls-ca-file", tls.ca_file, "--tls-cert", tls.worker_cert, "--tls-key", tls.worker_key]
+        argv += ["--no-dashboard"]
+    if local:
+        argv += ["--host", "127.0.0.1"]
+    if tls is not None or local:
+        # Even without a dashboard a worker serves HTTP (health, metrics): on loopback only.
+        argv += ["--dashboard-address", "127.0.0.1:0"]
     return argv + lifetime_args(options) + list(options.worker_extra_args)
 
 
@@ -124,8 +144,14 @@ def db_cache_gb(memory: str) -> float:
     return max(0.25, round(0.5 * (gigabytes - 1.0), 2))
 
 
-def db_argv(options: ClusterOptions, local: bool = False) -> list[str]:
+def db_argv(options: ClusterOptions, local: bool = False, tls: CredentialFiles | None = None) -> list[str]:
     """Database server command line.
+
+    With ``tls`` (and its database files): TLS required on every connection,
+    with a client certificate from the cluster's CA (``--tlsCAFile``, no
+    connection without one), and access control (``--auth``): the only
+    user is the cluster's client certificate (x.509), created by
+    :func:`db_users_lines` once the server listens.
 
     The server listens on every interface of its node (as MsPASS's scripts
     do), or only on loopback for the desktop backend (``local``), never forks (so Slurm's signals reach it and its exit status is
@@ -143,15 +169,84 @@ def db_argv(options: ClusterOptions, local: bool = False) -> list[str]:
         "--nounixsocket",
         "--wiredTigerCacheSizeGB",
         f"{db_cache_gb(options.db_memory):g}",
+        *(db_security_args(tls) if tls is not None and tls.db_server_pem else []),
     ]
 
 
-def service_environment(scheduler_address: str, db_host: str | None, db_port: int) -> dict[str, str]:
+def db_security_args(tls: CredentialFiles) -> list[str]:
+    """mongod's options for TLS with client certificates and access control."""
+    return [
+        "--auth",
+        "--tlsMode",
+        "requireTLS",
+        "--tlsCertificateKeyFile",
+        tls.db_server_pem,
+        "--tlsCAFile",
+        tls.db_ca_file or tls.ca_file,
+    ]
+
+
+def db_users_lines(options: ClusterOptions, tls: CredentialFiles, wrap=None) -> list[str]:
+    """Shell lines that create the database's one user once the server listens, or stop the server.
+
+    The user is the subject of the cluster's client certificate (x.509,
+    role ``root``), created through MongoDB's localhost exception: the
+    script connects over loopback, with TLS and that certificate, so the
+    exception's window is closed to everyone without the cluster's
+    credentials. An existing user (a database reopened) is kept. The script
+    is ``templates/db_users.py`` (pymongo only: it runs with the image's
+    Python in a container), fed on stdin; ``wrap`` turns its argv into the
+    container command.
+    """
+    argv = [
+        options.python,
+        "-",
+        "--port",
+        str(options.db_port),
+        "--ca",
+        tls.db_ca_file or tls.ca_file,
+        "--cert",
+        tls.db_client_pem,
+        "--subject",
+        tls.db_user,
+        "--timeout",
+        str(int(options.startup_timeout)),
+    ]
+    if wrap is not None:
+        argv = wrap(argv)
+    body = resources.files(__package__).joinpath("templates/db_users.py").read_text()
+    marker = "MSPASS_DB_USERS_END"
+    if marker in body:  # pragma: no cover - a template that would end its own here-document
+        raise ValueError(f"templates/db_users.py must not contain {marker}")
+    return [
+        "# The database's only user: this cluster's client certificate (x.509), created over loopback",
+        "# with TLS and that certificate, so nobody else can use MongoDB's localhost exception.",
+        "(",
+        f"    {containers.join(argv)} <<'{marker}' &",
+        body.rstrip("\n"),
+        marker,
+        "    users_script=$!",
+        "    trap 'kill \"$users_script\" 2>/dev/null; exit 0' TERM",
+        '    wait "$users_script" && exit 0',
+        '    echo "mspass_cluster: the database\'s user could not be set up (see the line above); stopping the server" >&2',
+        '    kill -TERM "$server_pid"',
+        "    exit 1",
+        ") &",
+        "users_pid=$!",
+    ]
+
+
+def service_environment(
+    scheduler_address: str, db_host: str | None, db_port: int, tls: CredentialFiles | None = None
+) -> dict[str, str]:
     """The variables MsPASS code reads to find the scheduler and the database.
 
     ``MSPASS_DB_ADDRESS`` is present only once the database's node is known;
     workers started before that receive it from the scheduler (see
-    :mod:`mspass_cluster.worker_env`).
+    :mod:`mspass_cluster.worker_env`). With the database's ``tls`` files it
+    is the whole connection string (certificate paths, no secret), which
+    ``mspasspy.client.Client()`` passes to MongoDB as it is; ``MONGODB_PORT``
+    is then left out, since that ``Client()`` would append it to the string.
     """
     host, _, port = scheduler_address.rpartition("://")[2].rpartition(":")
     env = {
@@ -161,8 +256,13 @@ def service_environment(scheduler_address: str, db_host: str | None, db_port: in
         "DASK_SCHEDULER_ADDRESS": scheduler_address,
         "MONGODB_PORT": str(db_port),
     }
+    secure_db = tls is not None and tls.db_client_pem is not None
+    if secure_db:
+        del env["MONGODB_PORT"]
     if db_host:
-        env["MSPASS_DB_ADDRESS"] = db_host
+        env["MSPASS_DB_ADDRESS"] = (
+            db_client_uri(db_host, db_port, tls.db_ca_file or tls.ca_file, tls.db_client_pem) if secure_db else db_host
+        )
     return env
 
 
@@ -173,6 +273,7 @@ def role_environment(
     cluster_id: str,
     scheduler_address: str,
     db_host: str | None,
+    tls: CredentialFiles | None = None,
 ) -> dict[str, str]:
     """Variables every job exports: its role and directories, and :func:`service_environment`."""
     return {
@@ -182,7 +283,7 @@ def role_environment(
         "MSPASS_DB_DIR": options.db_dir,
         "MSPASS_LOG_DIR": options.log_dir,
         "MSPASS_WORKER_DIR": options.worker_dir,
-        **service_environment(scheduler_address, db_host, options.db_port),
+        **service_environment(scheduler_address, db_host, options.db_port, tls),
     }
 
 
@@ -232,6 +333,7 @@ def render_job_script(
     setup: list[str],
     argv: list[str],
     watchdog: list[str] = (),
+    after_start: list[str] = (),
 ) -> str:
     """Fill the job-script template; every value is shell-quoted except prologue lines."""
     template = _ScriptTemplate(resources.files(__package__).joinpath("templates/job.sh").read_text())
@@ -245,6 +347,7 @@ def render_job_script(
         setup="\n".join(setup),
         command=containers.join(argv),
         watchdog="\n".join(watchdog),
+        after_start="\n".join(after_start),
     )
 
 
@@ -258,6 +361,7 @@ def build_job_script(
     db_host: str | None = None,
     local: bool = False,
     heartbeat: str | None = None,
+    tls: CredentialFiles | None = None,
 ) -> tuple[str, str]:
     """The complete job script for ``role`` and its ``--output`` pattern.
 
@@ -278,6 +382,9 @@ def build_job_script(
     heartbeat : str, optional
         The notebook's heartbeat file; the job's server stops
         ``orphan_timeout`` seconds after it goes stale.
+    tls : CredentialFiles, optional
+        The cluster's credentials (``security``): Dask over mutual TLS, the
+        database with TLS, client certificates and access control.
 
     Returns
     -------
@@ -306,7 +413,7 @@ def build_job_script(
             "# MongoDB needs many open files (MsPASS issues #617, #532).",
             'ulimit -n "$(ulimit -Hn)" 2>/dev/null || true',
         ]
-        argv = db_argv(options, local)
+        argv = db_argv(options, local, tls)
     elif role == "worker":
         directives = build_directives(
             job_name=job_name,
@@ -321,25 +428,33 @@ def build_job_script(
             extra=options.job_extra_directives,
         )
         setup = [cd, shlex.join(["mkdir", "-p", options.worker_dir])]
-        argv = worker_argv(options, scheduler_address, job_name)
+        argv = worker_argv(options, scheduler_address, job_name, tls, local)
     else:
         raise ValueError(f"role={role!r} is not one of {ROLES}")
     exports = role_environment(
-        options, role, cluster_id=cluster_id, scheduler_address=scheduler_address, db_host=db_host
+        options, role, cluster_id=cluster_id, scheduler_address=scheduler_address, db_host=db_host, tls=tls
     )
+    wrap = None
     if options.in_container:
-        container_setup, argv = containers.wrap(
-            argv,
-            container=options.container,
-            runtime=options.container_runtime,
-            user_binds=options.binds,
-            directories=[options.work_dir, options.db_dir, options.log_dir, options.worker_dir],
-            env_names=list(exports),
-            extra_args=options.container_args,
-            gpu=options.gpu,
-            cleanenv=options.container_cleanenv,
-        )
+
+        def wrap(command: list[str]) -> list[str]:
+            return containers.wrap(
+                command,
+                container=options.container,
+                runtime=options.container_runtime,
+                user_binds=options.binds,
+                directories=[options.work_dir, options.db_dir, options.log_dir, options.worker_dir],
+                env_names=list(exports),
+                extra_args=options.container_args,
+                gpu=options.gpu,
+                cleanenv=options.container_cleanenv,
+            )
+
+        container_setup, argv = wrap(argv)
         setup = setup + container_setup
+    after_start = []
+    if role == "db" and tls is not None and tls.db_server_pem:
+        after_start = db_users_lines(options, tls, wrap and (lambda command: wrap(command)[1]))
     watchdog = heartbeat_watchdog(heartbeat, options.orphan_timeout) if heartbeat else []
     script = render_job_script(
         role=role,
@@ -350,6 +465,7 @@ def build_job_script(
         setup=setup,
         argv=argv,
         watchdog=watchdog,
+        after_start=after_start,
     )
     return script, output
 
@@ -370,6 +486,8 @@ class ScriptContext:
     heartbeat: str | None = None
     scheduler_address: str = SCHEDULER_PLACEHOLDER
     db_host: str | None = None
+    #: The credentials' files (``security``), or None for an open cluster.
+    tls: CredentialFiles | None = None
 
     def knowing(self, **facts) -> "ScriptContext":
         """This context with ``facts`` (``scheduler_address=``, ``db_host=``) added."""
@@ -386,4 +504,5 @@ class ScriptContext:
             db_host=self.db_host,
             local=self.local,
             heartbeat=self.heartbeat,
+            tls=self.tls,
         )

@@ -23,6 +23,7 @@ The scheduler's and the notebook client's keys are kept in memory only.
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import getpass
 import os
@@ -34,7 +35,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-__all__ = ["ClusterCredentials", "db_client_uri", "DB_CLIENT_OU"]
+__all__ = ["ClusterCredentials", "CredentialFiles", "db_client_uri", "DB_CLIENT_OU"]
 
 #: Organisation of every certificate; the roles differ in their OU.
 ORGANISATION = "mspass_cluster"
@@ -120,6 +121,55 @@ class _Authority:
         return _pem_key(key), _pem_cert(cert)
 
 
+@dataclass(frozen=True)
+class CredentialFiles:
+    """Where a cluster's credential files are, as job scripts name them (no key material).
+
+    Attributes
+    ----------
+    ca_file : str
+        The CA certificate every peer checks the others against.
+    worker_cert, worker_key : str
+        Dask workers' and nannies' certificate and key (one file for the cluster's own).
+    db_server_pem, db_client_pem : str
+        The database server's and clients' certificate and key, or None when
+        the database runs without TLS (a ``distributed.Security`` given for Dask only).
+    db_user : str
+        The x.509 user the database's first-user script creates.
+    """
+
+    ca_file: str
+    worker_cert: str
+    worker_key: str
+    db_server_pem: str | None = None
+    db_client_pem: str | None = None
+    db_ca_file: str | None = None
+    db_user: str | None = None
+
+    @classmethod
+    def placeholder(cls) -> "CredentialFiles":
+        """The files of a cluster not started yet, for previews of its job scripts."""
+        d = "<work_dir>/.mspass_cluster/<cluster>"
+        return cls(
+            f"{d}/ca.pem",
+            f"{d}/worker.pem",
+            f"{d}/worker.pem",
+            f"{d}/db-server.pem",
+            f"{d}/db-client.pem",
+            f"{d}/ca.pem",
+            f"CN={getpass.getuser()},OU={DB_CLIENT_OU},O={ORGANISATION}",
+        )
+
+    def with_dask(self, security) -> "CredentialFiles":
+        """These files, with Dask's taken from a user's :class:`distributed.Security` (which must name files)."""
+        return dataclasses.replace(
+            self,
+            ca_file=security.tls_ca_file,
+            worker_cert=security.tls_worker_cert,
+            worker_key=security.tls_worker_key or security.tls_worker_cert,
+        )
+
+
 def _write_private(path: str, data: bytes) -> None:
     """Create ``path`` new, 0600, never following a link, and write ``data``."""
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
@@ -169,7 +219,9 @@ class ClusterCredentials:
         user = user or getpass.getuser()
         authority = _Authority(cluster or os.path.basename(directory.rstrip(os.sep)) or "cluster")
         os.makedirs(directory, mode=0o700, exist_ok=True)
-        paths = {name: os.path.join(directory, name) for name in ("ca.pem", "worker.pem", "db-server.pem", "db-client.pem")}
+        paths = {
+            name: os.path.join(directory, name) for name in ("ca.pem", "worker.pem", "db-server.pem", "db-client.pem")
+        }
         _write_private(paths["ca.pem"], _pem_cert(authority.cert))
         for filename, subject in (
             ("worker.pem", _name("mspass-dask-worker", "mspass-dask")),
@@ -191,6 +243,19 @@ class ClusterCredentials:
             _scheduler_key=scheduler_key.decode(),
             _client_cert=client_cert.decode(),
             _client_key=client_key.decode(),
+        )
+
+    @property
+    def files(self) -> CredentialFiles:
+        """The file paths job scripts need."""
+        return CredentialFiles(
+            ca_file=self.ca_file,
+            worker_cert=self.worker_pem,
+            worker_key=self.worker_pem,
+            db_server_pem=self.db_server_pem,
+            db_client_pem=self.db_client_pem,
+            db_ca_file=self.ca_file,
+            db_user=self.db_user,
         )
 
     def dask_security(self):

@@ -52,7 +52,7 @@ def view_of(cluster) -> ClusterView:
     """A snapshot of ``cluster`` (an :class:`~mspass_cluster.MsPASSCluster`): its roles, jobs and problems."""
     jobs = sorted(cluster._launcher.jobs.values(), key=lambda j: (j.role != "db", j.submitted))
     running = cluster.status == Status.running
-    status, db_address = "running" if running else cluster.status.name, cluster.database.uri
+    status, db_address = "running" if running else cluster.status.name, cluster.database.address
     if cluster.database.lost() is not None:
         db_address = f"lost ({cluster.db_job.describe()})"
         if running:

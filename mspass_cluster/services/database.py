@@ -20,6 +20,7 @@ from ..db import connection_string, ping
 from ..errors import ConfigError, JobFailedError
 from ..jobs import JOB_STOP_TIMEOUT, JobLauncher, JobPhase, TrackedJob, server_exit_status, tail
 from ..roles import db_data_path
+from ..security import CredentialFiles, db_client_uri
 from ..slurm import JobState
 
 __all__ = ["DatabaseService", "DB_STOP_TIMEOUT"]
@@ -44,18 +45,32 @@ class DatabaseService:
         ``<job_name>-<id>``; the job is ``<cluster_name>-db``.
     local : bool
         The desktop backend (no ``hostname_base``).
+    tls : CredentialFiles, optional
+        The cluster's credentials: clients connect with TLS and the
+        cluster's client certificate, and authenticate with it (x.509).
     """
 
     role = "db"
 
-    def __init__(self, options: ClusterOptions, launcher: JobLauncher, cluster_name: str, local: bool = False):
+    def __init__(
+        self,
+        options: ClusterOptions,
+        launcher: JobLauncher,
+        cluster_name: str,
+        local: bool = False,
+        tls: CredentialFiles | None = None,
+    ):
         self.options = options
+        self.tls = tls if tls is not None and tls.db_client_pem else None
         self.launcher = launcher
         self.cluster_name = cluster_name
         self.local = local
         self.job: TrackedJob | None = None
-        #: ``mongodb://host:port/`` once the server answered.
+        #: The connection string once the server answered: ``mongodb://host:port/``, with the
+        #: certificates' paths and x.509 authentication when the database is secured.
         self.uri: str | None = None
+        #: ``mongodb://host:port/`` alone, for displays and the log.
+        self.address: str | None = None
         #: Why it does not answer yet (the last ping's error), for the waiting log line.
         self.not_answering = "not started yet"
         self._walltime_warned = False
@@ -102,20 +117,30 @@ class DatabaseService:
             return True
         if self.job is None or self.job.state.kind != "running" or not self.job.node:
             return False
-        uri = connection_string(self.host, self.options.db_port)
+        uri = self.uri_for(self.host)
         self.not_answering = await asyncio.to_thread(ping, uri, 1.0, db_data_path(self.options))
         if self.not_answering is None:
             self.uri = uri
+            self.address = connection_string(self.host, self.options.db_port)
             self.job.ready = True
             logger.log(
                 self.launcher.detail,
-                "Database ready at %s (%s %s on %s).",
-                uri,
+                "Database ready at %s%s (%s %s on %s).",
+                self.address,
+                ", TLS and x.509 authentication with this cluster's certificate" if self.tls else "",
                 self.job.unit,
                 self.job.job_id,
                 self.job.node,
             )
         return self.uri is not None
+
+    def uri_for(self, host: str) -> str:
+        """The connection string of this cluster's clients for the server on ``host``."""
+        if self.tls is None:
+            return connection_string(host, self.options.db_port)
+        return db_client_uri(
+            host, self.options.db_port, self.tls.db_ca_file or self.tls.ca_file, self.tls.db_client_pem
+        )
 
     def waiting_for(self) -> str | None:
         """What start-up still waits for from the database, or None."""
@@ -240,4 +265,5 @@ class DatabaseService:
     def release(self) -> None:
         """Give ``db_dir`` free for the next cluster."""
         self.uri = None
+        self.address = None
         dbdir.release(self.options.db_dir, self.cluster_name)

@@ -23,6 +23,7 @@ server_pid=$!
 forward_signal() { kill -TERM "$server_pid" 2>/dev/null; }
 trap forward_signal TERM INT USR1
 @{watchdog}
+@{after_start}
 
 # wait returns early when a trapped signal arrives; keep waiting until the
 # server itself has exited, then take its exit status.
@@ -37,5 +38,16 @@ wait "$server_pid" 2>/dev/null
 last=$?
 [ "$last" -ne 127 ] && status=$last
 [ -n "${watchdog_pid:-}" ] && kill "$watchdog_pid" 2>/dev/null
+if [ -n "${users_pid:-}" ]; then
+    # Still waiting for the server (which is gone): end it. Ended: a failure of its own is the job's.
+    if kill -0 "$users_pid" 2>/dev/null; then
+        kill "$users_pid" 2>/dev/null
+        wait "$users_pid" 2>/dev/null
+    else
+        wait "$users_pid" 2>/dev/null
+        users_status=$?
+        if [ "$users_status" -ne 0 ] && [ "$status" -eq 0 ]; then status=$users_status; fi
+    fi
+fi
 echo "mspass_cluster: @{role} exited with status $status at $(date '+%Y-%m-%dT%H:%M:%S')"
 exit "$status"
