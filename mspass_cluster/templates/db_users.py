@@ -118,9 +118,7 @@ def create_user(args: argparse.Namespace) -> None:
             reason = "the user exists but X.509 authentication as it failed: is it the subject of --cert?"
         else:
             reason = "the server refused"
-        raise BootstrapError(
-            f"cannot create the database user {args.subject}: {reason} ({_first_line(exc)})"
-        ) from exc
+        raise BootstrapError(f"cannot create the database user {args.subject}: {reason} ({_first_line(exc)})") from exc
     except PyMongoError as exc:
         raise BootstrapError(f"cannot create the database user {args.subject}: {_first_line(exc)}") from exc
     finally:
