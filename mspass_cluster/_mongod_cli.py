@@ -4,19 +4,26 @@
 so that the cluster starts it exactly as it starts ``mongod``. This module is
 that command line: the options :func:`mspass_cluster.roles.db_argv` emits
 (``--port``, ``--dbpath``, ``--bind_ip`` or ``--bind_ip_all``,
-``--nounixsocket``, ``--wiredTigerCacheSizeGB``), the two that place
-nx-27017's own files (``--logpath``, ``--pidfilepath``), ``--version`` and
-``--help``. Its log lines are in :mod:`mspass_cluster._mongod_log`.
+``--nounixsocket``, ``--wiredTigerCacheSizeGB``, and with security on
+``--auth``, ``--tlsMode``, ``--tlsCertificateKeyFile``, ``--tlsCAFile``), the
+two that place nx-27017's own files (``--logpath``, ``--pidfilepath``),
+``--version`` and ``--help``. Its log lines are in
+:mod:`mspass_cluster._mongod_log`; what the security options do is in
+:mod:`mspass_cluster._mongod_security`.
 
 What is faithful to ``mongod`` 7.0: the spellings ``--opt value``,
 ``--opt=value`` and ``-opt value``; the messages and exit status (2) of
 command-line errors, an unrecognised option included; the addresses
-``--bind_ip`` and ``--bind_ip_all`` mean.
+``--bind_ip`` and ``--bind_ip_all`` mean; the TLS option checks (an
+unsupported ``--tlsMode``, TLS files without ``--tlsMode``, a TLS mode without
+``--tlsCertificateKeyFile``).
 
 What is not: every other mongod option is refused as unrecognised, ``--fork``
-with a message of its own (the package must never daemonise its database);
-no ``--config`` files, ``--ipv6`` or option abbreviations; values are
-validated only for type and range.
+and ``--tlsMode allowTLS``/``preferTLS`` with messages of their own (the
+package must never daemonise its database, and it never mixes TLS with plain
+connections); no ``--config`` files, ``--ipv6`` or option abbreviations;
+values are validated only for type and range; these TLS option errors exit
+with status 2 (mongod reports some of them as a failed global initialisation).
 
 The tests' fake mongod (``tests/bin/fake_mongod_cli.py``) subclasses
 :class:`MongodOptions` with the options only it needs.
@@ -41,6 +48,11 @@ EXIT_UNCAUGHT = 100
 MONGODB_VERSION = "7.0.0"
 
 _HELP_HINT = "try 'mongod --help' for more information"
+
+#: ``--tlsMode`` values mongod knows, and the ones the stand-ins serve.
+TLS_MODES = ("disabled", "allowTLS", "preferTLS", "requireTLS")
+SUPPORTED_TLS_MODES = ("disabled", "requireTLS")
+_TLS_FILE_OPTIONS = ("tlsCertificateKeyFile", "tlsCAFile")
 
 
 class CommandLineError(Exception):
@@ -69,9 +81,12 @@ class MongodOptions:
         "logpath": (str, False),
         "pidfilepath": (str, False),
         "wiredTigerCacheSizeGB": (float, False),
+        "tlsMode": (str, False),
+        "tlsCertificateKeyFile": (str, False),
+        "tlsCAFile": (str, False),
     }
     #: Options without a value.
-    SWITCHES: ClassVar[frozenset[str]] = frozenset({"bind_ip_all", "nounixsocket", "fork", "version", "help"})
+    SWITCHES: ClassVar[frozenset[str]] = frozenset({"bind_ip_all", "nounixsocket", "auth", "fork", "version", "help"})
     SHORT_SWITCHES: ClassVar[dict[str, str]] = {"h": "help"}
     USAGE: ClassVar[str] = """\
 Options (the subset of mongod's that the embedded nx-27017 database honours):
@@ -84,6 +99,16 @@ Options (the subset of mongod's that the embedded nx-27017 database honours):
   --pidfilepath arg            write the process id to this file
   --nounixsocket               no Unix domain socket (there never is one)
   --wiredTigerCacheSizeGB arg  accepted, no effect
+  --auth                       run with access control: only MONGODB-X509
+                               users (in $external); the first one through the
+                               localhost exception
+  --tlsMode arg                disabled (default) or requireTLS: every
+                               connection must be TLS with a client
+                               certificate signed by --tlsCAFile
+                               (allowTLS and preferTLS are refused)
+  --tlsCertificateKeyFile arg  PEM file with the server's certificate and key
+  --tlsCAFile arg              PEM file of the CA that signs client
+                               certificates
   --version                    print the version and exit
   -h [ --help ]                print this help and exit
 """
@@ -98,6 +123,10 @@ Options (the subset of mongod's that the embedded nx-27017 database honours):
     pidfilepath: str | None = None
     nounixsocket: bool = False
     wiredTigerCacheSizeGB: float | None = None
+    auth: bool = False
+    tlsMode: str = "disabled"
+    tlsCertificateKeyFile: str | None = None
+    tlsCAFile: str | None = None
     fork: bool = False
     version: bool = False
     help: bool = False
@@ -129,6 +158,19 @@ Options (the subset of mongod's that the embedded nx-27017 database honours):
             config.setdefault("systemLog", {}).update(destination="file", path=self.logpath)
         if self.pidfilepath is not None:
             config.setdefault("processManagement", {})["pidFilePath"] = self.pidfilepath
+        if self.auth:
+            config.setdefault("security", {})["authorization"] = "enabled"
+        tls = {
+            key: getattr(self, name)
+            for key, name in (
+                ("mode", "tlsMode"),
+                ("certificateKeyFile", "tlsCertificateKeyFile"),
+                ("CAFile", "tlsCAFile"),
+            )
+            if name in given
+        }
+        if tls:
+            config.setdefault("net", {})["tls"] = tls
         return config
 
     def store(self, name: str, value: Any, shown: str) -> None:
@@ -143,7 +185,27 @@ Options (the subset of mongod's that the embedded nx-27017 database honours):
             raise CommandLineError(f"BadValue: Invalid value for net.port: {value} is not in range [0, 65535]")
         if name == "bind_ip":
             value = [part.strip() for part in value.split(",") if part.strip()]
+        if name == "tlsMode" and value not in TLS_MODES:
+            raise CommandLineError(f"BadValue: unsupported value for tlsMode {value}")
         setattr(self, name, value)
+
+    def check(self) -> None:
+        """Check the options together, as mongod does once all are parsed.
+
+        Raises
+        ------
+        CommandLineError
+            With mongod's message.
+        """
+        if self.bind_ip_all and "bind_ip" in self.given:
+            raise CommandLineError("BadValue: net.bindIp and net.bindIpAll are mutually exclusive")
+        if self.tlsMode == "disabled":
+            if any(name in self.given for name in _TLS_FILE_OPTIONS):
+                raise CommandLineError(
+                    "BadValue: need to enable TLS via the sslMode/tlsMode flag when using TLS configuration parameters"
+                )
+        elif self.tlsCertificateKeyFile is None:
+            raise CommandLineError("BadValue: need tlsCertificateKeyFile or certificateSelector when TLS is enabled")
 
 
 def _split(token: str) -> tuple[str, str | None]:
@@ -226,8 +288,7 @@ def parse_command_line(argv: Sequence[str], options: type[MongodOptions] = Mongo
             raise CommandLineError(f"Error parsing command line: unrecognised option '{token.partition('=')[0]}'")
         if name not in opts.given:
             opts.given.append(name)
-    if opts.bind_ip_all and "bind_ip" in opts.given:
-        raise CommandLineError("BadValue: net.bindIp and net.bindIpAll are mutually exclusive")
+    opts.check()
     return opts
 
 
@@ -264,6 +325,13 @@ def parse_or_exit(
         # mongod would daemonise; a server that did so would hide the very
         # process the package has to supervise, so it refuses loudly instead.
         _fail("--fork is not supported by this mongod stand-in: it must run in the foreground")
+    if opts.tlsMode not in SUPPORTED_TLS_MODES:
+        # Both would accept plain connections next to TLS ones on the same
+        # port; the package never asks for that, so the stand-ins do not
+        # pretend to serve it.
+        _fail(
+            f"--tlsMode {opts.tlsMode} is not supported by this mongod stand-in: use --tlsMode requireTLS (or disabled)"
+        )
     return opts
 
 

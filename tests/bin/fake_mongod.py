@@ -27,17 +27,29 @@ Faithful to ``mongod`` 7.0 on what process management relies on:
   status 0; the ``shutdown`` command gets no reply (the connection closes);
 * the wire protocol as pymongo 4.x speaks it: OP_MSG (kind 0 body, kind 1
   document sequences, checksum and moreToCome flags) and OP_QUERY for the
-  legacy ``isMaster`` handshake only, as 5.1+ servers do.
+  legacy ``isMaster`` handshake only, as 5.1+ servers do;
+* ``--tlsMode requireTLS --tlsCertificateKeyFile --tlsCAFile``: a TLS handshake
+  on every connection, the Unix domain socket's included, with a client
+  certificate signed by the CA (a failed handshake is logged and the
+  connection closed); ``--auth``: only the handshake commands before
+  authentication (code 13 for the rest, ``shutdown`` included), MONGODB-X509
+  authentication (``authenticate``, ``speculativeAuthenticate``), the users
+  in ``<dbpath>/mongod_users.json``, the localhost exception for the first
+  user -- all in :mod:`mspass_cluster._mongod_security`, whose docstring says
+  what of it is not faithful.
 
 Not faithful:
 
 * Commands: ``hello``/``isMaster``, ``ping``, ``buildInfo``, ``endSessions``,
   ``getLog``, ``getCmdLineOpts``, ``serverStatus`` (a few fields, ``process``
-  is ``"fake_mongod"``) and ``shutdown``; every other command, CRUD included,
-  fails with ``CommandNotFound`` (code 59).
+  is ``"fake_mongod"``), ``shutdown`` and the user commands of the access
+  control (``authenticate``, ``logout``, ``connectionStatus``, ``createUser``,
+  ``usersInfo``, ``dropUser``); every other command, CRUD included, fails
+  with ``CommandNotFound`` (code 59) once authenticated (or without ``--auth``).
 * ``hello`` has no ``topologyVersion``, so drivers poll instead of streaming;
   ``--replSet`` only adds ``setName`` (the server calls itself primary),
-  ``--auth`` and ``--keyFile`` are not enforced, no TLS, no compression.
+  ``--keyFile`` is not read (no internal authentication), no compression;
+  ``--tlsMode allowTLS``/``preferTLS`` are refused.
 * The version is ``7.0.0-fake``.
 * Test hooks that mongod lacks: env ``FAKE_MONGOD_STARTUP_DELAY`` (seconds
   between binding and ``Waiting for connections``), and the file
@@ -56,6 +68,7 @@ import os
 import select
 import signal
 import socket
+import ssl
 import struct
 import sys
 import threading
@@ -70,6 +83,7 @@ from fake_mongod_cli import MAX_WIRE_VERSION, FakeMongodOptions
 
 from mspass_cluster import _mongod_cli as cli
 from mspass_cluster import _mongod_log as mlog
+from mspass_cluster import _mongod_security as security
 
 VERSION = f"{cli.MONGODB_VERSION}-fake"
 BUILD_INFO = {"version": VERSION, "gitVersion": "fake", "modules": []}
@@ -150,12 +164,14 @@ class RecordingLog:
 
 
 class _Connection:
-    """One client connection and its mongod-style id."""
+    """One client connection, its mongod-style id and (once its TLS handshake is done) its access state."""
 
-    def __init__(self, sock: socket.socket, conn_id: int, remote: str):
+    def __init__(self, sock: socket.socket, conn_id: int, remote: str, peer: Any):
         self.sock = sock
         self.id = conn_id
         self.remote = remote
+        self.peer = peer
+        self.access: security.ConnectionSession | None = None
 
 
 class FakeMongod:
@@ -165,10 +181,15 @@ class FakeMongod:
     ----------
     opts : FakeMongodOptions
         The parsed command line.
+    ssl_context : ssl.SSLContext or None
+        From :func:`mspass_cluster._mongod_security.server_ssl_context`: every
+        connection must complete a TLS handshake with it; None without TLS.
     """
 
-    def __init__(self, opts: FakeMongodOptions):
+    def __init__(self, opts: FakeMongodOptions, ssl_context: ssl.SSLContext | None = None):
         self.opts = opts
+        self.ssl_context = ssl_context
+        self.access_control: security.AccessControl | None = None
         self.port = opts.effective_port
         self.started = time.monotonic()
         self.log = RecordingLog(mlog.open_log_or_exit(opts.logpath, append=opts.logappend))
@@ -214,6 +235,7 @@ class FakeMongod:
             self._write_pid_file()
             self._listen()
             self._acquire_dbpath()
+            self._open_user_store()
         except _StartupFailure as failure:
             return self._exit_after_failure(failure.exit_code)
         delay = float(os.environ.get(STARTUP_DELAY_ENV, "0"))
@@ -330,6 +352,14 @@ class FakeMongod:
         os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
         os.fsync(fd)
 
+    def _open_user_store(self) -> None:
+        try:
+            store = security.UserStore(self.opts.dbpath)
+        except (OSError, ValueError) as exc:
+            mlog.log_initandlisten_failure(self.log, f"FailedToParse: cannot read the users: {exc}")
+            raise _StartupFailure(cli.EXIT_UNCAUGHT) from None
+        self.access_control = security.AccessControl(store, auth=self.opts.auth)
+
     def _shutdown_requested_within(self, seconds: float) -> bool:
         """Sleep up to ``seconds``; True as soon as shutdown is requested."""
         deadline = time.monotonic() + seconds
@@ -345,7 +375,10 @@ class FakeMongod:
             address = sock.getsockname()
             shown = address if isinstance(address, str) else address[0]
             self.log.write("I", "NETWORK", 23015, "listener", "Listening on", {"address": shown})
-        self.log.write("I", "NETWORK", 23016, "listener", "Waiting for connections", {"port": self.port, "ssl": "off"})
+        ssl_state = "off" if self.ssl_context is None else "on"
+        self.log.write(
+            "I", "NETWORK", 23016, "listener", "Waiting for connections", {"port": self.port, "ssl": ssl_state}
+        )
         while self._shutdown_reason is None:
             readable, _, _ = select.select([*self._listeners, self._wake_r], [], [])
             for sock in readable:
@@ -363,7 +396,7 @@ class FakeMongod:
             remote = f"{address[0]}:{address[1]}"
         else:
             remote = "anonymous unix socket"
-        conn = _Connection(sock, next(self._connection_ids), remote)
+        conn = _Connection(sock, next(self._connection_ids), remote, address)
         with self._connections_lock:
             self._connections[conn.id] = conn
             self._total_connections += 1
@@ -464,8 +497,9 @@ class FakeMongod:
     def _session(self, conn: _Connection) -> None:
         """Serve one connection until the client or the server closes it."""
         try:
-            while self._serve_one_message(conn):
-                pass
+            if self._secure(conn):
+                while self._serve_one_message(conn):
+                    pass
         except (OSError, BSONError, struct.error, ValueError):
             # A broken client or message: mongod ends such a connection too.
             pass
@@ -483,6 +517,36 @@ class FakeMongod:
                     "Connection ended",
                     {"remote": conn.remote, "connectionId": conn.id, "connectionCount": current},
                 )
+
+    def _secure(self, conn: _Connection) -> bool:
+        """The connection's TLS handshake (with TLS on) and access state; False if it must close."""
+        certificate = None
+        if self.ssl_context is not None:
+            try:
+                # On this connection's own thread: a slow or silent client holds up no one else.
+                conn.sock = self.ssl_context.wrap_socket(conn.sock, server_side=True)
+            except (ssl.SSLError, OSError) as exc:
+                error = {
+                    "code": 141,
+                    "codeName": "SSLHandshakeFailed",
+                    "errmsg": getattr(exc, "reason", None) or str(exc),
+                }
+                self.log.write(
+                    "I",
+                    "NETWORK",
+                    22988,
+                    f"conn{conn.id}",
+                    "Error receiving request from client. Ending connection from remote",
+                    {"error": error, "remote": conn.remote, "connectionId": conn.id},
+                )
+                return False
+            certificate = conn.sock.getpeercert()
+
+        def log(severity: str, log_id: int, msg: str, attr: dict[str, Any]) -> None:
+            self.log.write(severity, "ACCESS", log_id, f"conn{conn.id}", msg, attr)
+
+        conn.access = self.access_control.session(conn.peer, certificate, log)
+        return True
 
     def _serve_one_message(self, conn: _Connection) -> bool:
         """Read, answer one message; False when the connection should close."""
@@ -571,14 +635,18 @@ class FakeMongod:
     # ------------------------------------------------------------------ commands
 
     def _run_command(self, db: str, body: dict[str, Any], conn: _Connection) -> dict[str, Any] | None:
-        """The reply to one command, or None to close the connection without one."""
+        """The reply to one command (through the access control), or None to close the connection without one."""
         name = next(iter(body), "")
-        handler = self._commands.get(name)
-        if handler is None:
-            return _error(f"no such command: '{name}'", 59, "CommandNotFound")
-        if name in _ADMIN_ONLY and db != "admin":
-            return _error(f"{name} may only be run against the admin database.", 13, "Unauthorized")
-        return handler(db, body, conn)
+
+        def execute() -> dict[str, Any] | None:
+            handler = self._commands.get(name)
+            if handler is None:
+                return _error(f"no such command: '{name}'", 59, "CommandNotFound")
+            if name in _ADMIN_ONLY and db != "admin":
+                return _error(f"{name} may only be run against the admin database.", 13, "Unauthorized")
+            return handler(db, body, conn)
+
+        return conn.access.respond(name, db, body, execute)
 
     def _hello(self, body: dict[str, Any], conn: _Connection, *, legacy: bool) -> dict[str, Any]:
         reply: dict[str, Any] = {}
@@ -670,7 +738,8 @@ def main() -> int:
     """Run the fake server with ``sys.argv``; returns the exit status."""
     banner = f"db version v{VERSION}\nBuild Info: {json.dumps(BUILD_INFO, indent=4)}"
     opts = cli.parse_or_exit(sys.argv[1:], version_banner=banner, options=FakeMongodOptions)
-    return FakeMongod(opts).run()
+    ssl_context = security.server_ssl_context_or_exit(opts)
+    return FakeMongod(opts, ssl_context).run()
 
 
 if __name__ == "__main__":

@@ -5,8 +5,9 @@ cluster gives ``mongod``. The fake mongod, which stands in for a real
 ``mongod`` in the process-handling tests, accepts more of mongod 7.0's
 options, so that it can be started as other deployments would start mongod:
 the role-dependent default ports of ``--configsvr`` and ``--shardsvr``, a
-Unix socket directory, ``--logappend``, ``--quiet`` and the security and
-replication options it only reports (``getCmdLineOpts``, ``hello``).
+Unix socket directory, ``--logappend``, ``--quiet`` and the options it only
+reports (``--keyFile``, replication, ``--setParameter``: ``getCmdLineOpts``,
+``hello``). ``--auth`` and the TLS options are the package's, and enforced.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ class FakeMongodOptions(MongodOptions):
         "replSet": (str, False),
         "setParameter": (str, True),
     }
-    SWITCHES = MongodOptions.SWITCHES | {"logappend", "quiet", "auth", "configsvr", "shardsvr"}
+    SWITCHES = MongodOptions.SWITCHES | {"logappend", "quiet", "configsvr", "shardsvr"}
     USAGE = """\
 Options (a subset of mongod's; this program is a test stand-in):
   --port arg                   port to listen on (27017; 27018 with --shardsvr,
@@ -47,7 +48,16 @@ Options (a subset of mongod's; this program is a test stand-in):
   --unixSocketPrefix arg       directory of the Unix domain socket (/tmp)
   --wiredTigerCacheSizeGB arg  accepted and reported, no effect
   --quiet                      fewer log lines (no connection events)
-  --auth                       accepted and reported, not enforced
+  --auth                       run with access control: only MONGODB-X509
+                               users (in $external); the first one through the
+                               localhost exception
+  --tlsMode arg                disabled (default) or requireTLS: every
+                               connection must be TLS with a client
+                               certificate signed by --tlsCAFile
+                               (allowTLS and preferTLS are refused)
+  --tlsCertificateKeyFile arg  PEM file with the server's certificate and key
+  --tlsCAFile arg              PEM file of the CA that signs client
+                               certificates
   --keyFile arg                accepted and reported, not read
   --replSet arg                replica set name (reported, no replication)
   --configsvr                  config server role (changes the default port)
@@ -61,7 +71,6 @@ Options (a subset of mongod's; this program is a test stand-in):
     logappend: bool = False
     unixSocketPrefix: str = "/tmp"
     quiet: bool = False
-    auth: bool = False
     keyFile: str | None = None
     replSet: str | None = None
     configsvr: bool = False
@@ -92,8 +101,6 @@ Options (a subset of mongod's; this program is a test stand-in):
             put("systemLog", "logAppend", True)
         if self.quiet:
             put("systemLog", "quiet", True)
-        if self.auth:
-            put("security", "authorization", "enabled")
         if self.keyFile is not None:
             put("security", "keyFile", self.keyFile)
         if self.replSet is not None:
