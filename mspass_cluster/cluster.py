@@ -507,6 +507,7 @@ class MsPASSCluster(SpecCluster):
         with contextlib.suppress(OSError):
             os.unlink(self._launcher.context.heartbeat)
         self.database.release()
+        self._forget_credentials()
         logger.warning(
             "SIGTERM: asked %s %s to stop cleanly; this process ends now.",
             self._name,

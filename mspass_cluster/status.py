@@ -63,7 +63,7 @@ def view_of(cluster) -> ClusterView:
         backend=cluster.backend,
         status=status,
         db_address=db_address,
-        dashboard=Cluster.dashboard_link.fget(cluster) if running else None,
+        dashboard=cluster.dashboard_link if running else None,
         workers_connected=len(getattr(scheduler, "workers", None) or {}) if running else 0,
         workers_planned=len(cluster.plan),
         nodes_planned=len(cluster.worker_spec),

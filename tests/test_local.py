@@ -26,14 +26,16 @@ def test_local_cluster_stores_data_scales_and_leaves_nothing(tmp_path, caplog):
     caplog.set_level(logging.WARNING, logger="mspass_cluster")
     with MsPASSCluster(backend="local", nodes=2, work_dir=str(tmp_path), db_port=27391) as cluster:
         assert any("nx-27017" in r.getMessage() and "stand-in" in r.getMessage() for r in caplog.records)
-        assert cluster.backend == "local" and cluster.db_address == "mongodb://127.0.0.1:27391/"
-        assert os.environ["MSPASS_DB_ADDRESS"] == "127.0.0.1" and os.environ["MONGODB_PORT"] == "27391"
+        assert cluster.backend == "local" and cluster.database.address == "mongodb://127.0.0.1:27391/"
+        assert cluster.db_address.startswith("mongodb://127.0.0.1:27391/?tls=true&")
+        # With security (the default) the whole connection string, and no MONGODB_PORT for Client() to append.
+        assert os.environ["MSPASS_DB_ADDRESS"] == cluster.db_address and "MONGODB_PORT" not in os.environ
         client = cluster.get_client()
         db = cluster.get_db_client()
         client.gather(client.map(lambda i, c: c.t.docs.insert_one({"i": i}).acknowledged, range(20), c=db))
         assert sorted(d["i"] for d in db.t.docs.find()) == list(range(20))
         envs = client.run(lambda: (os.environ.get("MSPASS_DB_ADDRESS"), os.environ.get("MONGODB_PORT")))
-        assert set(envs.values()) == {("127.0.0.1", "27391")}
+        assert set(envs.values()) == {(cluster.db_address, None)}
         # The machine is shared between the two "nodes", not given whole to each.
         sizes = {(w["nthreads"], w["memory_limit"]) for w in client.scheduler_info()["workers"].values()}
         assert sizes == {(max(1, CPU_COUNT // 2), parse_bytes(format_bytes(MEMORY_LIMIT // 2)))}, sizes
@@ -60,6 +62,8 @@ def test_local_worker_failure_is_reported_with_its_log(tmp_path):
             db_command=FAKE_MONGOD,
             db_port=27392,
             python="/nonexistent/python",
+            # The database's first-user script would run with that Python too, and fail first.
+            security=False,
         )
     assert info.value.role == "worker" and info.value.exit_code == "127:0"
     assert "/nonexistent/python" in info.value.log_tail

@@ -30,7 +30,8 @@ from ..commands import CommandRunner
 from ..config import MIN_MEMORY, ClusterOptions, check_consistency
 from ..errors import CommandError, ConfigError, SlurmUnavailableError
 from ..network import free_local_port, scheduler_host
-from ..roles import ScriptContext
+from ..roles import SECURE_SCHEDULER_PLACEHOLDER, ScriptContext
+from ..security import CredentialFiles
 from ..slurm import JobStatus
 from .allocation import AllocationBackend, allocation_nodes, allocation_size, in_allocation
 from .local import LOCAL_HOST, LocalBackend, share_of_this_machine
@@ -261,5 +262,6 @@ def preview_script(role: str, options: ClusterOptions) -> str:
     backend = auto_backend(shutil.which("sbatch") is not None)[0] if options.backend == "auto" else options.backend
     options = backend_defaults(options, backend)
     name = f"{options.job_name}-preview"
-    context = ScriptContext(options, "preview", name, local=backend == "local")
+    secure = {"tls": CredentialFiles.placeholder(), "scheduler_address": SECURE_SCHEDULER_PLACEHOLDER}
+    context = ScriptContext(options, "preview", name, local=backend == "local", **(secure if options.security else {}))
     return context.render(role, name + ("-db" if role == "db" else "-worker-0"))[0]

@@ -119,6 +119,8 @@ class DatabaseService:
             return False
         uri = self.uri_for(self.host)
         self.not_answering = await asyncio.to_thread(ping, uri, 1.0, db_data_path(self.options))
+        if self.tls and self.not_answering and "AuthenticationFailed" in self.not_answering:
+            self.not_answering = "its server answers; this cluster's user is being set up"
         if self.not_answering is None:
             self.uri = uri
             self.address = connection_string(self.host, self.options.db_port)
