@@ -160,6 +160,11 @@ def base(security_users):
     for planted in Path(owner.pw_dir).glob(f"pwned-{token}-*"):
         planted.unlink()
     shutil.rmtree(root, ignore_errors=True)
+    intruder = security_users[1].pw_uid
+    deadline = time.monotonic() + 10
+    while user_processes(intruder) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not user_processes(intruder), f"the intruder's processes outlived the test: {user_processes(intruder)}"
 
 
 def owner_options(backend: str, security: str, work_dir: str) -> dict:
