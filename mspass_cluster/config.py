@@ -246,7 +246,8 @@ def resolve_options(environ=None, **kwargs) -> ClusterOptions:
             values[name] = os.path.join(work_dir, sub)
     in_container = container_active(values["container"], values["container_runtime"])
     if in_container:
-        check_container(values["container"], values["binds"])
+        directories = {name: values[name] for name in ("work_dir", "db_dir", "log_dir", "worker_dir")}
+        check_container(values["container"], values["binds"], directories)
     # In a container the image's Python runs the workers; on the host, this one.
     values["python"] = values["python"] or ("python" if in_container else sys.executable)
     values["db_partition"] = values["db_partition"] or values["partition"]

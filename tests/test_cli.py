@@ -183,7 +183,7 @@ def test_the_script_quotes_work_dir_and_backend_and_runs_under_bash(tmp_path):
     stub = tmp_path / "python-stub"
     stub.write_text(f'#!/bin/sh\nprintf "%s|%s|%s" "${ENV_WORK_DIR}" "${ENV_BACKEND}" "$PWD"\n')
     stub.chmod(0o755)
-    evil = str(tmp_path / "a dir'; touch pwned; echo '\n$(touch pwned2)")
+    evil = str(tmp_path / "a dir'; touch pwned; echo '$(touch pwned2) `touch pwned3` \"#x")
     script = render_submit_script(
         str(notebook), nodes=1, walltime="10\n", work_dir=evil, backend="local", python=str(stub)
     )
@@ -194,9 +194,13 @@ def test_the_script_quotes_work_dir_and_backend_and_runs_under_bash(tmp_path):
     out = subprocess.run(["bash", str(tmp_path / "job.sh")], capture_output=True, text=True, cwd=tmp_path, timeout=20)
     assert out.returncode == 0, out.stderr
     assert out.stdout == f"{evil}|local|{tmp_path}"
-    assert not (tmp_path / "pwned").exists() and not (tmp_path / "pwned2").exists()
+    assert not any((tmp_path / name).exists() for name in ("pwned", "pwned2", "pwned3"))
     with pytest.raises(ConfigError, match="no spaces, newlines"):
         render_submit_script(str(notebook), nodes=1, walltime="10", partition="a\nb")
+    # A line break is refused, quoted or not: nothing typed adds a line to the script.
+    for value in ("a\nb", "a\x00b", "a\x1bb"):
+        with pytest.raises(ConfigError, match=r"--work-dir '.*' holds .* at position 1"):
+            render_submit_script(str(notebook), nodes=1, walltime="10", work_dir=value)
 
 
 @pytest.mark.parametrize(

@@ -182,6 +182,11 @@ def finalise_options(options: ClusterOptions, backend_name: str, backend: Backen
         )
     elif backend_name == "allocation":
         options = _fit_allocation(options, backend)
+    elif "\\" in options.log_dir:
+        raise ConfigError(
+            f"log_dir={options.log_dir!r} holds a backslash: Slurm takes it as an escape in the jobs' --output path "
+            "and their logs are lost. Choose a log_dir without one."
+        )
     check_consistency(options)
     return options
 
