@@ -34,6 +34,7 @@ from .commands import CommandRunner
 from .config import ClusterOptions, prepare_directories, resolve_options
 from .db import get_db_client
 from .errors import ClusterClosedError, CommandError, ConfigError, MsPASSClusterError
+from .files import cluster_umask, create_private_dir, remove_private_dir
 from .jobs import JOB_STOP_TIMEOUT, JobLauncher, TrackedJob
 from .mspass_clients import add_mspass_worker_plugin, close_other_clients
 from .progress import DaskChatter, logger, make_progress_visible
@@ -91,11 +92,15 @@ class MsPASSCluster(SpecCluster):
     ...     cluster.scale(8)
     """
 
+    #: ``<work_dir>/.mspass_cluster/<name>/``, fresh and 0700, for the cluster's credentials (with ``security``);
+    #: removed at close.
+    private_dir: str | None = None
+
     def __init__(self, nodes=None, *, asynchronous=False, loop=None, command_runner=None, **options):
         requested = resolve_options(nodes=nodes, **options)
         self.backend: str = choose_backend(requested.backend)
         runner = command_runner or CommandRunner(requested.command_timeout)
-        backend = open_backend(self.backend, runner)
+        backend = open_backend(self.backend, runner, cluster_umask(requested))
         self.options: ClusterOptions = finalise_options(requested, self.backend, backend)
         prepare_directories(self.options)
         self.cluster_id = secrets.token_hex(4)
@@ -139,6 +144,7 @@ class MsPASSCluster(SpecCluster):
                 "local_directory": self.options.worker_dir,
             },
         }
+        self.private_dir = create_private_dir(self.options.work_dir, name) if self.options.security else None
         try:
             super().__init__(scheduler=scheduler, worker=worker, asynchronous=asynchronous, loop=loop, name=name)
         except BaseException:
@@ -149,6 +155,7 @@ class MsPASSCluster(SpecCluster):
                 except Exception as exc:
                     logger.error("Clean shutdown after a failed start did not finish: %s", exc)
             self._launcher.cancel_everything_now()
+            remove_private_dir(self.private_dir)
             runner = getattr(self, "_loop_runner", None)
             if runner is not None:
                 runner.stop()
@@ -402,6 +409,7 @@ class MsPASSCluster(SpecCluster):
                 DaskChatter.release()
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(self._launcher.context.heartbeat)
+            remove_private_dir(self.private_dir)  # the credentials do not outlive the cluster
 
     def _stop_at_once(self):
         """This process is ending (SIGTERM): ask every job to stop cleanly, without waiting."""
@@ -411,6 +419,7 @@ class MsPASSCluster(SpecCluster):
         ids = self._launcher.stop_everything_now()
         with contextlib.suppress(OSError):
             os.unlink(self._launcher.context.heartbeat)
+        remove_private_dir(self.private_dir)
         self.database.release()
         logger.warning(
             "SIGTERM: asked %s %s to stop cleanly; this process ends now.",

@@ -24,6 +24,7 @@ from dask.utils import format_bytes, parse_bytes
 from . import containers
 from ._version import __version__
 from .config import ClusterOptions, parse_walltime
+from .files import cluster_umask
 from .slurm import build_directives
 
 __all__ = [
@@ -232,10 +233,16 @@ def render_job_script(
     setup: list[str],
     argv: list[str],
     watchdog: list[str] = (),
+    umask: int | None = None,
 ) -> str:
-    """Fill the job-script template; every value is shell-quoted except prologue lines."""
+    """Fill the job-script template; every value is shell-quoted except prologue lines.
+
+    With ``umask`` (077 with ``security``) the script sets it first, so that
+    nothing the job creates (database files, spill files) is readable by others.
+    """
     template = _ScriptTemplate(resources.files(__package__).joinpath("templates/job.sh").read_text())
     return template.substitute(
+        umask=f"umask {umask:03o}  # what this job creates is yours alone (security)" if umask is not None else "",
         directives="\n".join(directives),
         version=__version__,
         role=role,
@@ -350,6 +357,7 @@ def build_job_script(
         setup=setup,
         argv=argv,
         watchdog=watchdog,
+        umask=cluster_umask(options),
     )
     return script, output
 
