@@ -11,8 +11,12 @@ anything is submitted:
   included (refused). One your group can write without the sticky bit lets
   its members do the same: a warning, unless ``group_access`` says that you
   trust them;
-* ``work_dir`` may be a shared project directory, owned by anyone, but not one
-  every user can write, sticky bit or not: every job starts in it, and Python
+* a directory's owner controls everything below it: one of another user's
+  (not root's) is trusted where the site put it (a project directory in
+  ``/project``), but not where every user can make one (``/tmp``,
+  ``/scratch``): made there, it may be a trap (refused);
+* ``work_dir`` may be a shared project directory, but not one every user
+  can write, sticky bit or not: every job starts in it, and Python
   puts the working directory first on its module path (``python -m``), so a
   ``distributed.py`` dropped there would run as you on every node (refused);
   one your group can write gets the warning above;
@@ -139,19 +143,37 @@ def _replaceable_by(st: os.stat_result) -> str | None:
 
 
 # ------------------------------------------------------------------ the checks
-def _parents(path: str) -> list[str]:
-    """Every directory above ``path``, as written and with symlinks resolved, from ``/`` down."""
-    parents: list[str] = []
-    for candidate in (os.path.abspath(path), os.path.realpath(path)):
-        chain = []
-        parent = os.path.dirname(candidate)
-        while True:
-            chain.append(parent)
-            if os.path.dirname(parent) == parent:
-                break
-            parent = os.path.dirname(parent)
-        parents += [p for p in reversed(chain) if p not in parents]
-    return parents
+def _chains(path: str) -> list[list[str]]:
+    """The directories above ``path``, from ``/`` down: as written, and again with symlinks resolved."""
+    chains = []
+    for candidate in dict.fromkeys((os.path.abspath(path), os.path.realpath(path))):
+        chain = [os.path.dirname(candidate)]
+        while os.path.dirname(chain[-1]) != chain[-1]:
+            chain.append(os.path.dirname(chain[-1]))
+        chains.append(chain[::-1])
+    return chains
+
+
+def _check_owner(directory: str, st: os.stat_result, name: str, path: str) -> None:
+    """Refuse another user's directory made where every user can make one (``/tmp``, ``/scratch``): a trap.
+
+    Its owner controls everything below it. A directory of root's, of yours,
+    or made where only some can make one (a project directory the site made
+    for a group, in ``/project``) is trusted to its owner.
+    """
+    if st.st_uid in (0, os.geteuid()):
+        return
+    try:
+        above = os.stat(os.path.dirname(directory))
+    except OSError:
+        return
+    if above.st_mode & stat.S_IWOTH:
+        mine = os.path.join(os.path.dirname(directory), _user(os.geteuid()))
+        raise ConfigError(
+            f"{name}={path!r}: {directory} ({_described(st)}) is another user's, made in {os.path.dirname(directory)}"
+            f", where every user can make one; whoever made it controls everything below it, your job scripts "
+            f"included. Use a directory of your own, e.g. {name}={os.path.join(mine, 'run')!r} or one under $HOME."
+        )
 
 
 def _group_warning(directory: str, st: os.stat_result) -> str:
@@ -164,27 +186,30 @@ def _group_warning(directory: str, st: os.stat_result) -> str:
 
 
 def _check_parents(path: str, name: str, trust_group: bool, warnings: dict) -> None:
-    """Refuse a parent every user can write without the sticky bit; note one the group can (``warnings``)."""
-    for parent in _parents(path):
-        try:
-            st = os.stat(parent)
-        except OSError:
-            continue  # not there yet (it will be made) or not ours to see (making it will say so)
-        who = _replaceable_by(st)
-        if who == "every user":
-            raise ConfigError(
-                f"{name}={path!r} lies in {parent} ({_described(st)}), which every user can write and which has "
-                "no sticky bit: anyone could rename what is below it and put their own in its place, your job "
-                f"scripts included. Choose a {name} elsewhere, e.g. under $HOME or $SCRATCH/$USER, or ask the "
-                f"directory's owner to set the sticky bit (chmod +t {shlex.quote(parent)})."
-            )
-        if who == "group" and not trust_group:
-            warnings.setdefault(parent, _group_warning(parent, st))
+    """Refuse a parent others control (see the module's docstring); note one the group can write (``warnings``)."""
+    for chain in _chains(path):
+        for parent in chain:
+            try:
+                st = os.stat(parent)
+            except OSError:
+                break  # not there yet (it will be made) or not ours to see (making it will say so)
+            _check_owner(parent, st, name, path)
+            who = _replaceable_by(st)
+            if who == "every user":
+                raise ConfigError(
+                    f"{name}={path!r} lies in {parent} ({_described(st)}), which every user can write and which has "
+                    "no sticky bit: anyone could rename what is below it and put their own in its place, your job "
+                    f"scripts included. Choose a {name} elsewhere, e.g. under $HOME or $SCRATCH/$USER, or ask the "
+                    f"directory's owner to set the sticky bit (chmod +t {shlex.quote(parent)})."
+                )
+            if who == "group" and not trust_group:
+                warnings.setdefault(parent, _group_warning(parent, st))
 
 
 def _check_work_dir(path: str, trust_group: bool, warnings: dict) -> None:
     """``work_dir`` may be shared, but nobody else may put files in it (the jobs' working directory)."""
     st = os.stat(path)
+    _check_owner(os.path.realpath(path), st, "work_dir", path)
     if st.st_mode & stat.S_IWOTH:
         sticky = " (the sticky bit does not help: new files are enough)" if st.st_mode & stat.S_ISVTX else ""
         mine = os.path.join(path, _user(os.geteuid()))

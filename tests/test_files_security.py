@@ -147,6 +147,30 @@ def test_a_shared_sticky_directory_with_the_intruders_logs_is_refused(tmp_path):
     assert not (tmp_path / "mine" / PRIVATE_PARENT).exists()
 
 
+def test_a_directory_another_user_made_where_anyone_can_is_refused_but_a_project_directory_is_not(tmp_path, caplog):
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    shared.chmod(0o1777)
+    (shared / "run").mkdir()
+    give_away(shared / "run", 0o755)  # the intruder made the run directory before the user did
+    for work_dir in (shared / "run", shared / "run" / "mine"):
+        with pytest.raises(ConfigError) as info:
+            local_cluster(work_dir)
+        text = str(info.value)
+        assert f"{shared / 'run'} (owned by nobody" in text and f"made in {shared}, where every user can" in text
+        assert f"work_dir={str(shared / 'root' / 'run')!r}" in text
+    assert list((shared / "run").iterdir()) == []
+    # A project directory the site made for a group (here: owned by another user, in a directory not every
+    # user can write) is its owner's to control, and used; that the group can write it is a warning.
+    project = tmp_path / "project"
+    project.mkdir()
+    give_away(project, 0o2770)
+    with caplog.at_level(logging.WARNING, logger="mspass_cluster"):
+        prepare_directories(resolve_options(environ={}, work_dir=str(project / "run")))
+    assert mode(project / "run" / "logs") == 0o2700
+    assert [r.getMessage().split(" (")[0] for r in caplog.records] == [str(project)]
+
+
 def test_a_directory_under_a_world_writable_parent_without_sticky_bit_is_refused(tmp_path):
     open_dir = tmp_path / "open"
     open_dir.mkdir()
