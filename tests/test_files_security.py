@@ -69,7 +69,8 @@ def test_a_default_cluster_keeps_every_directory_and_file_to_you(tmp_path):
             assert mode(directory) == 0o700, directory
         scripts, outs = sorted(logs.glob("*.sh")), sorted(logs.glob("*.out"))
         assert len(scripts) == 2 and len(outs) == 2
-        for path in [*scripts, *outs, *logs.glob("*.heartbeat"), work / "db" / "mspass-cluster.json"]:
+        heartbeat = logs / f"{cluster.name}.heartbeat"
+        for path in [*scripts, *outs, heartbeat, work / "db" / "mspass-cluster.json"]:
             assert mode(path) == 0o600, path
         assert all("\numask 077" in p.read_text() for p in scripts)
         private = work / PRIVATE_PARENT / cluster.name
@@ -112,7 +113,8 @@ def test_security_off_keeps_the_old_open_behaviour(tmp_path):
     give_away(tmp_path / "logs", 0o777)
     with umask(0o022), local_cluster(tmp_path, security=False) as cluster:
         assert mode(tmp_path / "db") == mode(tmp_path / "work") == mode(tmp_path / "db" / "data") == 0o755
-        for path in [*(tmp_path / "logs").glob("*.sh"), *(tmp_path / "logs").glob("*.out")]:
+        logs = tmp_path / "logs"
+        for path in [*logs.glob("*.sh"), *logs.glob("*.out"), logs / f"{cluster.name}.heartbeat"]:
             assert mode(path) == 0o644, path
         assert mode(tmp_path / "db" / "mspass-cluster.json") == 0o644
         assert "umask" not in next((tmp_path / "logs").glob("*.sh")).read_text()
