@@ -46,6 +46,13 @@ ROLES = ("db", "worker")
 SCHEDULER_PLACEHOLDER = "tcp://<scheduler-address>:<port>"
 
 
+#: The comment beside a job script's ``umask`` line.
+_WHO_READS = {
+    0o077: "only you can read what this job creates",
+    0o027: "only you and your group can read what this job creates (group_access)",
+}
+
+
 class _ScriptTemplate(string.Template):
     # '@' keeps the template readable: '$' belongs to the shell.
     delimiter = "@"
@@ -242,7 +249,7 @@ def render_job_script(
     """
     template = _ScriptTemplate(resources.files(__package__).joinpath("templates/job.sh").read_text())
     return template.substitute(
-        umask=f"umask {umask:03o}  # what this job creates is yours alone (security)" if umask is not None else "",
+        umask="" if umask is None else f"umask {umask:03o}  # security: {_WHO_READS.get(umask, 'as set')}",
         directives="\n".join(directives),
         version=__version__,
         role=role,
