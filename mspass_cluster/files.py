@@ -229,7 +229,8 @@ def _check_own_directory(path: str, name: str, trust_group: bool) -> str | None:
     if st.st_uid != os.geteuid():
         raise ConfigError(
             f"{name}={path!r} ({_described(st)}) is not yours, so its owner controls {DIRECTORIES[name]}. "
-            f"Give this cluster a directory of your own: another {name}=, or leave {name} unset for one in work_dir."
+            f"Give this cluster a directory of your own: another {name}= (or another work_dir=, if {name} is its "
+            "default in work_dir)."
         )
     if st.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
         raise ConfigError(
