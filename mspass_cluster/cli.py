@@ -28,8 +28,9 @@ import re
 import sys
 
 from .commands import CommandRunner
-from .config import CHOICES, parse_walltime
+from .config import _BY_NAME, CHOICES, _from_config, parse_walltime
 from .errors import ConfigError, MsPASSClusterError
+from .files import write_file
 from .notebook import read_notebook
 from .slurm import (
     build_sbatch_argv,
@@ -50,6 +51,7 @@ from .submit import (  # noqa: F401  (render_submit_script and the ENV_ names ar
     _check_work_dir,
     render_submit_script,
 )
+from .values import coerce
 
 __all__ = ["main", "render_submit_script"]
 
@@ -120,6 +122,13 @@ def _fail(message: str, status: int = 2) -> int:
     return status
 
 
+def _script_mode() -> int | None:
+    """Mode of the written ``.sbatch``: 0600, or the umask's when the user's dask config turns ``security`` off."""
+    option = _BY_NAME["security"]
+    value = _from_config(option)
+    return 0o600 if value is None or coerce(option, value) else None
+
+
 def _submit(args, runner: CommandRunner) -> int:
     if not os.path.isfile(args.notebook):
         return _fail(f"no notebook {args.notebook!r}: give the path of an .ipynb file")
@@ -140,6 +149,7 @@ def _submit(args, runner: CommandRunner) -> int:
             _check_params(args.notebook, notebook, args.param)
         _check_batch_tools(notebook)
         work_dir = _check_work_dir(args.work_dir) if args.work_dir is not None else None
+        mode = _script_mode()
         script = render_submit_script(
             args.notebook,
             nodes=nodes,
@@ -162,8 +172,7 @@ def _submit(args, runner: CommandRunner) -> int:
         return 0
     stem = os.path.splitext(os.path.abspath(args.notebook))[0]
     path = f"{stem}.sbatch"
-    with open(path, "w") as f:
-        f.write(script)
+    write_file(path, script, mode)  # whole, new, never through a symlink: what sbatch reads is what was written
     try:
         result = runner.run(build_sbatch_argv(path), check=False)
     except MsPASSClusterError:

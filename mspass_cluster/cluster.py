@@ -21,7 +21,6 @@ import functools
 import math
 import os
 import secrets
-import shutil
 
 import dask
 from distributed import Client, Scheduler
@@ -38,6 +37,7 @@ from .commands import CommandRunner
 from .config import ClusterOptions, prepare_directories, resolve_options
 from .db import get_db_client
 from .errors import ClusterClosedError, CommandError, ConfigError, MsPASSClusterError
+from .files import cluster_umask, create_private_dir, remove_private_dir
 from .jobs import JOB_STOP_TIMEOUT, JobLauncher, TrackedJob
 from .mspass_clients import add_mspass_worker_plugin, close_other_clients
 from .progress import DaskChatter, logger, make_progress_visible
@@ -96,11 +96,15 @@ class MsPASSCluster(SpecCluster):
     ...     cluster.scale(8)
     """
 
+    #: ``<work_dir>/.mspass_cluster/<name>/``, fresh and 0700, for the cluster's credentials (with ``security``);
+    #: removed at close.
+    private_dir: str | None = None
+
     def __init__(self, nodes=None, *, asynchronous=False, loop=None, command_runner=None, **options):
         requested = resolve_options(nodes=nodes, **options)
         self.backend: str = choose_backend(requested.backend)
         runner = command_runner or CommandRunner(requested.command_timeout)
-        backend = open_backend(self.backend, runner)
+        backend = open_backend(self.backend, runner, cluster_umask(requested))
         self.options: ClusterOptions = finalise_options(requested, self.backend, backend)
         prepare_directories(self.options)
         self.cluster_id = secrets.token_hex(4)
@@ -174,6 +178,7 @@ class MsPASSCluster(SpecCluster):
                 except Exception as exc:
                     logger.error("Clean shutdown after a failed start did not finish: %s", exc)
             self._launcher.cancel_everything_now()
+            self._forget_credentials()
             runner = getattr(self, "_loop_runner", None)
             if runner is not None:
                 runner.stop()
@@ -185,10 +190,8 @@ class MsPASSCluster(SpecCluster):
         """The credentials' files for job scripts and the :class:`Security` of this process (``security``)."""
         if not self.options.security:
             return None, Security()
-        directory = os.path.join(self.options.work_dir, ".mspass_cluster", name)
-        os.makedirs(os.path.dirname(directory), mode=0o700, exist_ok=True)
-        os.mkdir(directory, 0o700)
-        self._credentials = ClusterCredentials.create(directory, cluster=name)
+        self.private_dir = create_private_dir(self.options.work_dir, name)
+        self._credentials = ClusterCredentials.create(self.private_dir, cluster=name)
         tls = self._credentials.files
         if isinstance(self.options.security, Security):
             return tls.with_dask(self.options.security), self.options.security
@@ -196,8 +199,9 @@ class MsPASSCluster(SpecCluster):
 
     def _forget_credentials(self) -> None:
         """Remove the credentials' directory: nothing may use this cluster's certificates after it."""
-        if self._credentials is not None:
-            shutil.rmtree(self._credentials.directory, ignore_errors=True)
+        if self.private_dir is not None:
+            remove_private_dir(self.private_dir)
+            self.private_dir = None
 
     def _warn_if_open(self) -> None:
         if self.options.security:
@@ -491,12 +495,12 @@ class MsPASSCluster(SpecCluster):
                 self._published_config.__exit__(None, None, None)
                 self._published_config = None
             self.database.release()
-            self._forget_credentials()
             if self._holds_dask_chatter:
                 self._holds_dask_chatter = False
                 DaskChatter.release()
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(self._launcher.context.heartbeat)
+            self._forget_credentials()  # the credentials do not outlive the cluster
 
     def _stop_at_once(self):
         """This process is ending (SIGTERM): ask every job to stop cleanly, without waiting."""

@@ -60,8 +60,8 @@ class CommandRunner:
             raise error_cls(argv, returncode, stdout, stderr)
         return result
 
-    def run(self, argv, *, timeout=None, check=True, error_cls=CommandError) -> CommandResult:
-        """Run ``argv`` and wait for it.
+    def run(self, argv, *, timeout=None, check=True, error_cls=CommandError, env=None) -> CommandResult:
+        """Run ``argv`` and wait for it; ``env`` adds variables to this process's environment for it.
 
         Raises
         ------
@@ -74,7 +74,9 @@ class CommandRunner:
         self._count(argv)
         logger.debug("running %s", argv)
         try:
-            proc = subprocess.run(argv, capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL)
+            proc = subprocess.run(
+                argv, capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL, env=_environment(env)
+            )
         except FileNotFoundError as exc:
             raise error_cls(
                 argv, None, reason=f"{argv[0]} was not found on PATH. Is Slurm installed and loaded here?"
@@ -89,7 +91,7 @@ class CommandRunner:
             ) from exc
         return self._check(argv, proc.returncode, proc.stdout, proc.stderr, check, error_cls)
 
-    async def arun(self, argv, *, timeout=None, check=True, error_cls=CommandError) -> CommandResult:
+    async def arun(self, argv, *, timeout=None, check=True, error_cls=CommandError, env=None) -> CommandResult:
         """Like :meth:`run`, from a coroutine, without blocking the event loop."""
         argv = [str(a) for a in argv]
         timeout = self.timeout if timeout is None else timeout
@@ -101,6 +103,7 @@ class CommandRunner:
                 stdin=asyncio.subprocess.DEVNULL,
                 stdout=asyncio.subprocess.PIPE,
                 stderr=asyncio.subprocess.PIPE,
+                env=_environment(env),
             )
         except FileNotFoundError as exc:
             raise error_cls(
@@ -119,6 +122,11 @@ class CommandRunner:
         return self._check(
             argv, proc.returncode, out.decode(errors="replace"), err.decode(errors="replace"), check, error_cls
         )
+
+
+def _environment(extra) -> dict | None:
+    """This process's environment plus ``extra``, or None (inherit it) without."""
+    return {**os.environ, **extra} if extra else None
 
 
 def _text(data) -> str:

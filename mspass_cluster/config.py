@@ -47,6 +47,7 @@ from dask.utils import parse_bytes
 
 from .containers import check_container, container_active
 from .errors import ConfigError
+from .files import prepare_directories
 from .options import (  # noqa: F401  (re-exported: declared there, resolved here)
     _BY_NAME,
     CHOICES,
@@ -246,7 +247,8 @@ def resolve_options(environ=None, **kwargs) -> ClusterOptions:
             values[name] = os.path.join(work_dir, sub)
     in_container = container_active(values["container"], values["container_runtime"])
     if in_container:
-        check_container(values["container"], values["binds"])
+        directories = {name: values[name] for name in ("work_dir", "db_dir", "log_dir", "worker_dir")}
+        check_container(values["container"], values["binds"], directories)
     # In a container the image's Python runs the workers; on the host, this one.
     values["python"] = values["python"] or ("python" if in_container else sys.executable)
     values["db_partition"] = values["db_partition"] or values["partition"]
@@ -287,29 +289,6 @@ def check_consistency(options: ClusterOptions) -> None:
         raise ConfigError(
             f"job_name={options.job_name!r} may only hold letters, digits, '.', '_' and '-', e.g. job_name='mspass'."
         )
-
-
-def prepare_directories(options: ClusterOptions) -> None:
-    """Create the work, log, database and worker directories, or say why not.
-
-    Raises
-    ------
-    ConfigError
-        Naming the directory, the option it came from and the OS error.
-    """
-    for name in ("work_dir", "log_dir", "db_dir", "worker_dir"):
-        path = getattr(options, name)
-        try:
-            os.makedirs(path, exist_ok=True)
-            probe = os.path.join(path, f".mspass-cluster-write-test-{os.getpid()}")
-            with open(probe, "w"):
-                pass
-            os.unlink(probe)
-        except OSError as exc:
-            raise ConfigError(
-                f"{name}={path!r} cannot be created or written: {exc.strerror or exc}. "
-                f"Choose a writable directory on a file system all nodes share, e.g. {name}='$SCRATCH/mspass'."
-            ) from exc
 
 
 if __name__ == "__main__":

@@ -74,8 +74,12 @@ def container_active(container: str | None, runtime: str) -> bool:
     return bool(container) and runtime != "none"
 
 
-def check_container(container: str, binds: list[str]) -> None:
+def check_container(container: str, binds: list[str], directories: dict | None = None) -> None:
     """Before anything is submitted: the image and every bind source must exist.
+
+    ``directories`` (option name: path) are bound too unless a bind covers
+    them; the runtimes split ``--bind`` on ``,`` and ``:`` and have no escape,
+    so such a path may hold neither.
 
     Raises
     ------
@@ -93,6 +97,14 @@ def check_container(container: str, binds: list[str]) -> None:
         bind = parse_bind(spec)
         if not os.path.exists(bind.src):
             raise ConfigError(f"binds entry {spec!r}: the source {bind.src!r} does not exist on this machine.")
+    parsed = [parse_bind(spec) for spec in binds]
+    for name, path in (directories or {}).items():
+        if not _covered(path, parsed) and ("," in path or ":" in path):
+            raise ConfigError(
+                f"{name}={path!r} holds a ',' or ':', which the container runtime reads as the end of a bind "
+                f"(--bind src:dst,...) and cannot escape. Choose a {name} without them, or bind a directory above it "
+                "yourself, e.g. binds=['/scratch/me'], so that it needs no bind of its own."
+            )
 
 
 def _covered(path: str, binds: list[Bind]) -> bool:

@@ -18,6 +18,8 @@ import os
 import socket
 import time
 
+from .files import write_file
+
 __all__ = ["MARKER", "claim", "holder", "release", "describe_holder", "LOCKED_WORDS"]
 
 MARKER = "mspass-cluster.json"
@@ -30,8 +32,16 @@ def _path(db_dir: str) -> str:
     return os.path.join(db_dir, MARKER)
 
 
-def claim(db_dir: str, cluster: str, *, heartbeat: str, orphan_timeout: int, db_job: str | None = None) -> None:
-    """Write (atomically) that ``cluster`` uses ``db_dir``."""
+def claim(
+    db_dir: str,
+    cluster: str,
+    *,
+    heartbeat: str,
+    orphan_timeout: int,
+    db_job: str | None = None,
+    mode: int | None = None,
+) -> None:
+    """Write (atomically, with ``mode``: 0600 with ``security``) that ``cluster`` uses ``db_dir``."""
     record = {
         "cluster": cluster,
         "host": socket.gethostname(),
@@ -41,10 +51,7 @@ def claim(db_dir: str, cluster: str, *, heartbeat: str, orphan_timeout: int, db_
         "db_job": db_job,
         "started": time.strftime("%Y-%m-%d %H:%M:%S"),
     }
-    temporary = f"{_path(db_dir)}.{os.getpid()}"
-    with open(temporary, "w") as f:
-        json.dump(record, f)
-    os.replace(temporary, _path(db_dir))
+    write_file(_path(db_dir), json.dumps(record), mode)
 
 
 def holder(db_dir: str, now: float | None = None) -> dict | None:

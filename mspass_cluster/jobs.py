@@ -22,8 +22,9 @@ from collections import deque
 from dataclasses import dataclass, field
 
 from .errors import CommandError, JobFailedError, SlurmUnavailableError
+from .files import file_mode, write_file
 from .roles import ScriptContext
-from .slurm import JobState, JobStatus
+from .slurm import JobState, JobStatus, expand_job_id
 
 __all__ = ["JOB_STOP_TIMEOUT", "JobPhase", "JobLauncher", "TrackedJob", "tail", "error_lines", "server_exit_status"]
 
@@ -199,14 +200,19 @@ class JobLauncher:
         return self.context.render(role, name)
 
     async def submit(self, role: str, name: str) -> TrackedJob:
-        """Write the script to ``<log_dir>/<name>.sh`` and submit it."""
+        """Write the script to ``<log_dir>/<name>.sh`` and submit it.
+
+        The script is written whole under a fresh name and renamed into place
+        (see :func:`~mspass_cluster.files.write_file`), 0600 with ``security``,
+        in a log directory only its owner can write: what ``sbatch`` or
+        ``bash`` reads is what was written, also when a name is submitted again.
+        """
         script, output = self.script(role, name)
         path = os.path.join(self.options.log_dir, f"{name}.sh")
-        with open(path, "w") as f:
-            f.write(script)
+        write_file(path, script, file_mode(self.options))
         unit = self.backend.unit
         job_id = await self.backend.submit(path, f"{role} {unit} {name}", output, role)
-        job = TrackedJob(role, name, job_id, output.replace("%j", job_id), path, unit=unit)
+        job = TrackedJob(role, name, job_id, expand_job_id(output, job_id), path, unit=unit)
         self.jobs[job_id] = job
         logger.log(self.detail, "Submitted %s %s %s (%s); log: %s", role, unit, job_id, name, job.log_path)
         return job

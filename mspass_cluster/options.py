@@ -201,6 +201,12 @@ OPTIONS: tuple[Option, ...] = (
         "Secure by default: mutual TLS with a fresh per-cluster CA for the scheduler, workers and nannies; the database requires TLS with this cluster's client certificate and authenticates it (x.509); credentials, scripts, logs and data in directories only you can read (0700). `False` turns all of that off (with a warning saying who can then reach what); a `distributed.Security` is used for Dask instead of the cluster's own.",
         kind="security",
     ),
+    Option(
+        "group_access",
+        False,
+        "With `security`: open the cluster's directories and files to your group (0750 and 0640, job scripts with `umask 027`) and accept a `work_dir` (or a directory above it) your group can write without a warning; for a project directory shared with people you trust with your account. Credentials stay yours alone.",
+        kind="bool",
+    ),
     # --- worker role
     Option(
         "python",
@@ -315,6 +321,7 @@ class ClusterOptions:
     scheduler_port: int
     dashboard_address: str | None
     security: Any
+    group_access: bool
     python: str
     worker_extra_args: list
     worker_lifetime: str

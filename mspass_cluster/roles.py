@@ -24,6 +24,7 @@ from dask.utils import format_bytes, parse_bytes
 from . import containers
 from ._version import __version__
 from .config import ClusterOptions, parse_walltime
+from .files import cluster_umask
 from .security import CredentialFiles, db_client_uri
 from .slurm import build_directives
 
@@ -45,6 +46,13 @@ ROLES = ("db", "worker")
 #: Placeholder used in scripts previewed before the scheduler exists.
 SCHEDULER_PLACEHOLDER = "tcp://<scheduler-address>:<port>"
 SECURE_SCHEDULER_PLACEHOLDER = "tls://<scheduler-address>:<port>"
+
+
+#: The comment beside a job script's ``umask`` line.
+_WHO_READS = {
+    0o077: "only you can read what this job creates",
+    0o027: "only you and your group can read what this job creates (group_access)",
+}
 
 
 class _ScriptTemplate(string.Template):
@@ -287,13 +295,15 @@ def role_environment(
     }
 
 
-def heartbeat_watchdog(heartbeat: str, limit: int) -> list[str]:
+def heartbeat_watchdog(heartbeat: str, limit: int, private_dir: str | None = None) -> list[str]:
     """Shell lines that stop the server when ``heartbeat`` is older than ``limit`` seconds.
 
     The notebook owning the cluster refreshes the file; if its kernel dies,
     the database shuts down cleanly, and workers leave, instead of holding
     nodes until walltime (a worker whose nanny keeps restarting a crashing
-    process never reaches ``death_timeout``). The stale file is removed.
+    process never reaches ``death_timeout``). The stale file is removed,
+    and so is the cluster's ``private_dir`` (its credentials), which the
+    dead notebook can no longer remove.
     """
     check = max(1, min(15, limit // 4))
     return [
@@ -315,6 +325,7 @@ def heartbeat_watchdog(heartbeat: str, limit: int) -> list[str]:
         '            echo "mspass_cluster: no heartbeat from the notebook for $age s ($heartbeat); stopping the server"',
         '            kill -TERM "$server_pid"',
         '            rm -f "$heartbeat"',
+        *([f"            rm -rf -- {shlex.quote(private_dir)}"] if private_dir else []),
         "            exit 0",
         "        fi",
         "    done",
@@ -334,10 +345,16 @@ def render_job_script(
     argv: list[str],
     watchdog: list[str] = (),
     after_start: list[str] = (),
+    umask: int | None = None,
 ) -> str:
-    """Fill the job-script template; every value is shell-quoted except prologue lines."""
+    """Fill the job-script template; every value is shell-quoted except prologue lines.
+
+    With ``umask`` (077 with ``security``) the script sets it first, so that
+    nothing the job creates (database files, spill files) is readable by others.
+    """
     template = _ScriptTemplate(resources.files(__package__).joinpath("templates/job.sh").read_text())
     return template.substitute(
+        umask="" if umask is None else f"umask {umask:03o}  # security: {_WHO_READS.get(umask, 'as set')}",
         directives="\n".join(directives),
         version=__version__,
         role=role,
@@ -455,7 +472,9 @@ def build_job_script(
     after_start = []
     if role == "db" and tls is not None and tls.db_server_pem:
         after_start = db_users_lines(options, tls, wrap and (lambda command: wrap(command)[1]))
-    watchdog = heartbeat_watchdog(heartbeat, options.orphan_timeout) if heartbeat else []
+    # The placeholder of a preview names no real directory.
+    private_dir = os.path.dirname(tls.ca_file) if tls is not None and tls.ca_file.startswith("/") else None
+    watchdog = heartbeat_watchdog(heartbeat, options.orphan_timeout, private_dir) if heartbeat else []
     script = render_job_script(
         role=role,
         cluster_id=cluster_id,
@@ -466,6 +485,7 @@ def build_job_script(
         argv=argv,
         watchdog=watchdog,
         after_start=after_start,
+        umask=cluster_umask(options),
     )
     return script, output
 

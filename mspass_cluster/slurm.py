@@ -7,6 +7,7 @@ the job-state table and the words of a Slurm that does not answer are in
 
 from __future__ import annotations
 
+import os
 import re
 import signal
 import threading
@@ -45,6 +46,9 @@ __all__ = [
     "build_directives",
     "build_batch_directives",
     "directive_option",
+    "quote_directive",
+    "output_directive",
+    "expand_job_id",
     "build_sbatch_argv",
     "build_squeue_argv",
     "build_squeue_mine_argv",
@@ -66,17 +70,42 @@ def format_memory(value: str) -> str:
 
 
 def quote_directive(value: str) -> str:
-    """A value for an ``#SBATCH`` line: Slurm splits these lines on spaces unless quoted.
+    r"""A value for an ``#SBATCH`` line, read by Slurm as written.
+
+    Slurm splits these lines on white space, takes ``'`` and ``"`` as quotes,
+    ``\`` as an escape and an unquoted ``#`` as the start of a comment; a
+    value holding any of them is written in double quotes, with ``"`` and
+    ``\`` escaped.
 
     >>> quote_directive("/scratch/my run/x-%j.out")
     '"/scratch/my run/x-%j.out"'
+    >>> print(quote_directive('/s/it\'s "run" #2/x.out'))
+    "/s/it's \"run\" #2/x.out"
     """
-    return f'"{value}"' if re.search(r"\s", value) else value
+    if not re.search(r"[\s\"'#\\]", value):
+        return value
+    return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
 
 
 def output_directive(pattern: str) -> str:
-    """``--output=`` for a log path in which only ``%j`` is Slurm's (a ``%`` in a folder name is not)."""
-    return "--output=" + quote_directive(pattern.replace("%", "%%").replace("%%j", "%j"))
+    """``--output=`` for a log path in which only the file name's ``%j`` is Slurm's (a ``%`` in a folder is not).
+
+    >>> output_directive("/s/100%j/x-%j.out")
+    '--output=/s/100%%j/x-%j.out'
+    """
+    folder, name = os.path.split(pattern)
+    escaped = os.path.join(folder.replace("%", "%%"), name.replace("%", "%%").replace("%%j", "%j"))
+    return "--output=" + quote_directive(escaped)
+
+
+def expand_job_id(pattern: str, job_id: str) -> str:
+    """The log path of job ``job_id`` from an ``--output`` pattern (``%j`` in the file name only).
+
+    >>> expand_job_id("/s/100%j/x-%j.out", "42")
+    '/s/100%j/x-42.out'
+    """
+    folder, name = os.path.split(pattern)
+    return os.path.join(folder, name.replace("%j", job_id))
 
 
 def build_directives(
@@ -174,7 +203,7 @@ def build_batch_directives(
 def _where_and_who(partition, account, qos, extra) -> list[str]:
     """The partition, account and QOS options that are set, then ``extra`` as given (last, so they win)."""
     options = [
-        f"{flag}={value}"
+        f"{flag}={quote_directive(value)}"
         for flag, value in (("--partition", partition), ("--account", account), ("--qos", qos))
         if value
     ]

@@ -11,7 +11,6 @@ import html
 from dataclasses import dataclass, field
 
 from distributed.core import Status
-from distributed.deploy.cluster import Cluster
 
 __all__ = ["ClusterView", "JobRow", "view_of", "render_text", "render_html", "format_seconds"]
 

@@ -19,6 +19,7 @@ from .config import CONFIG_SECTION
 from .errors import ConfigError
 from .notebook import parameter_names, parse_params
 from .slurm import build_batch_directives, directive_option
+from .values import check_text
 
 __all__ = ["render_submit_script", "ENV_WORK_DIR", "ENV_BACKEND", "ONE_NODE_BACKENDS"]
 
@@ -40,6 +41,7 @@ def _check_slurm_name(flag: str, value) -> None:
             f"{flag} {value!r}: Slurm names have no spaces, newlines or quotes; give one name, e.g. {flag} normal "
             "(sinfo lists partitions, sacctmgr show assoc user=$USER your accounts and QOS)."
         )
+    check_text(flag, value)
 
 
 #: sbatch options that ``submit`` sets itself, long and short, and what to give instead.
@@ -68,6 +70,7 @@ def _check_directive(value: str) -> None:
             f"--directive {value!r} is not one sbatch option on one line; give it as sbatch takes it, "
             "e.g. --directive=--constraint=ib."
         )
+    check_text("--directive", value)
     option = directive_option(value)
     if option in OWN_DIRECTIVES:
         instead = OWN_DIRECTIVES[option]
@@ -76,10 +79,11 @@ def _check_directive(value: str) -> None:
 
 
 def _check_notebook_path(path: str) -> None:
-    if re.search(r'[\n\r"]', path):
+    check_text("notebook path", path)
+    if "\\" in path:
         raise ConfigError(
-            f"notebook path {path!r} holds a newline or a double quote, which cannot be written into an sbatch "
-            "script; rename the notebook or its directory."
+            f"notebook path {path!r} holds a backslash: Slurm takes it as an escape in the job's --output path "
+            "(the log beside the notebook) and the log is lost; rename the notebook or its directory."
         )
 
 
@@ -132,14 +136,23 @@ def render_submit_script(
     Raises
     ------
     ConfigError
-        For a value that would break out of its line: a newline in a Slurm
-        name, a directive or the notebook path.
+        For a value that would break out of its line or hide what runs: a
+        control character (a line break, NUL, ...; a tab only in prologue
+        lines) in any value, a space in a Slurm name, a backslash in the
+        notebook path.
     """
     _check_notebook_path(notebook)
     for flag, value in (("--partition", partition), ("--account", account), ("--qos", qos)):
         _check_slurm_name(flag, value)
     for directive in extra_directives:
         _check_directive(directive)
+    for line in prologue:
+        check_text("--prologue", line, tab=True)
+    for flag, value in (("--param", item) for item in params):
+        check_text(flag, value)
+    for flag, value in (("--work-dir", work_dir), ("python", python), ("--walltime", str(walltime).strip())):
+        if value is not None:
+            check_text(flag, value)
     notebook = os.path.abspath(notebook)
     directory, name = os.path.split(notebook)
     stem = os.path.splitext(name)[0]
@@ -180,8 +193,7 @@ def render_submit_script(
 def _check_work_dir(value: str) -> str:
     """``value`` as an absolute path, if it is, or can be made, a writable directory."""
     path = os.path.abspath(os.path.expanduser(value))
-    if "\n" in path or "\r" in path:
-        raise ConfigError(f"--work-dir {value!r} holds a newline; choose a directory name without one.")
+    check_text("--work-dir", path)
     existing = path
     while not os.path.exists(existing):
         existing = os.path.dirname(existing)

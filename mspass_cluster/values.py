@@ -15,7 +15,7 @@ from dask.utils import parse_bytes, parse_timedelta
 from .errors import ConfigError
 from .options import CHOICES, Option
 
-__all__ = ["coerce", "parse_walltime", "MIN_MEMORY"]
+__all__ = ["coerce", "check_text", "parse_walltime", "MIN_MEMORY"]
 
 
 _WALLTIME = re.compile(
@@ -78,7 +78,19 @@ def _check_int(name, value, minimum):
 
 
 def coerce(option: Option, value):
+    """``value`` as option's type, checked; ConfigError naming the value and the fix.
+
+    Text of every kind is checked for control characters first (see
+    :func:`check_text`), before any other check, so the message says what is
+    really wrong.
+    """
     name = option.name
+    if isinstance(value, str):
+        _one_line(name, value)
+    elif isinstance(value, (list, tuple)):
+        for index, item in enumerate(value):
+            if isinstance(item, str):
+                check_text(f"{name}[{index}]", item, tab=name in TAB_ALLOWED)
     if option.kind == "int":
         minimum = 0 if name == "scheduler_port" else 1
         number = _check_int(name, value, minimum)
@@ -127,7 +139,8 @@ def coerce(option: Option, value):
     if option.kind == "lifetime":
         return _check_lifetime(name, value)
     if option.kind == "path":
-        return os.path.abspath(os.path.expanduser(os.path.expandvars(_one_line(name, str(value)))))
+        # Checked again once expanded: a variable's value lands in the scripts too.
+        return _one_line(name, os.path.abspath(os.path.expanduser(os.path.expandvars(str(value)))))
     if not isinstance(value, str):
         raise ConfigError(f"{name}={value!r} must be a string.")
     return _one_line(name, value)
@@ -158,11 +171,45 @@ def _check_security(name, value):
     )
 
 
-def _one_line(name, value: str) -> str:
-    """Values end up in job scripts: a line break would start a shell line of its own."""
-    if any(ch in value for ch in "\n\r\0"):
-        raise ConfigError(f"{name}={value!r} holds a line break or NUL; give it on one line.")
+#: Options whose values are lines of shell the user writes: a tab there is indentation, harmless.
+TAB_ALLOWED = ("job_script_prologue",)
+
+_CONTROL_NAMES = {
+    "\n": "a line break (\\n)",
+    "\r": "a carriage return (\\r)",
+    "\0": "a NUL (\\x00)",
+    "\t": "a tab (\\t)",
+}
+
+
+def check_text(name: str, value: str, *, tab: bool = False) -> str:
+    """``value``, if it holds no control character (C0 or DEL; a tab only with ``tab``), else ConfigError.
+
+    Values land in job scripts, in ``#SBATCH`` lines and shell lines: a line
+    break or NUL there would end the line and start one of the value's own,
+    and the other control characters hide, in the script and in every
+    message, what is really there. No Slurm name, path or argument needs one.
+
+    >>> check_text("partition", "normal")
+    'normal'
+    """
+    for position, char in enumerate(value):
+        if (char < " " and not (tab and char == "\t")) or char == "\x7f":
+            what = _CONTROL_NAMES.get(char, f"the control character {char!r}")
+            # Options are named as written in Python (work_dir='...'), anything else as typed (--work-dir '...').
+            option = re.fullmatch(r"[a-z_]+(\[\d+\])?", name) is not None
+            shown = f"{name}={value!r}" if option else f"{name} {value!r}"
+            where = " (check the YAML file or variable it came from)" if option else ""
+            raise ConfigError(
+                f"{shown} holds {what} at position {position}: values are written into the job scripts, where a "
+                f"line break starts a line of its own and control characters hide what runs. Give {name} without "
+                f"it{where}."
+            )
     return value
+
+
+def _one_line(name, value: str) -> str:
+    return check_text(name, value, tab=name in TAB_ALLOWED)
 
 
 #: The least memory a Dask worker process, or the database, can run in.

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import secrets
+import stat
 import subprocess
 import sys
 import time
@@ -19,6 +20,7 @@ from conftest import queued, slurm_output
 
 from mspass_cluster.cli import ENV_BACKEND, ENV_WORK_DIR, render_submit_script
 from mspass_cluster.cli import main as cli_main
+from mspass_cluster.commands import CommandResult, CommandRunner
 from mspass_cluster.errors import ConfigError
 from mspass_cluster.notebook import parameter_names
 
@@ -183,7 +185,7 @@ def test_the_script_quotes_work_dir_and_backend_and_runs_under_bash(tmp_path):
     stub = tmp_path / "python-stub"
     stub.write_text(f'#!/bin/sh\nprintf "%s|%s|%s" "${ENV_WORK_DIR}" "${ENV_BACKEND}" "$PWD"\n')
     stub.chmod(0o755)
-    evil = str(tmp_path / "a dir'; touch pwned; echo '\n$(touch pwned2)")
+    evil = str(tmp_path / "a dir'; touch pwned; echo '$(touch pwned2) `touch pwned3` \"#x")
     script = render_submit_script(
         str(notebook), nodes=1, walltime="10\n", work_dir=evil, backend="local", python=str(stub)
     )
@@ -194,9 +196,13 @@ def test_the_script_quotes_work_dir_and_backend_and_runs_under_bash(tmp_path):
     out = subprocess.run(["bash", str(tmp_path / "job.sh")], capture_output=True, text=True, cwd=tmp_path, timeout=20)
     assert out.returncode == 0, out.stderr
     assert out.stdout == f"{evil}|local|{tmp_path}"
-    assert not (tmp_path / "pwned").exists() and not (tmp_path / "pwned2").exists()
+    assert not any((tmp_path / name).exists() for name in ("pwned", "pwned2", "pwned3"))
     with pytest.raises(ConfigError, match="no spaces, newlines"):
         render_submit_script(str(notebook), nodes=1, walltime="10", partition="a\nb")
+    # A line break is refused, quoted or not: nothing typed adds a line to the script.
+    for value in ("a\nb", "a\x00b", "a\x1bb"):
+        with pytest.raises(ConfigError, match=r"--work-dir '.*' holds .* at position 1"):
+            render_submit_script(str(notebook), nodes=1, walltime="10", work_dir=value)
 
 
 @pytest.mark.parametrize(
@@ -440,3 +446,29 @@ def test_a_submitted_notebook_runs_its_cluster_on_the_jobs_own_nodes_by_default(
     notebook = make_notebook(tmp_path / "flow.ipynb")
     assert cli_main(["submit", str(notebook), "--nodes", "1", "--dry-run"]) == 0
     assert f"export {ENV_BACKEND}=allocation" in capsys.readouterr().out
+
+
+class RecordingSbatch(CommandRunner):
+    """Stands in for sbatch only: records what the submitted file is when sbatch would read it."""
+
+    def run(self, argv, **kwargs):
+        path = argv[-1]
+        with open(path) as f:
+            self.seen = (os.path.islink(path), stat.S_IMODE(os.stat(path).st_mode), f.read())
+        return CommandResult(tuple(argv), 0, "4242\n", "")
+
+
+def test_the_sbatch_file_is_written_new_0600_and_never_through_a_planted_symlink(tmp_path):
+    notebook = make_notebook(tmp_path / "flow.ipynb")
+    victim = tmp_path / "victim"
+    victim.write_text("precious")
+    (tmp_path / "flow.sbatch").symlink_to(victim)
+    runner = RecordingSbatch()
+    old = os.umask(0o022)
+    try:
+        assert cli_main(["submit", str(notebook), "--nodes", "1"], runner=runner) == 0
+    finally:
+        os.umask(old)
+    is_link, mode, text = runner.seen
+    assert not is_link and mode == 0o600 and text.startswith("#!/usr/bin/env bash\n#SBATCH")
+    assert victim.read_text() == "precious"

@@ -138,13 +138,18 @@ def choose_backend(requested: str) -> str:
     return backend
 
 
-def open_backend(name: str, runner: CommandRunner) -> Backend:
-    """A backend of kind ``name`` (``slurm``, ``allocation`` or ``local``)."""
+def open_backend(name: str, runner: CommandRunner, umask: int | None = None) -> Backend:
+    """A backend of kind ``name`` (``slurm``, ``allocation`` or ``local``).
+
+    ``umask`` (077 with ``security``, see :func:`~mspass_cluster.files.cluster_umask`)
+    applies to the jobs' logs; None leaves them to the user's umask.
+    """
+    file_mode = None if umask is None else 0o666 & ~umask
     if name == "local":
-        return LocalBackend()
+        return LocalBackend(file_mode)
     if name == "allocation":
-        return AllocationBackend(allocation_nodes(runner), runner)
-    return SlurmBackend(runner)
+        return AllocationBackend(allocation_nodes(runner), runner, file_mode)
+    return SlurmBackend(runner, umask)
 
 
 def backend_defaults(options: ClusterOptions, backend: str) -> ClusterOptions:
@@ -183,6 +188,11 @@ def finalise_options(options: ClusterOptions, backend_name: str, backend: Backen
         )
     elif backend_name == "allocation":
         options = _fit_allocation(options, backend)
+    elif "\\" in options.log_dir:
+        raise ConfigError(
+            f"log_dir={options.log_dir!r} holds a backslash: Slurm takes it as an escape in the jobs' --output path "
+            "and their logs are lost. Choose a log_dir without one."
+        )
     check_consistency(options)
     return options
 

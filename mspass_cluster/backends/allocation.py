@@ -54,6 +54,10 @@ class AllocationBackend(LocalBackend):
         The allocation's nodes; the first holds the database (and the
         notebook), the others one worker node each. A one-node allocation
         puts everything on that node.
+    runner : CommandRunner
+        Runs ``scontrol``, ``squeue`` and ``scancel``.
+    file_mode : int, optional
+        Mode of the steps' logs (0600 with ``security``); None: the umask decides.
     """
 
     # SIGTERM to srun makes Slurm end the step (SIGKILL soon after): the forceful way.
@@ -62,8 +66,8 @@ class AllocationBackend(LocalBackend):
     signal_group = False
     unit = "step"
 
-    def __init__(self, nodes: list[str], runner: CommandRunner):
-        super().__init__()
+    def __init__(self, nodes: list[str], runner: CommandRunner, file_mode: int | None = None):
+        super().__init__(file_mode)
         self.nodes = list(nodes)
         self.runner = runner
         self._step_names: dict[str, str] = {}

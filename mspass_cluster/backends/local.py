@@ -14,6 +14,7 @@ from __future__ import annotations
 import itertools
 import logging
 import os
+import secrets
 import signal as signals
 import subprocess
 import time
@@ -21,7 +22,8 @@ import time
 from dask.utils import format_bytes
 
 from ..config import ClusterOptions
-from ..slurm import JobState, JobStatus
+from ..files import open_new
+from ..slurm import JobState, JobStatus, expand_job_id
 
 __all__ = ["LocalBackend", "LOCAL_HOST", "share_of_this_machine"]
 
@@ -67,7 +69,9 @@ class LocalBackend:
     #: What runs a role, in words for messages: its id is the process id.
     unit = "process"
 
-    def __init__(self):
+    def __init__(self, file_mode: int | None = None):
+        #: Mode of the logs this backend creates (0600 with ``security``); None: the umask decides.
+        self.file_mode = file_mode
         self._ids = itertools.count(1)
         self._procs: dict[str, subprocess.Popen] = {}
         self._cancelled: dict[str, float] = {}  # job id -> when SIGKILL is due
@@ -75,9 +79,14 @@ class LocalBackend:
 
     async def submit(self, script_path: str, what: str, output: str = "", role: str = "worker") -> str:
         argv, node = self._placement(script_path, role)
-        # The id is the process id, as a job id would be Slurm's: the log is named once it is known.
-        starting = output.replace("%j", f"starting-{os.getpid()}-{next(self._ids)}") if output else os.devnull
-        with open(starting, "ab") as log:
+        # The id is the process id, as a job id would be Slurm's: the log is named once it is known. It is
+        # created new (never through a planted symlink), 0600 with security.
+        if output:
+            starting = expand_job_id(output, f"starting-{os.getpid()}-{next(self._ids)}-{secrets.token_hex(3)}")
+            log = open_new(starting, self.file_mode)
+        else:
+            log = os.open(os.devnull, os.O_WRONLY)
+        try:
             proc = subprocess.Popen(
                 argv,
                 stdout=log,
@@ -85,9 +94,11 @@ class LocalBackend:
                 stdin=subprocess.DEVNULL,
                 start_new_session=True,
             )
+        finally:
+            os.close(log)
         job_id = str(proc.pid)
         if output:
-            os.replace(starting, output.replace("%j", job_id))
+            os.replace(starting, expand_job_id(output, job_id))
         self._procs[job_id], self._nodes[job_id] = proc, node
         return job_id
 

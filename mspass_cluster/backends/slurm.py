@@ -26,11 +26,17 @@ class SlurmBackend:
     ----------
     runner : CommandRunner
         Runs (and counts) the commands.
+    umask : int, optional
+        The jobs' umask from their very start (``SLURM_UMASK``), so that the
+        logs Slurm creates get it (0600 for 077); None: the notebook's own.
     """
 
-    def __init__(self, runner: CommandRunner):
+    def __init__(self, runner: CommandRunner, umask: int | None = None):
         self.runner = runner
         self._sacct_works: bool | None = None
+        # sbatch passes the umask of its caller, or this variable when set, to the job: Slurm creates the
+        # --output file with it before the script's own `umask` line runs.
+        self._submit_env = None if umask is None else {"SLURM_UMASK": f"{umask:04o}"}
 
     #: What runs a role, in words for messages.
     unit = "job"
@@ -45,7 +51,7 @@ class SlurmBackend:
         """
         argv = slurm.build_sbatch_argv(script_path)
         try:
-            result = await self.runner.arun(argv, error_cls=SubmitError)
+            result = await self.runner.arun(argv, error_cls=SubmitError, env=self._submit_env)
         except SubmitError as exc:
             words = exc.stderr.strip() or exc.stdout.strip() or "(sbatch printed nothing)"
             if slurm.controller_unreachable(words):

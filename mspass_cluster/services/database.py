@@ -18,6 +18,7 @@ from .. import dbdir
 from ..config import ClusterOptions, parse_walltime
 from ..db import connection_string, ping
 from ..errors import ConfigError, JobFailedError
+from ..files import file_mode
 from ..jobs import JOB_STOP_TIMEOUT, JobLauncher, JobPhase, TrackedJob, server_exit_status, tail
 from ..roles import db_data_path
 from ..security import CredentialFiles, db_client_uri
@@ -106,7 +107,11 @@ class DatabaseService:
         )
 
     async def submit(self) -> None:
-        claim = dict(heartbeat=self.launcher.context.heartbeat, orphan_timeout=self.options.orphan_timeout)
+        claim = dict(
+            heartbeat=self.launcher.context.heartbeat,
+            orphan_timeout=self.options.orphan_timeout,
+            mode=file_mode(self.options),
+        )
         dbdir.claim(self.options.db_dir, self.cluster_name, **claim)
         self.job = await self.launcher.submit("db", self.job_name)
         dbdir.claim(self.options.db_dir, self.cluster_name, db_job=f"{self.job.unit} {self.job.job_id}", **claim)

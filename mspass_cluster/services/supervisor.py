@@ -13,9 +13,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 
 from ..errors import MsPASSClusterError, StartupTimeoutError
+from ..files import file_mode, touch
 from ..jobs import JobLauncher
 from .database import DatabaseService
 from .workers import WorkerNodes
@@ -44,14 +44,9 @@ class Supervisor:
 
     async def beat(self) -> None:
         """Refresh the heartbeat file the jobs watch (see ``orphan_timeout``), off the event loop."""
-        path = self.launcher.context.heartbeat
-
-        def touch():
-            with open(path, "a"):
-                os.utime(path)
-
+        path, mode = self.launcher.context.heartbeat, file_mode(self.options)
         while True:
-            await asyncio.to_thread(touch)
+            await asyncio.to_thread(touch, path, mode)
             await asyncio.sleep(max(1.0, min(10.0, self.options.orphan_timeout / 10)))
 
     def waiting_for(self, connected: set) -> str:

@@ -7,6 +7,7 @@
 # already exist (Slurm drops the job's output otherwise). The server runs in the background so that
 # this script can forward Slurm's signals to it, wait for a clean exit and
 # report the server's own exit status.
+@{umask}
 set -u
 
 # --- prologue (job_script_prologue)
