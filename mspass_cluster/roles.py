@@ -472,8 +472,7 @@ def build_job_script(
     after_start = []
     if role == "db" and tls is not None and tls.db_server_pem:
         after_start = db_users_lines(options, tls, wrap and (lambda command: wrap(command)[1]))
-    # The placeholder of a preview names no real directory.
-    private_dir = os.path.dirname(tls.ca_file) if tls is not None and tls.ca_file.startswith("/") else None
+    private_dir = tls.private_dir if tls is not None else None
     watchdog = heartbeat_watchdog(heartbeat, options.orphan_timeout, private_dir) if heartbeat else []
     script = render_job_script(
         role=role,

@@ -136,6 +136,8 @@ class CredentialFiles:
         the database runs without TLS (a ``distributed.Security`` given for Dask only).
     db_user : str
         The x.509 user the database's first-user script creates.
+    private_dir : str
+        The cluster's own directory of credentials, removed with the cluster.
     """
 
     ca_file: str
@@ -145,6 +147,8 @@ class CredentialFiles:
     db_client_pem: str | None = None
     db_ca_file: str | None = None
     db_user: str | None = None
+    #: The cluster's own private directory holding these files (None in previews).
+    private_dir: str | None = None
 
     @classmethod
     def placeholder(cls) -> "CredentialFiles":
@@ -256,6 +260,7 @@ class ClusterCredentials:
             db_client_pem=self.db_client_pem,
             db_ca_file=self.ca_file,
             db_user=self.db_user,
+            private_dir=self.directory,
         )
 
     def dask_security(self):
