@@ -254,7 +254,8 @@ def service_environment(
     :mod:`mspass_cluster.worker_env`). With the database's ``tls`` files it
     is the whole connection string (certificate paths, no secret), which
     ``mspasspy.client.Client()`` passes to MongoDB as it is; ``MONGODB_PORT``
-    is then left out, since that ``Client()`` would append it to the string.
+    is then empty, since that ``Client()`` would append a port given there
+    to the string (and an image's own ``MONGODB_PORT`` must not reach it).
     """
     host, _, port = scheduler_address.rpartition("://")[2].rpartition(":")
     env = {
@@ -266,7 +267,7 @@ def service_environment(
     }
     secure_db = tls is not None and tls.db_client_pem is not None
     if secure_db:
-        del env["MONGODB_PORT"]
+        env["MONGODB_PORT"] = ""
     if db_host:
         env["MSPASS_DB_ADDRESS"] = (
             db_client_uri(db_host, db_port, tls.db_ca_file or tls.ca_file, tls.db_client_pem) if secure_db else db_host

@@ -49,7 +49,9 @@ def store_documents(db_client, worker_index, count):
     """Runs on a worker: write documents through the pickled DB client and through MSPASS_* variables."""
     host = socket.gethostname()
     db_client.mspass_test.wf.insert_many([{"worker": worker_index, "i": i, "host": host} for i in range(count)])
-    by_env = pymongo.MongoClient(f"mongodb://{os.environ['MSPASS_DB_ADDRESS']}:{os.environ['MONGODB_PORT']}/")
+    address, port = os.environ["MSPASS_DB_ADDRESS"], os.environ["MONGODB_PORT"]
+    # With security the address is the whole connection string (and MONGODB_PORT empty), as Client() reads them.
+    by_env = pymongo.MongoClient(address if "://" in address else f"mongodb://{address}:{port}/")
     by_env.mspass_test.env.insert_one({"worker": worker_index, "host": host})
     by_env.close()
     return host
@@ -113,7 +115,8 @@ def test_three_worker_nodes_store_data_scale_and_leave_nothing(slurm_testbed, sh
         assert cluster.db_job.node in {"n1", "n2", "n3", "n4"}
 
         # MsPASS code finds both services from the environment, as mspasspy.client.Client does.
-        assert os.environ["MSPASS_DB_ADDRESS"] == cluster.db_job.node
+        assert os.environ["MSPASS_DB_ADDRESS"] == cluster.db_address
+        assert cluster.database.address == f"mongodb://{cluster.db_job.node}:{cluster.options.db_port}/"
         from distributed import Client
 
         with Client(f"{os.environ['MSPASS_SCHEDULER_ADDRESS']}:{os.environ['DASK_SCHEDULER_PORT']}") as by_env:
@@ -132,7 +135,7 @@ def test_three_worker_nodes_store_data_scale_and_leave_nothing(slurm_testbed, sh
             inside = client.run(lambda: {k: os.environ.get(k) for k in ("MONGODB_PORT", "HOST_ONLY", "MSPASS_HOME")})
             image_home = stand_in_mspass_home(shared_dir)
             assert all(
-                v == {"MONGODB_PORT": "27311", "HOST_ONLY": None, "MSPASS_HOME": image_home} for v in inside.values()
+                v == {"MONGODB_PORT": "", "HOST_ONLY": None, "MSPASS_HOME": image_home} for v in inside.values()
             )
             servers = [
                 environ_of(pid)
@@ -174,6 +177,7 @@ def test_broken_worker_command_fails_fast_with_slurms_words(slurm_testbed, share
             python="/nonexistent/python",
             walltime="10",
             startup_timeout=600,
+            security=False,  # the database's first-user script would run with that Python and fail first
         )
     error = info.value
     assert error.role == "worker" and error.state == "FAILED" and error.exit_code.startswith("127")
@@ -301,7 +305,10 @@ def test_previewed_db_script_runs_under_sbatch_as_is(slurm_testbed, shared_dir):
 
     from mspass_cluster.db import ping
 
-    script = MsPASSCluster.job_script("db", work_dir=str(shared_dir), db_command=FAKE_MONGOD, walltime="5")
+    # With security the preview names credentials a cluster makes when it starts: only an open one runs as is.
+    script = MsPASSCluster.job_script(
+        "db", work_dir=str(shared_dir), db_command=FAKE_MONGOD, walltime="5", security=False
+    )
     path = shared_dir / "db.sh"
     path.write_text(script)
     (shared_dir / "logs").mkdir()  # the script says so: sbatch needs the --output directory
@@ -726,7 +733,7 @@ def test_ctrl_c_while_waiting_cancels_every_job_and_raises_keyboardinterrupt(slu
 def test_a_scheduler_the_nodes_cannot_reach_is_named_with_the_fix(slurm_testbed, shared_dir):
     # interface="lo": the scheduler listens on 127.0.0.1, which inside a node is the node itself.
     with pytest.raises(
-        JobFailedError, match=r"could not reach the scheduler at tcp://127\.0\.0\.1:\d+.*interface="
+        JobFailedError, match=r"could not reach the scheduler at tls://127\.0\.0\.1:\d+.*interface="
     ) as info:
         MsPASSCluster(nodes=1, work_dir=str(shared_dir), db_command=FAKE_MONGOD, interface="lo", death_timeout=5)
     assert info.value.role == "worker" and "Timed out starting worker" in info.value.log_tail

@@ -29,13 +29,13 @@ def test_local_cluster_stores_data_scales_and_leaves_nothing(tmp_path, caplog):
         assert cluster.backend == "local" and cluster.database.address == "mongodb://127.0.0.1:27391/"
         assert cluster.db_address.startswith("mongodb://127.0.0.1:27391/?tls=true&")
         # With security (the default) the whole connection string, and no MONGODB_PORT for Client() to append.
-        assert os.environ["MSPASS_DB_ADDRESS"] == cluster.db_address and "MONGODB_PORT" not in os.environ
+        assert os.environ["MSPASS_DB_ADDRESS"] == cluster.db_address and os.environ["MONGODB_PORT"] == ""
         client = cluster.get_client()
         db = cluster.get_db_client()
         client.gather(client.map(lambda i, c: c.t.docs.insert_one({"i": i}).acknowledged, range(20), c=db))
         assert sorted(d["i"] for d in db.t.docs.find()) == list(range(20))
         envs = client.run(lambda: (os.environ.get("MSPASS_DB_ADDRESS"), os.environ.get("MONGODB_PORT")))
-        assert set(envs.values()) == {(cluster.db_address, None)}
+        assert set(envs.values()) == {(cluster.db_address, "")}
         # The machine is shared between the two "nodes", not given whole to each.
         sizes = {(w["nthreads"], w["memory_limit"]) for w in client.scheduler_info()["workers"].values()}
         assert sizes == {(max(1, CPU_COUNT // 2), parse_bytes(format_bytes(MEMORY_LIMIT // 2)))}, sizes

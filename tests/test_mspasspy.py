@@ -142,7 +142,7 @@ def mspass_client_from_the_published_variables(cluster):
     dask_client = mspass_client.get_scheduler()
     assert dask_client.scheduler_info()["address"] == cluster.scheduler_address
     host, port = mspass_client.get_database_client().address
-    assert f"mongodb://{host}:{port}/" == cluster.db_address
+    assert f"mongodb://{host}:{port}/" == cluster.database.address
     return mspass_client
 
 

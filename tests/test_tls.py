@@ -76,13 +76,13 @@ def test_workers_listen_on_tls_only_without_a_dashboard(credentials):
     assert local[local.index("--host") + 1] == "127.0.0.1"
 
 
-def test_the_published_database_address_is_a_uri_of_file_paths_without_a_port_variable(credentials):
+def test_the_published_database_address_is_a_uri_of_file_paths_and_the_port_variable_empty(credentials):
     env = service_environment("tls://10.0.0.1:8786", "n3", 27017, credentials.files)
     uri = env["MSPASS_DB_ADDRESS"]
     assert uri.startswith("mongodb://n3:27017/?tls=true&")
     assert "authMechanism=MONGODB-X509" in uri and "db-client.pem" in uri
-    # mspasspy.client.Client() appends MONGODB_PORT to MSPASS_DB_ADDRESS: it must not be there.
-    assert "MONGODB_PORT" not in env
+    # mspasspy.client.Client() appends a non-empty MONGODB_PORT to MSPASS_DB_ADDRESS.
+    assert env["MONGODB_PORT"] == ""
     assert env["MSPASS_SCHEDULER_ADDRESS"] == "10.0.0.1" and env["DASK_SCHEDULER_PORT"] == "8786"
     open_env = service_environment("tcp://10.0.0.1:8786", "n3", 27017)
     assert open_env["MSPASS_DB_ADDRESS"] == "n3" and open_env["MONGODB_PORT"] == "27017"
