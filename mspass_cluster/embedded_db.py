@@ -190,12 +190,18 @@ async def serve(
     """
     from nx_27017 import server as nx_server
 
+    open_writers: set[asyncio.StreamWriter] = set()
+
     async def on_connection(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         ssl_object = writer.get_extra_info("ssl_object")
         certificate = ssl_object.getpeercert() if ssl_object is not None else None
         session = access.session(writer.get_extra_info("peername"), certificate, _log_access)
-        # Looked up at call time, as nx-27017's own run_server does.
-        await nx_server.handle_client(reader, writer, GatedHandler(handler, session))
+        open_writers.add(writer)
+        try:
+            # Looked up at call time, as nx-27017's own run_server does.
+            await nx_server.handle_client(reader, writer, GatedHandler(handler, session))
+        finally:
+            open_writers.discard(writer)
 
     server = await asyncio.start_server(on_connection, host, port, ssl=ssl_context)
     address = server.sockets[0].getsockname()
@@ -203,8 +209,15 @@ async def serve(
         f"Listening on {address[0]}:{address[1]} (TLS {'off' if ssl_context is None else 'required'}, "
         f"access control {'on' if access.auth else 'off'})"
     )
-    async with server:
-        await server.serve_forever()
+    try:
+        async with server:
+            await server.serve_forever()
+    finally:
+        # Shutting down (SIGTERM): drop the clients' connections at once. A TLS close waits for the
+        # peer's reply, which an idle driver connection (pymongo's monitor) sends only when its own
+        # wait ends, seconds later; mongod also just closes them.
+        for writer in list(open_writers):
+            writer.transport.abort()
 
 
 def _run_nx(

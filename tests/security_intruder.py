@@ -666,7 +666,8 @@ def swap(args) -> dict:
                 if mask & (IN_CREATE | IN_MOVED_TO):
                     watcher.watch(path)  # fails, and that is fine, for a directory this user cannot read
                 continue
-            if not (mask & IN_CLOSE_WRITE) or not name.endswith(".sh"):
+            # Written in place (close-write) or written aside and renamed in (moved-to): both can be swapped.
+            if not (mask & (IN_CLOSE_WRITE | IN_MOVED_TO)) or not name.endswith(".sh"):
                 continue
             try:
                 if os.stat(path).st_uid == me:

@@ -134,9 +134,7 @@ def test_three_worker_nodes_store_data_scale_and_leave_nothing(slurm_testbed, sh
         if runtime != "none":
             inside = client.run(lambda: {k: os.environ.get(k) for k in ("MONGODB_PORT", "HOST_ONLY", "MSPASS_HOME")})
             image_home = stand_in_mspass_home(shared_dir)
-            assert all(
-                v == {"MONGODB_PORT": "", "HOST_ONLY": None, "MSPASS_HOME": image_home} for v in inside.values()
-            )
+            assert all(v == {"MONGODB_PORT": "", "HOST_ONLY": None, "MSPASS_HOME": image_home} for v in inside.values())
             servers = [
                 environ_of(pid)
                 for pid in cluster_processes(cluster.cluster_id)
