@@ -36,7 +36,8 @@ def _testbed_problem() -> str | None:
     except subprocess.TimeoutExpired:
         return "sinfo did not answer"
     nodes = [line.split() for line in out.stdout.splitlines() if line.strip()]
-    usable = [n for n, state in nodes if state.rstrip("*") in ("idle", "mix", "alloc")]
+    # "plnd": idle, but held by the backfill scheduler for a pending job (Slurm 22.05+); "comp": a job finishing.
+    usable = [n for n, state in nodes if state.rstrip("*") in ("idle", "mix", "alloc", "plnd", "comp")]
     if out.returncode != 0 or len(usable) < 4:
         return f"the Slurm test bed is not up with 4 nodes (sinfo: {out.stdout.strip() or out.stderr.strip()})"
     return None
