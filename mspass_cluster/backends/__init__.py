@@ -202,7 +202,8 @@ def _local_database(options: ClusterOptions) -> ClusterOptions:
         options = options.replace(db_command=list(EMBEDDED_DB_COMMAND))
         logger.warning(
             "No mongod on PATH: the database is the embedded nx-27017 server, a stand-in for trying MsPASS on a "
-            "desktop. It stores documents and GridFS files, but has no authentication, replication or sharding, "
+            "desktop. It stores documents and GridFS files, behind this package's TLS and x.509 gate, but has no "
+            "replication or sharding, "
             "serves one request at a time, and only pretends to run admin commands. Install MongoDB (mongod on "
             "PATH), or set container= or db_command=, for real work."
         )
