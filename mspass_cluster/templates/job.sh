@@ -40,14 +40,15 @@ last=$?
 [ "$last" -ne 127 ] && status=$last
 [ -n "${watchdog_pid:-}" ] && kill "$watchdog_pid" 2>/dev/null
 if [ -n "${users_pid:-}" ]; then
-    # Still waiting for the server (which is gone): end it. Ended: a failure of its own is the job's.
+    # Still waiting for the server (which is gone): end it. Ended with a failure: it stopped the
+    # server, so its status, not the server's SIGTERM, is the job's.
     if kill -0 "$users_pid" 2>/dev/null; then
         kill "$users_pid" 2>/dev/null
         wait "$users_pid" 2>/dev/null
     else
         wait "$users_pid" 2>/dev/null
         users_status=$?
-        if [ "$users_status" -ne 0 ] && [ "$status" -eq 0 ]; then status=$users_status; fi
+        if [ "$users_status" -ne 0 ]; then status=$users_status; fi
     fi
 fi
 echo "mspass_cluster: @{role} exited with status $status at $(date '+%Y-%m-%dT%H:%M:%S')"
