@@ -109,7 +109,7 @@ def run(nodes: int, records: int, backend: str, work_dir: str | None) -> int:
         db_client.drop_database(DATABASE)
         print(
             f"cluster ready in {time.monotonic() - started:.1f} s: {len(client.scheduler_info()['workers'])} "
-            f"workers, database {cluster.db_address}, dashboard {cluster.dashboard_link}",
+            f"workers, database {cluster.database.address}, dashboard {cluster.dashboard_link}",
             flush=True,
         )
         futures = client.map(process_and_store, range(records), db_client=db_client, pure=False)
