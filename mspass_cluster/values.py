@@ -157,6 +157,14 @@ def _check_security(name, value):
                 f"Security(require_encryption=True, tls_ca_file=..., tls_worker_cert=..., ...), or {name}=True for "
                 "the cluster's own fresh credentials."
             )
+        for attribute in ("tls_ca_file", "tls_worker_cert"):
+            path = getattr(value, attribute)
+            if not path or not os.path.isfile(path):
+                raise ConfigError(
+                    f"{name}: the distributed.Security's {attribute}={str(path)[:60]!r} is not a file. The worker "
+                    "jobs read their credentials from files: give paths (on a file system the nodes share) for "
+                    f"tls_ca_file, tls_worker_cert and tls_worker_key, or {name}=True for the cluster's own."
+                )
         return value
     if isinstance(value, bool):
         return value

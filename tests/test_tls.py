@@ -164,3 +164,31 @@ def test_the_dashboard_guard_refuses_requests_without_the_token():
     assert wrong[0] == 403
     assert right == (200, "the scheduler's logs")
     assert again == (200, "the scheduler's logs")
+
+
+def test_a_security_object_of_the_users_own_is_used_for_dask(tmp_path):
+    from conftest import FAKE_MONGOD
+
+    from mspass_cluster import MsPASSCluster
+
+    mine = ClusterCredentials.create(str(tmp_path / "mine"), cluster="users-own")
+    security = Security(
+        require_encryption=True,
+        tls_ca_file=mine.ca_file,
+        tls_scheduler_cert=mine.worker_pem,
+        tls_scheduler_key=mine.worker_pem,
+        tls_client_cert=mine.worker_pem,
+        tls_client_key=mine.worker_pem,
+        tls_worker_cert=mine.worker_pem,
+        tls_worker_key=mine.worker_pem,
+    )
+    work = tmp_path / "run"
+    with MsPASSCluster(backend="local", nodes=1, work_dir=str(work), db_command=FAKE_MONGOD, security=security) as c:
+        assert c.scheduler_address.startswith("tls://") and c.security is security
+        assert c.get_client().submit(sum, [2, 3]).result() == 5
+        script = c.job_script("worker")
+        assert f"--tls-ca-file {mine.ca_file}" in script
+        # The database still gets the cluster's own credentials.
+        assert "--tlsMode requireTLS" in c.job_script("db") and mine.directory not in c.job_script("db")
+    with pytest.raises(ConfigError, match="tls_ca_file=.* is not a file"):
+        resolve_options(security=Security(require_encryption=True, tls_ca_file="-----BEGIN CERTIFICATE-----"))
