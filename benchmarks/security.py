@@ -30,6 +30,7 @@ import asyncio
 import contextlib
 import importlib.metadata
 import importlib.resources
+import json
 import logging
 import os
 import secrets
@@ -525,7 +526,7 @@ def time_credentials(repeat: int) -> dict:
     }
 
 
-async def _connect_times(scheme: str, security, repeat: int) -> list[float]:
+async def _connect_times(scheme: str, security, repeat: int) -> tuple[list[float], object]:
     from distributed.comm import connect, listen
 
     async def handle(comm):
@@ -534,16 +535,17 @@ async def _connect_times(scheme: str, security, repeat: int) -> list[float]:
     listener = listen(f"{scheme}://127.0.0.1:0", handle, **security.get_listen_args("scheduler"))
     await listener.start()
     args = security.get_connection_args("client")
-    times = []
+    times, cipher = [], None
     try:
         for _ in range(repeat + 1):
             started = time.perf_counter()
             comm = await connect(listener.contact_address, timeout=10, **args)
             times.append(time.perf_counter() - started)
+            cipher = comm.extra_info.get("cipher")
             await comm.close()
     finally:
         listener.stop()
-    return times[1:]  # the first pays for imports and the event loop's first use
+    return times[1:], cipher  # the first pays for imports and the event loop's first use
 
 
 def time_dask_connections(repeat: int) -> dict:
@@ -554,12 +556,18 @@ def time_dask_connections(repeat: int) -> dict:
 
     with tempfile.TemporaryDirectory() as tmp:
         secure = ClusterCredentials.create(os.path.join(tmp, "c"), cluster="bench").dask_security()
-        samples = {}
+        samples, ciphers = {}, {}
         for i in range(2):
             for scheme, security in bench.ordered([("tls", secure), ("tcp", Security())], i):
-                samples.setdefault(scheme, []).extend(asyncio.run(_connect_times(scheme, security, repeat)))
+                times, ciphers[scheme] = asyncio.run(_connect_times(scheme, security, repeat))
+                samples.setdefault(scheme, []).extend(times)
     medians = {k: bench.median(v) for k, v in samples.items()}
-    return {"samples_s": samples, "median_s": medians, "ratio": bench.ratio(medians["tls"], medians["tcp"])}
+    return {
+        "samples_s": samples,
+        "median_s": medians,
+        "ratio": bench.ratio(medians["tls"], medians["tcp"]),
+        "tls_cipher": ciphers.get("tls"),
+    }
 
 
 async def _worker_sample(argv_for, security, protocol: str) -> float:
@@ -689,6 +697,112 @@ class _Watch:
         return self.seen
 
 
+def _db_server_argv(tmp: str, secure: bool) -> tuple:
+    """The stand-in's command line as the local backend's job has it; data and credentials in ``tmp``.
+
+    Returns ``(argv, port, dbpath, uri, files)``: ``uri`` is the cluster's
+    connection string, ``files`` the credentials' files (None when open).
+    """
+    from mspass_cluster.db import connection_string
+    from mspass_cluster.roles import db_security_args
+    from mspass_cluster.security import ClusterCredentials
+
+    dbpath = os.path.join(tmp, "data")
+    os.mkdir(dbpath)
+    port = _free_port()
+    argv = [*NX_MONGOD, "--port", str(port), "--dbpath", dbpath, "--bind_ip", "127.0.0.1", "--nounixsocket"]
+    if not secure:
+        return argv, port, dbpath, connection_string("127.0.0.1", port), None
+    credentials = ClusterCredentials.create(os.path.join(tmp, "credentials"), cluster="bench")
+    argv += db_security_args(credentials.files)
+    return argv, port, dbpath, credentials.db_uri("127.0.0.1", port), credentials.files
+
+
+def _db_users_script() -> str:
+    return importlib.resources.files("mspass_cluster").joinpath("templates/db_users.py").read_text()
+
+
+def _stop(*procs) -> None:
+    """SIGTERM the processes this harness started, SIGKILL after 20 s."""
+    for proc in procs:
+        if proc is not None and proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
+
+#: Runs the first-user script (on stdin) through its own functions, in the order of its ``main``, noting the
+#: time (since ``BENCH_T0``, wall clock) after each step and every pymongo client it makes.
+_TIMED_FIRST_USER = r"""
+import json, os, sys, time, types
+t0 = float(os.environ["BENCH_T0"])
+marks = {}
+module = types.ModuleType("db_users")
+exec(compile(sys.stdin.read(), "db_users.py", "exec"), module.__dict__)
+marks["imported_s"] = time.time() - t0
+args = module.parse_arguments(sys.argv[1:])
+clients = []
+connect = module.connect
+def counted(*a, **k):
+    clients.append(time.time() - t0)
+    return connect(*a, **k)
+module.connect = counted
+module.wait_for_server(args)
+marks["server_noticed_s"] = time.time() - t0
+marks["tries_before_noticing"] = len(clients)
+if not module.authenticates(args):
+    module.create_user(args)
+marks["user_created_s"] = time.time() - t0
+if not module.authenticates(args):
+    sys.exit("authentication fails after createUser")
+marks["verified_s"] = time.time() - t0
+marks["clients_at_s"] = clients
+print(json.dumps(marks))
+"""
+
+
+def _first_user_steps_sample() -> dict:
+    """The secure database and its first-user script started together; when the port opened, and each step."""
+    with tempfile.TemporaryDirectory() as tmp:
+        argv, port, _, _, files = _db_server_argv(tmp, True)
+        users_argv = _db_users_argv(port, files)
+        users_argv[1:2] = ["-c", _TIMED_FIRST_USER]
+        t0, started = time.time(), time.perf_counter()
+        server = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        users = None
+        try:
+            users = subprocess.Popen(
+                users_argv,
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+                env={**os.environ, "BENCH_T0": repr(t0)},
+            )
+            watch = _Watch(started, {"listening_s": lambda: _listening(port)})
+            out, err = users.communicate(_db_users_script(), timeout=60)
+            if users.returncode != 0:
+                raise RuntimeError(f"the timed first-user script failed: {err.strip()[-500:]}")
+            marks = json.loads(out.strip().splitlines()[-1])
+            marks.update(watch.result())
+        finally:
+            _stop(users, server)
+    return marks
+
+
+def time_first_user_steps(repeat: int) -> dict:
+    """Where the first-user step spends its time, step by step (see :data:`_TIMED_FIRST_USER`)."""
+    samples = [_first_user_steps_sample() for _ in range(repeat)]
+    keys = ("listening_s", "imported_s", "server_noticed_s", "user_created_s", "verified_s", "tries_before_noticing")
+    medians = {key: bench.median([s[key] for s in samples]) for key in keys}
+    medians["noticed_after_listening_s"] = bench.median([s["server_noticed_s"] - s["listening_s"] for s in samples])
+    medians["steps_after_noticing_s"] = bench.median([s["verified_s"] - s["server_noticed_s"] for s in samples])
+    return {"samples": samples, "median": medians}
+
+
 def _db_sample(secure: bool, probes_per_sample: int) -> dict:
     """Start the database stand-in as the job does, with or without security, on loopback; time its milestones.
 
@@ -701,23 +815,11 @@ def _db_sample(secure: bool, probes_per_sample: int) -> dict:
     the probe's cost on the ready server.
     """
     from mspass_cluster._mongod_security import USERS_FILE
-    from mspass_cluster.db import connection_string, ping
-    from mspass_cluster.roles import db_security_args
-    from mspass_cluster.security import ClusterCredentials
+    from mspass_cluster.db import ping
 
     with tempfile.TemporaryDirectory() as tmp:
-        dbpath = os.path.join(tmp, "data")
-        os.mkdir(dbpath)
-        port = _free_port()
-        argv = [*NX_MONGOD, "--port", str(port), "--dbpath", dbpath, "--bind_ip", "127.0.0.1", "--nounixsocket"]
-        uri = connection_string("127.0.0.1", port)
+        argv, port, dbpath, uri, files = _db_server_argv(tmp, secure)
         users = None
-        if secure:
-            credentials = ClusterCredentials.create(os.path.join(tmp, "credentials"), cluster="bench")
-            files = credentials.files
-            argv += db_security_args(files)
-            uri = credentials.db_uri("127.0.0.1", port)
-        script = importlib.resources.files("mspass_cluster").joinpath("templates/db_users.py").read_text()
         started = time.perf_counter()
         server = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         try:
@@ -730,7 +832,7 @@ def _db_sample(secure: bool, probes_per_sample: int) -> dict:
                     stderr=subprocess.PIPE,
                     text=True,
                 )
-                users.stdin.write(script)
+                users.stdin.write(_db_users_script())
                 users.stdin.close()
                 conditions["user_created_s"] = lambda: os.path.exists(os.path.join(dbpath, USERS_FILE))
                 conditions["users_script_exited_s"] = lambda: users.poll() is not None
@@ -747,14 +849,7 @@ def _db_sample(secure: bool, probes_per_sample: int) -> dict:
                 if problem:
                     raise RuntimeError(f"the probe failed on a ready server: {problem}")
         finally:
-            for proc in (users, server):
-                if proc is not None and proc.poll() is None:
-                    proc.send_signal(signal.SIGTERM)
-                    try:
-                        proc.wait(timeout=20)
-                    except subprocess.TimeoutExpired:
-                        proc.kill()
-                        proc.wait()
+            _stop(users, server)
             if users is not None:
                 users.stderr.close()
     return {
@@ -816,6 +911,7 @@ def parts(plan: Plan, harness: bench.Harness) -> dict:
         ("dask_connection", time_dask_connections, max(plan.parts_repeat, 5) * 5),
         ("worker_start", time_worker_start, plan.parts_repeat),
         ("database", time_database, plan.parts_repeat),
+        ("first_user_steps", time_first_user_steps, plan.parts_repeat),
     ):
         try:
             result[name] = measure(repeat)
@@ -843,8 +939,23 @@ def machine_info() -> dict:
                 flags = set(value.split())
     meta["cpu_model"] = model
     meta["cpu_aes"] = "aes" in flags
+    meta["openssl_speed_aes_256_gcm_16k"] = _openssl_speed()
     meta["memory_total_kib"] = _meminfo_total()
     return meta
+
+
+def _openssl_speed() -> float | None:
+    """Bytes per second one core encrypts with AES-256-GCM in 16 KiB records (``openssl speed``), or None."""
+    try:
+        out = subprocess.run(
+            ["openssl", "speed", "-seconds", "1", "-bytes", "16384", "-evp", "aes-256-gcm"],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        ).stdout
+        return float(out.strip().splitlines()[-1].split()[-1].rstrip("k")) * 1000
+    except (OSError, subprocess.TimeoutExpired, ValueError, IndexError):
+        return None
 
 
 def _meminfo_total() -> int | None:

@@ -204,6 +204,9 @@ def _transfer(results: dict) -> list[str]:
     return [
         "## Transfer throughput (Slurm, 2 worker nodes)",
         "",
+        f"One core of this machine encrypts AES-256-GCM at {_gbs(results['meta'].get('openssl_speed_aes_256_gcm_16k'))} "
+        "in 16 KiB records (`openssl speed`).",
+        "",
         f"{section['bytes'] / 2**30:.2f} GiB of random bytes per sample, in arrays of {section['block_bytes'] / 2**20:.0f} MiB "
         f"made on the worker of one node and consumed on the worker of the other (`workers=`, "
         f"`allow_other_workers=False`), {section['batch_bytes'] / 2**30:.2f} GiB per batch. Timed per batch: from "
@@ -218,6 +221,10 @@ def _transfer(results: dict) -> list[str]:
         "Dask's own record.",
         "",
     ]
+
+
+def _gbs(value) -> str:
+    return "—" if value is None else f"{value / 2**30:.2f} GiB/s"
 
 
 def _parts(results: dict) -> list[str]:
@@ -246,7 +253,8 @@ def _parts(results: dict) -> list[str]:
                 "a new Dask connection on loopback (connect + Dask's handshake)",
                 _ms(d["median_s"]["tls"]) + " (mutual TLS)",
                 _ms(d["median_s"]["tcp"]) + " (TCP)",
-                f"ratio {_ratio(d['ratio'])}; {len(d['samples_s']['tls'])} samples each",
+                f"ratio {_ratio(d['ratio'])}; {len(d['samples_s']['tls'])} samples each; "
+                f"{' '.join(map(str, d.get('tls_cipher') or ['cipher not recorded']))}",
             ]
         )
     if "worker_start" in parts:
@@ -294,6 +302,30 @@ def _parts(results: dict) -> list[str]:
                 _ms(m["secure"].get("probe_s")),
                 _ms(m["open"].get("probe_s")),
                 "",
+            ],
+        ]
+    if "first_user_steps" in parts:
+        f = parts["first_user_steps"]["median"]
+        rows += [
+            [
+                "first-user script, step by step (its own functions, timed by a wrapper): its port opened; "
+                "the script imported pymongo",
+                f"{_ms(f['listening_s'])}; {_ms(f['imported_s'])}",
+                "",
+                f"{len(parts['first_user_steps']['samples'])} samples",
+            ],
+            [
+                "first-user script: noticed that the server answers (`wait_for_server`)",
+                _ms(f["server_noticed_s"]),
+                "",
+                f"{_ms(f['noticed_after_listening_s'])} ms after the port opened, at its try number "
+                f"{f['tries_before_noticing']:g} (each try a new pymongo client with a 1 s server selection timeout)",
+            ],
+            [
+                "first-user script: user created and authentication checked (4 TLS clients in all)",
+                _ms(f["verified_s"]),
+                "",
+                f"{_ms(f['steps_after_noticing_s'])} ms after noticing the server",
             ],
         ]
     lines += _table(["part", "secure (ms)", "open (ms)", ""], rows)

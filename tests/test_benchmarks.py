@@ -177,6 +177,8 @@ def test_security_smoke_transfer_crossed_nodes_over_tls_and_tcp(security_smoke_r
     assert parts["credentials"]["median_create_s"] > 0
     assert set(parts["dask_connection"]["median_s"]) == {"tls", "tcp"}
     assert parts["database"]["median"]["secure"]["user_created_s"] is not None
+    assert set(parts["worker_start"]["median_s"]) == {"secure", "open", "open_no_dashboard"}
+    assert parts["first_user_steps"]["median"]["verified_s"] is not None
 
 
 def test_security_smoke_leaves_no_job_and_no_error(security_smoke_run):
