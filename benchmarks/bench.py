@@ -225,12 +225,15 @@ class Harness:
     plan : Plan
     scratch : Path
         Work directories of the clusters (job scripts, logs, database files).
+    tools : list, optional
+        What is compared (default: MsPASSCluster and dask-jobqueue, :data:`benchmarks.tools.TOOLS`);
+        each has ``name``, ``start``, ``close`` and ``pids`` as those do.
     """
 
-    def __init__(self, plan: Plan, scratch: Path):
+    def __init__(self, plan, scratch: Path, tools=None):
         self.plan = plan
         self.scratch = scratch
-        self.tools = [cls(scratch) for cls in TOOLS]
+        self.tools = list(tools) if tools is not None else [cls(scratch) for cls in TOOLS]
         self.leftovers: list[dict] = []
         self.errors: list[dict] = []
         self.sequence: list[str] = []

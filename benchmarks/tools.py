@@ -69,13 +69,16 @@ class MsPASSTool:
     def __init__(self, scratch: Path):
         self.scratch = scratch
 
-    def start(self, nodes: int, tag: str, *, python: str | None = None, command_runner=None) -> Running:
-        """Create the cluster; returns once the database answers and every worker connected."""
+    def start(self, nodes: int, tag: str, *, python: str | None = None, command_runner=None, **options) -> Running:
+        """Create the cluster; returns once the database answers and every worker connected.
+
+        ``options`` (e.g. ``backend``, ``security``) go to ``MsPASSCluster`` over the defaults here.
+        """
         from mspass_cluster import MsPASSCluster
 
         work_dir = self.scratch / tag
         work_dir.mkdir(parents=True, exist_ok=True)
-        cluster = MsPASSCluster(
+        settings = dict(
             nodes=nodes,
             backend="slurm",
             processes=1,
@@ -88,6 +91,7 @@ class MsPASSTool:
             job_name=tag,
             command_runner=command_runner,
         )
+        cluster = MsPASSCluster(**{**settings, **options})
         running = Running(self.name, tag, cluster, marker=cluster.cluster_id)
         self.job_ids(running)
         return running

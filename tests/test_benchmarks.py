@@ -124,3 +124,65 @@ def test_smoke_run_leaves_no_job(smoke_run):
     # This run's jobs only: other benchmark runs may share the test bed.
     tags = results["tags"]
     assert tags and not [n for n in queued_names() if any(n == t or n.startswith(f"{t}-") for t in tags)]
+
+
+# ------------------------------------------------------------- security (issue 10)
+@pytest.fixture(scope="module")
+def security_smoke_run(slurm_testbed, tmp_path_factory):
+    """One ``python -m benchmarks.security --smoke`` run: its output directory, security.json and stderr."""
+    out = tmp_path_factory.mktemp("security")
+    proc = subprocess.run(
+        [sys.executable, "-m", "benchmarks.security", "--smoke", "--out", str(out)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
+    assert proc.returncode == 0, f"benchmarks.security --smoke failed:\n{proc.stderr[-4000:]}"
+    return out, json.loads((out / "security.json").read_text()), proc.stderr
+
+
+def test_security_smoke_measures_secure_and_open_side_by_side(security_smoke_run):
+    out, results, stderr = security_smoke_run
+    assert (out / "security.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    markdown = (out / "security.md").read_text()
+    for heading in ("## Time to ready", "## Where the time goes", "## Transfer throughput", "## Parts of the cost"):
+        assert heading in markdown
+    assert "slurm" in stderr and "ready in" in stderr, "progress is logged to stderr as the run goes"
+    assert {"date", "uname", "cpu_count", "openssl", "cpu_aes", "versions", "testbed_nodes"} <= results["meta"].keys()
+    for backend in ("slurm", "local"):
+        ready = results[backend]["ready"]
+        for variant in ("secure", "open"):
+            assert len(ready["samples"][variant]) == 1 and ready["median"][variant] is not None, (backend, variant)
+            (marks,) = ready["milestones"][variant]
+            assert marks["db_ready"] is not None and marks["last_worker_connected"] is not None, marks
+        assert ready["ratio"] is not None
+    # Interleaved: both variants ran on both backends.
+    assert {line.rsplit(": ", 1)[1] for line in results["sequence"]} == {"secure", "open"}
+
+
+def test_security_smoke_transfer_crossed_nodes_over_tls_and_tcp(security_smoke_run):
+    _, results, _ = security_smoke_run
+    transfer = results["slurm"]["transfer"]
+    for variant, scheme in (("secure", "tls"), ("open", "tcp")):
+        (sample,) = transfer["samples"][variant]
+        checks = sample["checks"]
+        assert checks["scheme"] == scheme
+        assert checks["crossed_nodes"] and checks["sources"] == [checks["producer"]]
+        assert len(set(checks["hostnames"].values())) == 2, checks["hostnames"]
+        assert checks["bytes_fetched_by_consumer"] == sample["bytes"] == transfer["bytes"]
+        assert sample["gib_per_s"] > 0
+    assert transfer["ratio"] is not None
+    parts = results["parts"]
+    assert parts["credentials"]["median_create_s"] > 0
+    assert set(parts["dask_connection"]["median_s"]) == {"tls", "tcp"}
+    assert parts["database"]["median"]["secure"]["user_created_s"] is not None
+    assert set(parts["worker_start"]["median_s"]) == {"secure", "open", "open_no_dashboard"}
+    assert parts["first_user_steps"]["median"]["verified_s"] is not None
+
+
+def test_security_smoke_leaves_no_job_and_no_error(security_smoke_run):
+    _, results, _ = security_smoke_run
+    assert results["leftovers"] == [] and results["errors"] == [] and not results["cancelled_at_end"]
+    tags = results["tags"]
+    assert tags and not [n for n in queued_names() if any(n == t or n.startswith(f"{t}-") for t in tags)]
