@@ -25,7 +25,7 @@ from . import containers
 from ._version import __version__
 from .config import ClusterOptions, parse_walltime
 from .files import cluster_umask
-from .security import CredentialFiles, db_client_uri
+from .security import CredentialFiles
 from .slurm import build_directives
 
 __all__ = [
@@ -190,7 +190,7 @@ def db_security_args(tls: CredentialFiles) -> list[str]:
         "--tlsCertificateKeyFile",
         tls.db_server_pem,
         "--tlsCAFile",
-        tls.db_ca_file or tls.ca_file,
+        tls.db_ca_file,
     ]
 
 
@@ -212,7 +212,7 @@ def db_users_lines(options: ClusterOptions, tls: CredentialFiles, wrap=None) -> 
         "--port",
         str(options.db_port),
         "--ca",
-        tls.db_ca_file or tls.ca_file,
+        tls.db_ca_file,
         "--cert",
         tls.db_client_pem,
         "--subject",
@@ -269,9 +269,7 @@ def service_environment(
     if secure_db:
         env["MONGODB_PORT"] = ""
     if db_host:
-        env["MSPASS_DB_ADDRESS"] = (
-            db_client_uri(db_host, db_port, tls.db_ca_file or tls.ca_file, tls.db_client_pem) if secure_db else db_host
-        )
+        env["MSPASS_DB_ADDRESS"] = tls.db_uri(db_host, db_port) if secure_db else db_host
     return env
 
 

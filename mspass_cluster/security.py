@@ -164,6 +164,10 @@ class CredentialFiles:
             f"CN={getpass.getuser()},OU={DB_CLIENT_OU},O={ORGANISATION}",
         )
 
+    def db_uri(self, host: str, port: int) -> str:
+        """The database's connection string for the cluster's clients (needs the database files)."""
+        return db_client_uri(host, port, self.db_ca_file, self.db_client_pem)
+
     def with_dask(self, security) -> "CredentialFiles":
         """These files, with Dask's taken from a user's :class:`distributed.Security` (which must name files)."""
         return dataclasses.replace(
@@ -285,7 +289,7 @@ class ClusterCredentials:
 
     def db_uri(self, host: str, port: int) -> str:
         """The database's connection string for this cluster's clients (file paths, no secret)."""
-        return db_client_uri(host, port, self.ca_file, self.db_client_pem)
+        return self.files.db_uri(host, port)
 
 
 def db_client_uri(host: str, port: int, ca_file: str, client_pem: str) -> str:

@@ -21,7 +21,7 @@ from ..errors import ConfigError, JobFailedError
 from ..files import file_mode
 from ..jobs import JOB_STOP_TIMEOUT, JobLauncher, JobPhase, TrackedJob, server_exit_status, tail
 from ..roles import db_data_path
-from ..security import CredentialFiles, db_client_uri
+from ..security import CredentialFiles
 from ..slurm import JobState
 
 __all__ = ["DatabaseService", "DB_STOP_TIMEOUT"]
@@ -145,9 +145,7 @@ class DatabaseService:
         """The connection string of this cluster's clients for the server on ``host``."""
         if self.tls is None:
             return connection_string(host, self.options.db_port)
-        return db_client_uri(
-            host, self.options.db_port, self.tls.db_ca_file or self.tls.ca_file, self.tls.db_client_pem
-        )
+        return self.tls.db_uri(host, self.options.db_port)
 
     def waiting_for(self) -> str | None:
         """What start-up still waits for from the database, or None."""
