@@ -6,6 +6,9 @@
     mspass-cluster status
     mspass-cluster down CLUSTER_ID|JOB_ID ... [--yes]
     mspass-cluster down --all [--yes]
+    mspass-cluster db start --db-dir DIR [--walltime 1-00:00:00 --partition P --account A --db-memory 16GiB]
+    mspass-cluster db status [ID]
+    mspass-cluster db stop ID
 
 A submitted notebook runs headless on the allocation's first node; inside
 it, ``MsPASSCluster()`` finds the allocation and starts the database and
@@ -18,19 +21,28 @@ notebook (and its ``parameters`` cell, when ``--param`` is given), the
 walltime, the Slurm names, the work directory and the backend. ``down``
 cancels only what it is named: whole clusters by id (or a unique prefix of
 one), jobs by Slurm job id, or everything with ``--all``.
+
+``db start`` starts a database on its own, as a long-lived Slurm job that
+several notebooks and batch jobs use at once (``MsPASSCluster(database=ID)``);
+``db stop`` stops it cleanly (see :mod:`mspass_cluster.standalone_db`).
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import os
 import re
 import sys
 
+from . import standalone_db
+from .backends import choose_backend, finalise_options, open_backend
+from .backends.slurm import SlurmBackend
 from .commands import CommandRunner
-from .config import _BY_NAME, CHOICES, _from_config, parse_walltime
+from .config import _BY_NAME, CHOICES, _from_config, parse_walltime, prepare_directories, resolve_options
+from .db import ping
 from .errors import ConfigError, MsPASSClusterError
-from .files import write_file
+from .files import cluster_umask, write_file
 from .notebook import read_notebook
 from .slurm import (
     build_sbatch_argv,
@@ -39,6 +51,7 @@ from .slurm import (
     parse_sbatch_job_id,
     parse_squeue_mine,
 )
+from .status import format_seconds
 from .submit import (  # noqa: F401  (render_submit_script and the ENV_ names are part of the CLI's interface)
     ENV_BACKEND,
     ENV_WORK_DIR,
@@ -56,14 +69,15 @@ from .values import coerce
 __all__ = ["main", "render_submit_script"]
 
 #: Job names this package gives: clusters' roles, and submitted notebooks.
-OWN_JOB = re.compile(r"^(?P<prefix>[A-Za-z0-9_.-]+?)-(?P<cluster>[0-9a-f]{8})-(db|worker-\d+)$|^mspass-nb-")
+OWN_JOB = re.compile(r"^(?P<prefix>[A-Za-z0-9_.-]+?)-(?P<cluster>[0-9a-f]{8})-(shared-db|db|worker-\d+)$|^mspass-nb-")
 
 #: Shortest prefix of a cluster id that ``down`` accepts, so that one stray character cannot select a cluster.
 MIN_PREFIX = 4
 
 DESCRIPTION = """\
 Run a Jupyter notebook as a Slurm batch job with a MsPASS cluster (MongoDB and
-Dask workers) inside its allocation, and list or cancel your clusters' jobs."""
+Dask workers) inside its allocation, list or cancel your clusters' jobs, and
+start one database that many notebooks use."""
 
 EPILOG = """\
 examples:
@@ -74,6 +88,10 @@ examples:
   mspass-cluster down 3f2a9c01                   cancel cluster 3f2a9c01 (a unique prefix, e.g. 3f2a, will do)
   mspass-cluster down 1234                       cancel job 1234, e.g. a submitted notebook
   mspass-cluster down --all                      cancel all of them (asks first; --yes does not)
+  mspass-cluster db start --db-dir /scratch/$USER/usarray/db --walltime 2-00:00:00
+                                                 one database for many notebooks: prints its ID
+  mspass-cluster db status                       your shared databases: state, node, time left, users
+  mspass-cluster db stop 1a2b3c4d                stop one cleanly (its data stay in its db dir)
 
 Run 'mspass-cluster COMMAND --help' for a command's options."""
 
@@ -105,6 +123,36 @@ examples:
   mspass-cluster down 3f2a9c01 --yes
   mspass-cluster down 3f2a 1234
   mspass-cluster down --all"""
+
+
+DB_DESCRIPTION = """\
+One database for many notebooks: start a MongoDB server as a Slurm job of its
+own, which clusters use with MsPASSCluster(database=ID) instead of starting
+their own, and which outlives them. It runs until 'db stop' or its walltime:
+no notebook keeps it alive, and none stops it when it closes."""
+
+DB_START_DESCRIPTION = """\
+Submit the database as a Slurm job of its own on DB_DIR (default <work dir>/db),
+wait until it answers, and print its ID, job, node and connection string. With
+security (the default) it gets its own certificates, in a private directory in
+DB_DIR that 'db stop' removes. The ID comes from DB_DIR: started again on the
+same directory, the database keeps its ID, and the clusters using it find it.
+
+It runs until 'mspass-cluster db stop ID' or its walltime; then its data stay
+in DB_DIR/data."""
+
+DB_START_EPILOG = """\
+examples:
+  mspass-cluster db start --db-dir /scratch/$USER/usarray/db --walltime 2-00:00:00 --db-memory 32GiB
+  mspass-cluster db start --partition normal --account EAR12345 --container ~/mspass/mspass_latest.sif
+then, in each notebook:  MsPASSCluster(nodes=4, database="<ID>")
+or a batch notebook:     mspass-cluster submit flow.ipynb --database <ID>"""
+
+DB_STOP_DESCRIPTION = """\
+Stop a shared database cleanly: SIGTERM only, then wait (up to 5 minutes) for
+its server to exit, as a cluster's own database is stopped; then remove its
+credentials and its record. Its data stay in DB_DIR/data. Clusters still using
+it lose it (they say so at their next call that needs it)."""
 
 
 class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
@@ -149,6 +197,8 @@ def _submit(args, runner: CommandRunner) -> int:
             _check_params(args.notebook, notebook, args.param)
         _check_batch_tools(notebook)
         work_dir = _check_work_dir(args.work_dir) if args.work_dir is not None else None
+        if args.database and "://" not in args.database:
+            standalone_db.find_record(args.database)  # a typo is reported now, not by the job
         mode = _script_mode()
         script = render_submit_script(
             args.notebook,
@@ -162,6 +212,7 @@ def _submit(args, runner: CommandRunner) -> int:
             params=args.param,
             work_dir=work_dir,
             backend=backend,
+            database=args.database,
         )
     except ImportError as exc:
         return _fail(f"{exc}; submitting notebooks needs: pip install 'mspass-cluster[batch]'")
@@ -214,6 +265,12 @@ def _status(args, runner: CommandRunner) -> int:
     print(f"{'JOBID':>10}  {'CLUSTER':8}  {'STATE':10}  {'NAME':40}  NODES/REASON")
     for job_id, name, state, where, cluster in jobs:
         print(f"{job_id:>10}  {cluster or '-':8}  {state:10}  {name:40}  {where}")
+    shared = sorted({cluster for _, name, _, _, cluster in jobs if name.endswith(standalone_db.SHARED_SUFFIX)})
+    if shared:
+        print(
+            f"Shared databases ({', '.join(shared)}; *-shared-db) run until `mspass-cluster db stop ID` or their "
+            "walltime, whoever uses them: `mspass-cluster db status` shows who does."
+        )
     return 0
 
 
@@ -292,11 +349,153 @@ def _down(args, runner: CommandRunner) -> int:
         if answer.strip().lower() not in ("y", "yes"):
             print("Nothing cancelled.")
             return 1
-    result = runner.run(build_scancel_argv([j[0] for j in jobs]), check=False)
-    if result.returncode != 0:
-        return _fail(f"scancel failed (exit code {result.returncode}): {result.stderr.strip()}", 1)
-    print(f"Cancelled {len(jobs)} job(s).")
+    shared = [j for j in jobs if j[1].endswith(standalone_db.SHARED_SUFFIX)]
+    others = [j for j in jobs if j not in shared]
+    status = 0
+    for job_id, _, _, _, ident in shared:
+        # A database is stopped cleanly (SIGTERM, its server's exit awaited), never killed at KillWait.
+        record = standalone_db.read_record(ident)
+        if record is not None and record.job_id == job_id:
+            status = max(status, _stop_shared(record, runner))
+        else:
+            runner.run(build_scancel_argv([job_id], "TERM"), check=False)
+            print(f"Sent SIGTERM to shared database job {job_id} (no record of it here): its server stops cleanly.")
+    if others:
+        result = runner.run(build_scancel_argv([j[0] for j in others]), check=False)
+        if result.returncode != 0:
+            return _fail(f"scancel failed (exit code {result.returncode}): {result.stderr.strip()}", 1)
+        print(f"Cancelled {len(others)} job(s).")
+    return status
+
+
+# ------------------------------------------------------------------ one database, many notebooks
+def _db_start(args, runner: CommandRunner) -> int:
+    try:
+        for flag, value in (("--partition", args.partition), ("--account", args.account), ("--qos", args.qos)):
+            _check_slurm_name(flag, value)
+        for directive in args.directive:
+            _check_directive(directive)
+        if args.walltime is not None:
+            parse_walltime(args.walltime)
+        work_dir = _check_work_dir(args.work_dir) if args.work_dir is not None else None
+        options = resolve_options(
+            backend="slurm",
+            work_dir=work_dir,
+            db_dir=os.path.abspath(os.path.expanduser(args.db_dir)) if args.db_dir else None,
+            partition=args.partition,
+            account=args.account,
+            qos=args.qos,
+            db_walltime=args.walltime,
+            db_memory=args.db_memory,
+            db_cores=args.db_cores,
+            db_port=args.db_port,
+            container=args.container,
+            db_extra_directives=args.directive or None,
+            job_script_prologue=args.prologue or None,
+        )
+        choose_backend("slurm")
+        backend = open_backend("slurm", runner, cluster_umask(options))
+        options = finalise_options(options, "slurm", backend)
+        prepare_directories(options)
+    except (ConfigError, ValueError) as exc:
+        return _fail(str(exc))
+    print(f"Starting the shared database on {options.db_dir} (job {options.job_name}-...-shared-db)...", flush=True)
+    record = asyncio.run(standalone_db.start_database(options, backend, say=lambda line: print(line, flush=True)))
+    print(_started_text(record))
     return 0
+
+
+def _started_text(record) -> str:
+    secured = (
+        f"TLS with its own certificates (x.509), in {record.private_dir} (0700, yours alone; removed by db stop)"
+        if record.private_dir
+        else "no TLS, no authentication (security is off in your dask config): any user can reach it"
+    )
+    return "\n".join(
+        [
+            f"Shared database {record.id} is ready: job {record.job_id} on {record.host}, {record.address}",
+            f"  connection string  {record.uri}",
+            f"  data               {record.data_path}",
+            f"  security           {secured}",
+            f"  log                {record.log_path}",
+            "Use it from any notebook or batch notebook of yours (it starts no database of its own and leaves this",
+            "one running when it closes):",
+            f'  MsPASSCluster(nodes=4, database="{record.id}")',
+            f"  mspass-cluster submit flow.ipynb --database {record.id}",
+            f"  mspass-cluster db status {record.id}",
+            f"  mspass-cluster db stop {record.id}",
+            f"It runs until `mspass-cluster db stop {record.id}` or its walltime ({record.walltime}): no notebook keeps "
+            "it alive and none stops it, so stop it when you are done, or it holds its node until then. Its data",
+            f"stay in {record.db_dir}; `mspass-cluster db start --db-dir {record.db_dir}` starts it again (same id).",
+        ]
+    )
+
+
+def _state_of(record, status) -> str:
+    """``ready``, ``running, not answering (...)``, ``pending (Priority)``, ``ended (TIMEOUT)``."""
+    if status is None or status.state.kind == "ended":
+        state = status.state.value if status is not None else "unknown"
+        return f"ended ({state}): `mspass-cluster db stop {record.id}` removes its record and credentials"
+    if status.state.kind == "pending":
+        return f"pending ({status.reason or status.state.value})"
+    answer = ping(record.uri, 1.0, record.data_path) if record.uri else "it never answered"
+    return "ready" if answer is None else f"running, not answering ({answer})"
+
+
+def _db_status(args, runner: CommandRunner) -> int:
+    try:
+        records = [standalone_db.find_record(args.id)] if args.id else standalone_db.all_records()
+    except ConfigError as exc:
+        return _fail(str(exc))
+    if not records:
+        print("No shared databases of yours. Start one with: mspass-cluster db start --db-dir DIR")
+        return 0
+    statuses = asyncio.run(standalone_db.job_statuses(SlurmBackend(runner), records))
+    for record in records:
+        status = statuses.get(record.job_id)
+        left = status.time_left if status is not None and status.state.kind == "running" else None
+        print(f"{record.id}  {_state_of(record, status)}")
+        print(f"  job        {record.job_id} ({record.name}) on {(status and status.nodes) or record.host or '-'}")
+        print(f"  time left  {format_seconds(left)} (walltime {record.walltime})")
+        print(f"  address    {record.address or '-'}")
+        print(f"  data       {record.data_path}")
+        print(f"  used by    {standalone_db.describe_users(record.id)}")
+        if args.id:
+            print(f"  connection string  {record.uri or '-'}")
+            print(f"  log        {record.log_path}")
+    return 0
+
+
+def _db_stop(args, runner: CommandRunner) -> int:
+    try:
+        record = standalone_db.find_record(args.id)
+    except ConfigError as exc:
+        return _fail(str(exc))
+    return _stop_shared(record, runner)
+
+
+def _stop_shared(record, runner: CommandRunner) -> int:
+    users = standalone_db.live_users(record.id)
+    if users:
+        print(
+            f"Shared database {record.id} is used by {standalone_db.describe_users(record.id)}; they lose it now "
+            "(their next call that needs it says so)."
+        )
+    print(f"Stopping shared database {record.id} (job {record.job_id}) with SIGTERM; waiting for its server to exit...")
+    status = asyncio.run(standalone_db.stop_database(record, SlurmBackend(runner), say=print))
+    where = f"Its data stay in {record.data_path}; `mspass-cluster db start --db-dir {record.db_dir}` starts it again."
+    if status == 0:
+        print(f"Shared database {record.id} stopped cleanly (job {record.job_id}, server exit status 0). {where}")
+        return 0
+    if status is None:
+        print(f"Shared database {record.id} was not running (job {record.job_id}); removed its record. {where}")
+        return 0
+    print(f"Shared database {record.id} ended with server exit status {status}; see {record.log_path}. {where}")
+    return 1
+
+
+def _db(args, runner: CommandRunner) -> int:
+    return {"start": _db_start, "status": _db_status, "stop": _db_stop}[args.db_command](args, runner)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -365,6 +564,12 @@ def build_parser() -> argparse.ArgumentParser:
         "your dask config): allocation, the job's own nodes; slurm, jobs of their own; "
         "local, processes on the job's node",
     )
+    submit.add_argument(
+        "--database",
+        metavar="ID",
+        help="the shared database (mspass-cluster db start) the notebook's MsPASSCluster() uses instead of starting "
+        "one: its id, or a mongodb:// connection string (overrides database in your dask config)",
+    )
     submit.add_argument("--dry-run", action="store_true", help="print the sbatch script, submit nothing")
     commands.add_parser(
         "status",
@@ -382,6 +587,70 @@ def build_parser() -> argparse.ArgumentParser:
     down.add_argument("cluster", nargs="*", metavar="ID", help="a cluster id (or a unique prefix) or a job id")
     down.add_argument("--all", action="store_true", help="cancel every mspass_cluster job of yours")
     down.add_argument("--yes", action="store_true", help="do not ask")
+    db = commands.add_parser(
+        "db",
+        help="one database for many notebooks: db start, db status, db stop",
+        description=DB_DESCRIPTION,
+        formatter_class=_HelpFormatter,
+    )
+    db_commands = db.add_subparsers(dest="db_command", required=True, metavar="DB_COMMAND")
+    start = db_commands.add_parser(
+        "start",
+        help="start a shared database as a Slurm job of its own",
+        description=DB_START_DESCRIPTION,
+        epilog=DB_START_EPILOG,
+        formatter_class=_HelpFormatter,
+    )
+    start.add_argument(
+        "--work-dir",
+        metavar="DIR",
+        help="directory on a file system all nodes share; its logs/ get the job's script and log (default: the "
+        "config's work-dir, else $MSPASS_WORK_DIR, else the current directory)",
+    )
+    start.add_argument("--db-dir", metavar="DIR", help="the database's directory (default: <work dir>/db)")
+    start.add_argument("--partition", metavar="NAME", help="Slurm partition (default: Slurm's default partition)")
+    start.add_argument("--account", metavar="NAME", help="Slurm account charged (default: your default account)")
+    start.add_argument("--qos", metavar="NAME", help="Slurm quality of service (default: the account's default)")
+    start.add_argument(
+        "--walltime",
+        "--db-walltime",
+        metavar="TIME",
+        help="time limit of the database's job, in Slurm's formats (MM, HH:MM:SS, D-HH:MM): it stops then "
+        "(default: db-walltime, else walltime, of your dask config, else 01:00:00)",
+    )
+    start.add_argument("--db-memory", metavar="SIZE", help="memory of the database's job, e.g. 16GiB (default: 2GiB)")
+    start.add_argument("--db-cores", type=int, metavar="N", help="cores of the database's job (default: 1)")
+    start.add_argument("--db-port", type=int, metavar="PORT", help="the database's port (default: 27017)")
+    start.add_argument("--container", metavar="IMAGE", help="Apptainer/Singularity image that runs mongod")
+    start.add_argument(
+        "--directive",
+        action="append",
+        default=[],
+        metavar="OPTION",
+        help="extra sbatch option for the database's job, repeatable, e.g. --directive=--constraint=ssd",
+    )
+    start.add_argument(
+        "--prologue",
+        action="append",
+        default=[],
+        metavar="LINE",
+        help="shell line run first in the job, repeatable, e.g. --prologue 'module load mongodb'",
+    )
+    status = db_commands.add_parser(
+        "status",
+        help="your shared databases: state, node, job, time left, who uses them",
+        description="Show your shared databases (or the one named): state, node, job, time left, address, "
+        "data, and the running clusters that use it.",
+        formatter_class=_HelpFormatter,
+    )
+    status.add_argument("id", nargs="?", metavar="ID", help="a database id (or a unique prefix); default: all")
+    stop = db_commands.add_parser(
+        "stop",
+        help="stop a shared database cleanly",
+        description=DB_STOP_DESCRIPTION,
+        formatter_class=_HelpFormatter,
+    )
+    stop.add_argument("id", metavar="ID", help="the database's id (or a unique prefix), as db status shows it")
     return parser
 
 
@@ -389,7 +658,7 @@ def main(argv=None, runner: CommandRunner | None = None) -> int:
     """Run ``mspass-cluster`` with ``argv``; return the exit status."""
     args = build_parser().parse_args(argv)
     runner = runner or CommandRunner()
-    handler = {"submit": _submit, "status": _status, "down": _down}[args.command]
+    handler = {"submit": _submit, "status": _status, "down": _down, "db": _db}[args.command]
     try:
         return handler(args, runner)
     except MsPASSClusterError as exc:

@@ -44,6 +44,7 @@ from .progress import DaskChatter, logger, make_progress_visible
 from .roles import ROLES, SECURE_SCHEDULER_PLACEHOLDER, ScriptContext, service_environment
 from .security import ClusterCredentials
 from .services import DatabaseService, NodeAdaptive, Supervisor, WorkerJob, WorkerNodes, node_of_worker
+from .services.attached import AttachedDatabase, find_database
 from .status import ClusterView, render_html, render_text, view_of
 from .worker_env import EnvironmentPlugin, PublishedEnvironment
 
@@ -112,6 +113,9 @@ class MsPASSCluster(SpecCluster):
         self._credentials = None
         try:
             tls, self.security = self._secure(name)
+            shared = find_database(self.options, runner)  # database=: a running database, none of this cluster's
+            if shared is not None:
+                self.options, tls = shared.adopted(self.options, tls)
             context = ScriptContext(
                 self.options,
                 self.cluster_id,
@@ -122,7 +126,11 @@ class MsPASSCluster(SpecCluster):
                 **({"scheduler_address": SECURE_SCHEDULER_PLACEHOLDER} if tls else {}),
             )
             self._launcher = JobLauncher(context, backend)
-            self.database = DatabaseService(self.options, self._launcher, name, local=self.backend == "local", tls=tls)
+            self.database = (
+                AttachedDatabase(shared, self.options, self._launcher, name)
+                if shared is not None
+                else DatabaseService(self.options, self._launcher, name, local=self.backend == "local", tls=tls)
+            )
             self.database.refuse_a_directory_in_use()
         except BaseException:
             self._forget_credentials()

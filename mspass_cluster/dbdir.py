@@ -8,7 +8,9 @@ anything, which cluster holds the directory and how to get out of the way.
 The marker ``<db_dir>/mspass-cluster.json`` names the cluster, the process
 and host that started it, its heartbeat file and its database job. It holds
 the directory while that heartbeat is fresh (the notebook is alive, or its
-database may still be running, see ``orphan_timeout``).
+database may still be running, see ``orphan_timeout``). A database started on
+its own (``mspass-cluster db start``) claims its directory the same way, with
+its id as ``database``; its job touches the heartbeat while it runs.
 """
 
 from __future__ import annotations
@@ -40,8 +42,13 @@ def claim(
     orphan_timeout: int,
     db_job: str | None = None,
     mode: int | None = None,
+    database: str | None = None,
 ) -> None:
-    """Write (atomically, with ``mode``: 0600 with ``security``) that ``cluster`` uses ``db_dir``."""
+    """Write (atomically, with ``mode``: 0600 with ``security``) that ``cluster`` uses ``db_dir``.
+
+    ``database`` is the id of a shared database (``mspass-cluster db start``),
+    which clusters can use instead of starting their own.
+    """
     record = {
         "cluster": cluster,
         "host": socket.gethostname(),
@@ -51,6 +58,8 @@ def claim(
         "db_job": db_job,
         "started": time.strftime("%Y-%m-%d %H:%M:%S"),
     }
+    if database:
+        record["database"] = database
     write_file(_path(db_dir), json.dumps(record), mode)
 
 
@@ -86,6 +95,11 @@ def describe_holder(record: dict) -> str:
     ``db_job`` is recorded with its unit, e.g. ``"job 456"`` (Slurm) or ``"process 789"`` (desktop).
     """
     job = f"; database {record['db_job']}" if record.get("db_job") else ""  # "job 456", "process 789"
+    if record.get("database"):
+        return (
+            f"shared database {record['database']} (started {record.get('started')} by `mspass-cluster db start`, "
+            f"process {record.get('pid')} on {record.get('host')}{job})"
+        )
     return (
         f"cluster {record.get('cluster')} (started {record.get('started')} by process {record.get('pid')} on "
         f"{record.get('host')}{job})"

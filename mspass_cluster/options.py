@@ -242,6 +242,11 @@ OPTIONS: tuple[Option, ...] = (
     ),
     # --- database role
     Option(
+        "database",
+        None,
+        "Use a database that is already running instead of starting one: the id `mspass-cluster db start` printed (or a unique prefix of at least 4 characters), or a `mongodb://` connection string. The cluster then submits no database job, its `db_*` options are not used, and `close()` leaves that database running. Unset: the cluster starts its own.",
+    ),
+    Option(
         "db_command",
         ["mongod"],
         "The database server program and leading arguments (a list); the cluster adds ``--port``, ``--dbpath``, ``--bind_ip_all``, cache size.",
@@ -327,6 +332,7 @@ class ClusterOptions:
     worker_lifetime: str
     death_timeout: int
     orphan_timeout: int
+    database: str | None
     db_command: list
     db_port: int
     db_cores: int

@@ -52,8 +52,10 @@ def view_of(cluster) -> ClusterView:
     jobs = sorted(cluster._launcher.jobs.values(), key=lambda j: (j.role != "db", j.submitted))
     running = cluster.status == Status.running
     status, db_address = "running" if running else cluster.status.name, cluster.database.address
-    if cluster.database.lost() is not None:
-        db_address = f"lost ({cluster.db_job.describe()})"
+    lost = cluster.database.lost()
+    if lost is not None:
+        # A database named by a connection string has no job to describe.
+        db_address = f"lost ({cluster.db_job.describe() if cluster.db_job else str(lost).splitlines()[0]})"
         if running:
             status = "running, but its database is lost"
     scheduler = getattr(cluster, "scheduler", None)

@@ -21,12 +21,14 @@ from .notebook import parameter_names, parse_params
 from .slurm import build_batch_directives, directive_option
 from .values import check_text
 
-__all__ = ["render_submit_script", "ENV_WORK_DIR", "ENV_BACKEND", "ONE_NODE_BACKENDS"]
+__all__ = ["render_submit_script", "ENV_WORK_DIR", "ENV_BACKEND", "ENV_DATABASE", "ONE_NODE_BACKENDS"]
 
 #: The variables that carry ``--work-dir`` and ``--backend`` into the notebook's ``MsPASSCluster``: dask
 #: reads ``DASK_*`` variables over its YAML files, so they override the user's ``mspass_cluster.yaml``.
 ENV_WORK_DIR = f"DASK_{CONFIG_SECTION.upper()}__WORK_DIR"
 ENV_BACKEND = f"DASK_{CONFIG_SECTION.upper()}__BACKEND"
+#: ... and ``--database``, the shared database (``mspass-cluster db start``) the notebook's cluster uses.
+ENV_DATABASE = f"DASK_{CONFIG_SECTION.upper()}__DATABASE"
 
 #: Backends that start no processes on the job's other nodes: a batch job for them needs one node.
 ONE_NODE_BACKENDS = ("local", "slurm")
@@ -101,6 +103,7 @@ def render_submit_script(
     python=None,
     work_dir=None,
     backend="allocation",
+    database=None,
 ) -> str:
     """The sbatch script that runs ``notebook`` headless on ``nodes`` nodes (pure).
 
@@ -127,6 +130,9 @@ def render_submit_script(
     backend : str, optional
         The cluster's backend, exported as ``DASK_MSPASS_CLUSTER__BACKEND`` (default
         ``allocation``: the job's own nodes; None exports nothing).
+    database : str, optional
+        A shared database's id (or connection string) for the notebook's
+        cluster, exported as ``DASK_MSPASS_CLUSTER__DATABASE``.
 
     Returns
     -------
@@ -150,7 +156,12 @@ def render_submit_script(
         check_text("--prologue", line, tab=True)
     for flag, value in (("--param", item) for item in params):
         check_text(flag, value)
-    for flag, value in (("--work-dir", work_dir), ("python", python), ("--walltime", str(walltime).strip())):
+    for flag, value in (
+        ("--work-dir", work_dir),
+        ("python", python),
+        ("--walltime", str(walltime).strip()),
+        ("--database", database),
+    ):
         if value is not None:
             check_text(flag, value)
     notebook = os.path.abspath(notebook)
@@ -171,7 +182,7 @@ def render_submit_script(
         runner += ["--param", item]
     exports = [
         shlex.join(["export", f"{variable}={value}"])
-        for variable, value in ((ENV_WORK_DIR, work_dir), (ENV_BACKEND, backend))
+        for variable, value in ((ENV_WORK_DIR, work_dir), (ENV_BACKEND, backend), (ENV_DATABASE, database))
         if value
     ]
     lines = [

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
+import shlex
 
 from .. import dbdir
 from ..config import ClusterOptions, parse_walltime
@@ -23,6 +24,7 @@ from ..jobs import JOB_STOP_TIMEOUT, JobLauncher, JobPhase, TrackedJob, server_e
 from ..roles import db_data_path
 from ..security import CredentialFiles
 from ..slurm import JobState
+from ..standalone_db import database_id
 
 __all__ = ["DatabaseService", "DB_STOP_TIMEOUT"]
 
@@ -97,13 +99,27 @@ class DatabaseService:
             raise ConfigError(self._in_use_text(record))
 
     def _in_use_text(self, record: dict) -> str:
+        """Who holds ``db_dir``, and both ways out: use that database (when it is shared) or another directory."""
+        own_dir = (
+            "give this cluster a directory of its own, e.g. work_dir='<another folder>' or db_dir='<another folder>'. "
+            "(Two notebooks started in one folder share work_dir, and with it db_dir.)"
+        )
+        shared = record.get("database")
+        if shared:
+            return (
+                f"db_dir={self.options.db_dir!r} is in use by {dbdir.describe_holder(record)}: two database servers "
+                f'cannot share one directory. Either use that database: MsPASSCluster(..., database="{shared}") '
+                f"starts no database and leaves it running when it closes (`mspass-cluster db status {shared}` "
+                f"shows it); or {own_dir}"
+            )
         cluster_id = str(record.get("cluster", "")).rsplit("-", 1)[-1]
+        ident = database_id(self.options.db_dir)
         return (
             f"db_dir={self.options.db_dir!r} is in use by {dbdir.describe_holder(record)}: two database servers "
             "cannot share one directory. Either close that cluster first (cluster.close() in its notebook, or "
-            f"`mspass-cluster down {cluster_id}`), or give this cluster a directory of its own, e.g. "
-            "work_dir='<another folder>' or db_dir='<another folder>'. (Two notebooks started in one folder share "
-            "work_dir, and with it db_dir.)"
+            f"`mspass-cluster down {cluster_id}`), or {own_dir} To let several notebooks use one database, start it "
+            f"on its own once that cluster is closed: `mspass-cluster db start --db-dir {shlex.quote(self.options.db_dir)}`"
+            f', then MsPASSCluster(..., database="{ident}") in each notebook.'
         )
 
     async def submit(self) -> None:
