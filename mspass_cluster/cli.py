@@ -418,15 +418,16 @@ def _started_text(record) -> str:
             f"  data               {record.data_path}",
             f"  security           {secured}",
             f"  log                {record.log_path}",
-            "Use it from any notebook or batch notebook of yours (it starts no database of its own and leaves this",
-            "one running when it closes):",
+            "Use it from any notebook or batch notebook of yours; they start no database of their own and leave",
+            "this one running when they close:",
             f'  MsPASSCluster(nodes=4, database="{record.id}")',
             f"  mspass-cluster submit flow.ipynb --database {record.id}",
-            f"  mspass-cluster db status {record.id}",
-            f"  mspass-cluster db stop {record.id}",
-            f"It runs until `mspass-cluster db stop {record.id}` or its walltime ({record.walltime}): no notebook keeps "
-            "it alive and none stops it, so stop it when you are done, or it holds its node until then. Its data",
-            f"stay in {record.db_dir}; `mspass-cluster db start --db-dir {record.db_dir}` starts it again (same id).",
+            f"  mspass-cluster db status {record.id}     state, node, time left, who uses it",
+            f"  mspass-cluster db stop {record.id}       stop it cleanly",
+            f"It runs until `mspass-cluster db stop {record.id}` or its walltime ({record.walltime}), whoever uses it:",
+            "no notebook keeps it alive and none stops it, so stop it when you are done, or it holds its node until",
+            f"then. Its data stay in {record.data_path}; `mspass-cluster db start --db-dir {record.db_dir}` starts",
+            "it again, with the same id.",
         ]
     )
 

@@ -190,6 +190,11 @@ def _target_of_uri(given: str, runner: CommandRunner) -> DatabaseTarget:
         parsed = parse_uri(given, validate=True)
     except (InvalidURI, ValueError) as exc:
         raise ConfigError(f"database={given!r} is not a valid MongoDB connection string: {exc}") from None
+    except OSError as exc:  # pymongo opens the certificate files it names
+        raise ConfigError(
+            f"database={given!r}: {exc.strerror or exc}; the files it names must exist on this machine and on the "
+            "compute nodes (a shared file system)."
+        ) from None
     if len(parsed["nodelist"]) != 1:
         raise ConfigError(
             f"database={given!r} names {len(parsed['nodelist'])} servers; give one server, "
