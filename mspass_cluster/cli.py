@@ -400,7 +400,10 @@ def _db_start(args, runner: CommandRunner) -> int:
     except (ConfigError, ValueError) as exc:
         return _fail(str(exc))
     print(f"Starting the shared database on {options.db_dir} (job {options.job_name}-...-shared-db)...", flush=True)
-    record = asyncio.run(standalone_db.start_database(options, backend, say=lambda line: print(line, flush=True)))
+    try:
+        record = asyncio.run(standalone_db.start_database(options, backend, say=lambda line: print(line, flush=True)))
+    except ConfigError as exc:  # its directory is in use: nothing was submitted
+        return _fail(str(exc))
     print(_started_text(record))
     return 0
 
