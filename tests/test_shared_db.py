@@ -203,6 +203,15 @@ def test_a_lost_shared_database_is_raised_then_found_again_after_db_start(slurm_
         assert cluster.db_job.job_id == record.job_id and cluster.db_address == record.uri
         cluster.get_db_client().shared_test.docs.insert_many([{"i": i} for i in range(20)])
 
+        # It runs already: a second `db start` on its directory says how to use it or stop it.
+        twice = cli("db", "start", "--work-dir", str(home))
+        assert twice.returncode == 2 and f"already serves shared database {ident}" in twice.stderr
+        assert f'MsPASSCluster(database="{ident}")' in twice.stderr and f"db stop {ident}" in twice.stderr
+        # The job itself keeps its claim on db_dir fresh (no notebook does).
+        stamp = os.stat(record.heartbeat).st_mtime
+        time.sleep(standalone_db.HEARTBEAT_EVERY + 1)
+        assert os.stat(record.heartbeat).st_mtime > stamp
+
         # The database's own directory is taken: the message offers both ways out, attaching first.
         with pytest.raises(ConfigError) as info:
             MsPASSCluster(work_dir=str(home), **SMALL)
@@ -331,3 +340,13 @@ def test_a_plain_or_x509_connection_string_is_handed_on_as_is(tmp_path, state_ho
         secure.adopted(resolve_options(work_dir=str(tmp_path)), None)
     with pytest.raises(ConfigError, match="must exist on this machine"):
         find_database(resolve_options(database=uri.replace("ca.pem", "no.pem"), work_dir=str(tmp_path)), None)
+
+
+@pytest.mark.slurm
+def test_down_stops_a_shared_database_cleanly(slurm_testbed, shared_dir, state_home):
+    ident, record, _ = db_start(shared_dir / "dbhome")
+    out = cli("down", ident, "--yes")
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert f"Shared database {ident} stopped cleanly (job {record.job_id}, server exit status 0)" in out.stdout
+    assert queued([record.job_id]) == []
+    assert standalone_db.all_records() == [] and not os.path.exists(record.private_dir)

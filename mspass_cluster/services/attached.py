@@ -258,8 +258,8 @@ class AttachedDatabase:
         self.record = target.record
         #: The shared database's job (not this cluster's: it is never cancelled), or None for a connection string.
         self.job: TrackedJob | None = _job_of(self.record) if self.record else None
-        #: TLS and x.509 with the shared database's client certificate.
-        self.tls = target.client_pem is not None
+        #: The credentials clients use (the shared database's client certificate and CA), or None without TLS.
+        self.tls: CredentialFiles | None = launcher.context.tls if target.client_pem else None
         self.uri: str | None = None
         self.address: str | None = None
         self.not_answering = "not asked yet"
