@@ -49,7 +49,10 @@ class ClusterView:
 
 def view_of(cluster) -> ClusterView:
     """A snapshot of ``cluster`` (an :class:`~mspass_cluster.MsPASSCluster`): its roles, jobs and problems."""
-    jobs = sorted(cluster._launcher.jobs.values(), key=lambda j: (j.role != "db", j.submitted))
+    jobs = list(cluster._launcher.jobs.values())
+    if cluster.db_job is not None and cluster.db_job not in jobs:
+        jobs.append(cluster.db_job)  # a shared database's job (database=): shown, though not this cluster's
+    jobs.sort(key=lambda j: (j.role != "db", j.submitted))
     running = cluster.status == Status.running
     status, db_address = "running" if running else cluster.status.name, cluster.database.address
     lost = cluster.database.lost()

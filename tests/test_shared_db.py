@@ -23,6 +23,8 @@ import pytest
 from conftest import FAKE_MONGOD, NX_MONGOD, assert_nothing_left, queued
 
 from mspass_cluster import ConfigError, JobFailedError, MsPASSCluster, StartupTimeoutError, standalone_db
+from mspass_cluster.commands import CommandRunner
+from mspass_cluster.config import resolve_options
 from mspass_cluster.services.attached import find_database
 
 CLI = [os.path.join(os.path.dirname(sys.executable), "mspass-cluster")]
@@ -127,6 +129,10 @@ def test_two_notebooks_and_a_batch_notebook_share_one_database(slurm_testbed, sh
     for words in (f'MsPASSCluster(nodes=4, database="{ident}")', f"db stop {ident}", "walltime (15)", record.uri):
         assert words in said
     assert stat.S_IMODE(os.stat(record.private_dir).st_mode) == 0o700
+    # Its connection string names it as well as its id does.
+    assert (
+        find_database(resolve_options(database=record.uri, work_dir=str(shared_dir)), CommandRunner()).record == record
+    )
     listing = cli("status").stdout
     assert f"{record.name}" in listing and "db stop ID" in listing
     sync = shared_dir / "sync"
@@ -201,6 +207,8 @@ def test_a_lost_shared_database_is_raised_then_found_again_after_db_start(slurm_
     ident, record, _ = db_start(home)
     with MsPASSCluster(database=ident[:5], work_dir=str(shared_dir / "nb"), **SMALL) as cluster:
         assert cluster.db_job.job_id == record.job_id and cluster.db_address == record.uri
+        shown = str(cluster)
+        assert f"db     {record.job_id:>8} ready (RUNNING)" in shown and record.address in shown, shown
         cluster.get_db_client().shared_test.docs.insert_many([{"i": i} for i in range(20)])
 
         # It runs already: a second `db start` on its directory says how to use it or stop it.
@@ -319,8 +327,6 @@ def test_database_ids_records_and_uris(tmp_path, state_home, monkeypatch):
 
 
 def test_a_plain_or_x509_connection_string_is_handed_on_as_is(tmp_path, state_home):
-    from mspass_cluster.commands import CommandRunner
-    from mspass_cluster.config import resolve_options
     from mspass_cluster.security import ClusterCredentials, db_client_uri
 
     plain = find_database(resolve_options(database="mongodb://dbhost:27100/", work_dir=str(tmp_path)), CommandRunner())
