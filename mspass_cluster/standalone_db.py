@@ -12,10 +12,10 @@ What lives where:
 ``<db_dir>/mspass-cluster.json``
     The claim on ``db_dir`` (:mod:`mspass_cluster.dbdir`), naming the shared
     database, so that no other server starts on the same directory.
-``<db_dir>/.mspass_cluster/<job name>/``
+``<db_dir>/.mspass_cluster/<job name>-<random>/``
     Its credentials (with ``security``): a CA made for it, the server's and
-    the clients' certificates, in a directory only you can read (0700);
-    removed by ``db stop``.
+    the clients' certificates, in a directory only you can read (0700),
+    made fresh by each ``db start`` and removed by ``db stop``.
 ``<log_dir>/<job name>-<job id>.out``, ``<log_dir>/<job name>.heartbeat``
     Its job's log, and a file the job touches every 10 s while it runs: a
     claim whose heartbeat stopped (a node failure) is stale.
@@ -25,8 +25,8 @@ What lives where:
     file per cluster using it. Both removed by ``db stop``.
 
 The id is made from ``db_dir`` (its resolved path), so a database stopped and
-started again on the same directory keeps its id, its credentials' paths and
-its clusters: they find it again wherever it runs next.
+started again on the same directory keeps its id and its clusters: they find
+it again wherever it runs next, with its new credentials.
 """
 
 from __future__ import annotations
@@ -38,6 +38,7 @@ import hashlib
 import json
 import logging
 import os
+import secrets
 import shlex
 import shutil
 import socket
@@ -389,9 +390,9 @@ async def start_database(options: ClusterOptions, backend, say=print) -> SharedD
     launcher = None
     try:
         if options.security:
-            private = os.path.join(options.db_dir, ".mspass_cluster", name)
-            remove_private_dir(private)  # left by a job that ended without `db stop`; the claim says none runs
-            record.private_dir = create_private_dir(options.db_dir, name)
+            # A fresh directory each start: a client made for the previous server (another CA) then names
+            # files that are gone, and every cluster sees a new connection string (see AttachedDatabase.tend).
+            record.private_dir = create_private_dir(options.db_dir, f"{name}-{secrets.token_hex(3)}")
             tls = ClusterCredentials.create(record.private_dir, cluster=name).files
             record.ca_file, record.client_pem = tls.db_ca_file, tls.db_client_pem
         options = options.replace(job_script_prologue=[*options.job_script_prologue, *heartbeat_lines(heartbeat)])

@@ -240,6 +240,8 @@ def test_a_lost_shared_database_is_raised_then_found_again_after_db_start(slurm_
             cluster.sync(cluster.database.tend)  # what the supervisor's watch does every poll_interval
             time.sleep(0.5)
         assert cluster.database.job.job_id == record2.job_id and cluster.database.uri == record2.uri
+        assert record2.uri != record.uri, "a new start makes new credentials"
+        assert cluster._launcher.context.tls.db_client_pem == record2.client_pem  # for workers started from now on
         with pymongo.MongoClient(cluster.database.uri) as client:  # same data, new server, new certificates
             assert client.shared_test.docs.count_documents({}) == 20
     assert_nothing_left(cluster)

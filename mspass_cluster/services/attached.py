@@ -11,7 +11,9 @@ on the next call that needs it, and leaves the database running at close.
 :class:`~mspass_cluster.services.database.DatabaseService` (what the
 cluster and the supervisor call). Its :meth:`~AttachedDatabase.tend`
 follows a shared database stopped and started again on the same
-``db_dir`` (same id), wherever it runs next.
+``db_dir`` (same id), wherever it runs next: its ``uri`` then names the new
+server's node and the new credentials, and the cluster re-points what it
+published.
 """
 
 from __future__ import annotations
@@ -465,17 +467,24 @@ class AttachedDatabase:
             return False
         if job.status is None or job.state.kind != "running":
             return False
-        if record.port != self.target.port or (record.client_pem or None) != self.target.client_pem:
+        if record.port != self.target.port or bool(record.client_pem) != bool(self.target.client_pem):
             self._error = MsPASSClusterError(
-                f"Shared database {record.id} is back (job {job.job_id} on {record.host}) but with "
-                f"{'another port' if record.port != self.target.port else 'other credentials'} than the ones this "
-                f'cluster\'s workers were given. Close this cluster and start a new one with database="{record.id}".'
+                f"Shared database {record.id} is back (job {job.job_id} on {record.host}) but "
+                f"{'on another port' if record.port != self.target.port else 'with security turned on or off'} "
+                "than this cluster's workers were told (they keep the port; Dask's TLS settings are fixed). Close "
+                f'this cluster and start a new one with database="{record.id}".'
             )
             return False
-        target = dataclasses.replace(self.target, record=record, host=record.host)
+        target = dataclasses.replace(
+            self.target, record=record, host=record.host, ca_file=record.ca_file, client_pem=record.client_pem
+        )
         if await asyncio.to_thread(ping, target.uri, 1.0, record.data_path) is not None:
             return False
         self.target, self.record, self.job = target, record, job
+        if self.tls is not None:
+            # Its new credentials, for the scripts of workers started from now on and for MSPASS_DB_ADDRESS.
+            self.tls = dataclasses.replace(self.tls, db_client_pem=record.client_pem, db_ca_file=record.ca_file)
+            self.launcher.know(tls=self.tls)
         self._answered()
         standalone_db.register_user(
             record.id,
