@@ -322,7 +322,7 @@ def _refuse_a_directory_in_use(options: ClusterOptions, ident: str, live_job: bo
         return  # our own claim, left by a job that ended without `db stop` (a node failure, its walltime)
     if holder.get("database") == ident:
         raise ConfigError(
-            f"db_dir={options.db_dir!r} already serves shared database {ident} ({dbdir.describe_holder(holder)}). "
+            f"db_dir={options.db_dir!r} already serves {dbdir.describe_holder(holder)}. "
             f'Use it from a notebook with MsPASSCluster(database="{ident}"), see it with `mspass-cluster db status '
             f"{ident}`, or stop it with `mspass-cluster db stop {ident}` before starting it again."
         )

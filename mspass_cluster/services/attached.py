@@ -265,7 +265,8 @@ class AttachedDatabase:
         self.uri: str | None = None
         self.address: str | None = None
         self.not_answering = "not asked yet"
-        #: A database this cluster does not own is never brought back by it: nothing to wait for.
+        #: True from the moment the database answers again from a new server until the cluster re-pointed
+        #: what it published (the supervisor clears it). A lost database is not waited for: calls raise at once.
         self.moving = False
         self.restarts = 0
         self._error: MsPASSClusterError | None = None
@@ -441,16 +442,22 @@ class AttachedDatabase:
     async def tend(self) -> bool:
         """Follow the database: notice its loss, and find it again; True when it answers from a new job.
 
+        True is returned again until the cluster re-pointed (and cleared
+        :attr:`moving`).
+
         For a shared database: Slurm is asked about its job (one query per
         call); once it ended, its record is re-read, and a new job on the same
         ``db_dir`` (same id) that answers is used from then on. For a
         connection string: a ping; a database that answers again is used again.
         """
+        if self.moving:
+            return True  # found again; the cluster has not re-pointed yet (it clears ``moving`` when it has)
         if self.job is None:
             was_lost = self._error is not None
             await self._ping_or_count()
             if was_lost and self._failed_pings == 0:
                 self._answered()
+                self.moving = True
                 logger.warning("%s answers again.", self.target.what)
                 return True
             return False
@@ -486,6 +493,7 @@ class AttachedDatabase:
             self.tls = dataclasses.replace(self.tls, db_client_pem=record.client_pem, db_ca_file=record.ca_file)
             self.launcher.know(tls=self.tls)
         self._answered()
+        self.moving = True
         standalone_db.register_user(
             record.id,
             self.cluster_name,
