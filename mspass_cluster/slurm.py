@@ -55,6 +55,8 @@ __all__ = [
     "build_scontrol_job_argv",
     "build_sacct_argv",
     "build_scancel_argv",
+    "build_node_state_argv",
+    "parse_node_state",
     "controller_unreachable",
     "parse_sbatch_job_id",
     "parse_squeue",
@@ -356,3 +358,18 @@ def build_scancel_argv(job_ids, signal: str | None = None) -> list[str]:
     if signal:
         argv += [f"--signal={signal}", "--full"]
     return argv + [str(j) for j in job_ids]
+
+
+def build_node_state_argv(node: str) -> list[str]:
+    """``sinfo`` for one node's compact state (``idle``, ``mix``, ``alloc``, ``down*``...)."""
+    return ["sinfo", "--noheader", "--Node", f"--nodes={node}", "--format=%t"]
+
+
+def parse_node_state(stdout: str) -> str:
+    """The node's state without Slurm's flag characters (``down*`` is ``down``), or ``""``.
+
+    >>> parse_node_state("mix\\nmix\\n"), parse_node_state("idle~\\n"), parse_node_state("")
+    ('mix', 'idle', '')
+    """
+    words = stdout.split()
+    return words[0].rstrip("*~#!%$@^-") if words else ""
