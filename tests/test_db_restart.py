@@ -33,7 +33,6 @@ from mspass_cluster.roles import ScriptContext
 from mspass_cluster.services.database import relay_lead
 from mspass_cluster.slurm import parse_node_state
 
-
 #: The workers' Python finds this module's tasks.
 ON_PYTHONPATH = [f"export PYTHONPATH={Path(__file__).parent}"]
 
