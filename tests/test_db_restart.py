@@ -31,7 +31,7 @@ from mspass_cluster import JobFailedError, MsPASSCluster
 from mspass_cluster.config import resolve_options
 from mspass_cluster.roles import ScriptContext
 from mspass_cluster.services.database import relay_lead
-from mspass_cluster.slurm import parse_node_state
+from mspass_cluster.slurm import parse_node_room
 
 #: The workers' Python finds this module's tasks.
 ON_PYTHONPATH = [f"export PYTHONPATH={Path(__file__).parent}"]
@@ -123,8 +123,19 @@ def test_a_database_brought_back_asks_for_its_old_node_and_waits_for_the_old_job
     assert "--nodelist" not in ScriptContext(options, "ab12cd34", "mspass-ab12cd34").render("db", "x")[0]
 
 
-def test_slurm_node_states_are_read_without_their_flags():
-    assert [parse_node_state(s) for s in ("idle\n", "mix*\n", "down~\n", "")] == ["idle", "mix", "down", ""]
+def test_the_old_node_is_asked_for_only_when_it_is_up_and_the_database_fits_there():
+    """What `scontrol show node` says decides; a full, drained or unresponsive node is not waited for."""
+    line = "NodeName=n3 CPUAlloc={a} CPUTot=4 RealMemory=4000 AllocMem={m} State={s} Partitions=debug"
+    room = parse_node_room(line.format(a=1, m=2048, s="MIXED"))
+    assert room.up and room.fits(1, 1024) and not room.fits(1, 2048)  # 1952 MB free: a 2 GiB database waits
+    assert not parse_node_room(line.format(a=4, m=0, s="ALLOCATED")).fits(1, 10)
+    assert [parse_node_room(line.format(a=0, m=0, s=s)).up for s in ("IDLE", "IDLE+DRAIN", "DOWN*", "IDLE*")] == [
+        True,
+        False,
+        False,
+        False,
+    ]
+    assert parse_node_room("slurm_load_node error: Invalid node name specified") is None
 
 
 def test_db_restarts_must_be_a_whole_number_of_zero_or_more():

@@ -24,6 +24,8 @@ import logging
 import re
 import time
 
+from dask.utils import parse_bytes
+
 from .. import dbdir
 from ..config import ClusterOptions, parse_walltime
 from ..db import connection_string, ping
@@ -40,10 +42,6 @@ logger = logging.getLogger("mspass_cluster")
 
 #: Seconds the database server gets to shut down cleanly after SIGTERM.
 DB_STOP_TIMEOUT = 300.0
-#: Slurm node states on which a database brought back may wait for its old node (else: any node).
-_NODE_FREE = ("idle", "mix")
-#: ... and for a relay, where the old job itself still holds the node until it hands over.
-_NODE_UP = ("idle", "mix", "alloc", "comp")
 #: How servers say that their port is taken (mongod's "Address already in use", Python's errno 98, ...).
 _ADDRESS_IN_USE = re.compile(r"address already in use|EADDRINUSE|errno 98\b|errno 48\b", re.IGNORECASE)
 
@@ -306,7 +304,7 @@ class DatabaseService:
         async with self._lock:
             if self._restart_cause is not None:
                 self._restart_cause = None
-                await self._submit_again(prefer_states=_NODE_FREE)
+                await self._submit_again()
             elif self._relay_due():
                 await self._relay()
             if not self.moving or self.job is None or self.job.error is not None:
@@ -330,7 +328,7 @@ class DatabaseService:
                 await self._stop_cleanly(job)
             if job is not None:
                 job.error = None
-            await self._submit_again(prefer_states=_NODE_FREE)
+            await self._submit_again()
 
     def back_after(self) -> float | None:
         """Seconds from the moment the database was known gone (or handed over) until now."""
@@ -350,7 +348,7 @@ class DatabaseService:
         self.moving = True
         self._moved_since = time.monotonic()
         old.stopping = True
-        await self._submit_again(prefer_states=_NODE_UP, after=old)
+        await self._submit_again(after=old)
         logger.info(
             "The database job %s reaches its walltime in %d s: relaying it to job %s on the same data (%s); calls "
             "that need the database wait for the hand-over.",
@@ -361,12 +359,13 @@ class DatabaseService:
         )
         self._retiring = asyncio.ensure_future(self._stop_cleanly(old))
 
-    async def _submit_again(self, prefer_states, after: TrackedJob | None = None) -> None:
+    async def _submit_again(self, after: TrackedJob | None = None) -> None:
+        """Submit the next database job; on the old node when it has room (or, in a relay, is up), else anywhere."""
         old = self.job
         directives = []
         if after is not None:
             directives.append(f"--dependency=afterany:{after.job_id}")
-        if old is not None and old.node and await self._node_usable(old.node, prefer_states):
+        if old is not None and old.node and await self._room_on(old.node, relay=after is not None):
             directives.append(f"--nodelist={old.node}")
         try:
             self.job = await self.launcher.submit("db", self.job_name, directives=directives)
@@ -390,15 +389,22 @@ class DatabaseService:
             db_job=f"{self.job.unit} {self.job.job_id}",
         )
 
-    async def _node_usable(self, node: str, states) -> bool:
-        """Whether Slurm says ``node`` is in one of ``states`` (False when it cannot tell)."""
-        state_of = getattr(self.launcher.backend, "node_state", None)
-        if state_of is None:
+    async def _room_on(self, node: str, relay: bool) -> bool:
+        """Whether the next job should ask for ``node``: it is up and the job fits now (a relay: the old job's
+        share comes free when it ends). False when Slurm cannot tell: asking for a node that is full or
+        down would leave the database waiting while other nodes are free."""
+        room_of = getattr(self.launcher.backend, "node_room", None)
+        if room_of is None:
             return False
         try:
-            return (await state_of(node)) in states
+            room = await room_of(node)
         except CommandError:
             return False
+        if room is None:
+            return False
+        if relay:
+            return room.up
+        return room.fits(self.options.db_cores, parse_bytes(self.options.db_memory) // 2**20)
 
     async def _stop_cleanly(self, job: TrackedJob) -> bool:
         """SIGTERM, up to ``DB_STOP_TIMEOUT`` for a clean shutdown, then cancel. True if it ended on SIGTERM."""

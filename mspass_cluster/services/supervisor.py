@@ -136,23 +136,32 @@ class Supervisor:
                 self.database.moving = False
 
     async def database_back(self, timeout: float) -> None:
-        """Raise the database's loss, or wait (up to ``timeout``) while it is being brought back."""
+        """Raise the database's loss, or wait (up to ``timeout``) while it is being brought back.
+
+        What it waits for (the new job's state and Slurm's reason) is logged
+        when the wait starts and once a minute after.
+        """
         await self.database.check()
         if not self.database.moving:
             return
         loop = asyncio.get_running_loop()
-        deadline, said = loop.time() + timeout, False
+        deadline, said, last = loop.time() + timeout, None, 0.0
         while self.database.moving:
-            if not said:
-                logger.info("Waiting for the database to come back: %s", self.database.waiting_for() or "starting")
-                said = True
-            if loop.time() >= deadline:
+            if self.closing:
+                raise MsPASSClusterError("The cluster was closed while waiting for its database to come back.")
+            await self.tend_database()
+            if not self.database.moving:
+                break
+            now, waiting = loop.time(), self.database.waiting_for() or "its new job"
+            if said is None or (waiting != said and now - last > 10) or now - last > 60:
+                logger.info("Waiting for the database to come back: %s", waiting)
+                said, last = waiting, now
+            if now >= deadline:
                 raise StartupTimeoutError(
                     f"The database did not come back within {timeout:g} s (startup_timeout). Still waiting for "
-                    f"{self.database.waiting_for()}. What it stored is in {self.options.db_dir}; close this cluster "
+                    f"{waiting}. What it stored is in {self.options.db_dir}; close this cluster "
                     "and start a new one on the same work_dir if the queue stays busy."
                 )
-            await self.tend_database()
             await asyncio.sleep(0.25)
         error = self.database.lost()
         if error is not None:
