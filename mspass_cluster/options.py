@@ -268,6 +268,14 @@ OPTIONS: tuple[Option, ...] = (
     Option("db_partition", None, "Partition for the database job. Default: ``partition``."),
     Option("db_walltime", None, "Wall-clock limit of the database job. Default: ``walltime``.", kind="walltime"),
     Option("db_extra_directives", [], "Extra ``#SBATCH`` options for the database job only.", kind="list"),
+    Option(
+        "db_restarts",
+        3,
+        "Times the cluster brings its database back on the same data when its job ends while the cluster runs "
+        "(walltime, node failure, ``scancel``, out of memory); with it, the database job is also relayed to a new "
+        "one before ``db_walltime``. 0: a lost database stays lost.",
+        kind="int",
+    ),
     # --- waiting and watching
     Option(
         "startup_timeout",
@@ -339,6 +347,7 @@ class ClusterOptions:
     db_memory: str
     db_partition: str | None
     db_walltime: str
+    db_restarts: int
     db_extra_directives: list
     startup_timeout: float
     poll_interval: float

@@ -378,6 +378,7 @@ def build_job_script(
     local: bool = False,
     heartbeat: str | None = None,
     tls: CredentialFiles | None = None,
+    extra_directives=(),
 ) -> tuple[str, str]:
     """The complete job script for ``role`` and its ``--output`` pattern.
 
@@ -401,6 +402,9 @@ def build_job_script(
     tls : CredentialFiles, optional
         The cluster's credentials (``security``): Dask over mutual TLS, the
         database with TLS, client certificates and access control.
+    extra_directives : sequence of str
+        Slurm options for this one job, after every other (e.g. the
+        ``--dependency`` and ``--nodelist`` of a database brought back).
 
     Returns
     -------
@@ -421,7 +425,7 @@ def build_job_script(
             partition=options.db_partition,
             account=options.account,
             qos=options.qos,
-            extra=[*options.job_extra_directives, *options.db_extra_directives],
+            extra=[*options.job_extra_directives, *options.db_extra_directives, *extra_directives],
         )
         setup = [
             cd,
@@ -441,7 +445,7 @@ def build_job_script(
             partition=options.partition,
             account=options.account,
             qos=options.qos,
-            extra=options.job_extra_directives,
+            extra=[*options.job_extra_directives, *extra_directives],
         )
         setup = [cd, shlex.join(["mkdir", "-p", options.worker_dir])]
         argv = worker_argv(options, scheduler_address, job_name, tls, local)
@@ -511,8 +515,8 @@ class ScriptContext:
         """This context with ``facts`` (``scheduler_address=``, ``db_host=``) added."""
         return dataclasses.replace(self, **facts)
 
-    def render(self, role: str, job_name: str) -> tuple[str, str]:
-        """The job script of ``role`` named ``job_name``, and its log pattern."""
+    def render(self, role: str, job_name: str, directives=()) -> tuple[str, str]:
+        """The job script of ``role`` named ``job_name`` (with Slurm's extra ``directives``), and its log pattern."""
         return build_job_script(
             self.options,
             role,
@@ -523,4 +527,5 @@ class ScriptContext:
             local=self.local,
             heartbeat=self.heartbeat,
             tls=self.tls,
+            extra_directives=directives,
         )

@@ -33,14 +33,20 @@ class Supervisor:
     launcher : JobLauncher
     database : DatabaseService
     workers : WorkerNodes
+    on_database_moved : coroutine function, optional
+        Called once a database brought back (or relayed) answers, to re-point
+        what the cluster published; :attr:`DatabaseService.moving` is
+        cleared after it.
     """
 
-    def __init__(self, launcher: JobLauncher, database: DatabaseService, workers: WorkerNodes):
+    def __init__(self, launcher: JobLauncher, database: DatabaseService, workers: WorkerNodes, on_database_moved=None):
         self.launcher = launcher
         self.database = database
         self.workers = workers
         self.options = launcher.options
         self.closing = False
+        self.on_database_moved = on_database_moved
+        self._tending = asyncio.Lock()
 
     async def beat(self) -> None:
         """Refresh the heartbeat file the jobs watch (see ``orphan_timeout``), off the event loop."""
@@ -89,21 +95,77 @@ class Supervisor:
             await asyncio.sleep(0.1)
 
     async def watch(self) -> None:
-        """After start-up: keep polling; hand every job that changed to its service."""
+        """After start-up: keep polling; hand every job that changed to its service; bring the database back.
+
+        While the database is being brought back the polls are quick (0.25 s,
+        backing off to ``poll_interval``), so that it is re-pointed within
+        a fraction of a second of answering.
+        """
+        interval = self.options.poll_interval
         while not self.closing:
-            await asyncio.sleep(self.options.poll_interval)
+            await asyncio.sleep(interval)
             if self.closing:
                 return
             changed = await self.launcher.poll_riding_outages(give_up=False)
-            if changed is None:
-                continue
-            self.workers.mark_ready()
-            self.database.warn_before_walltime()
-            for job in changed:
-                logger.log(self.launcher.detail, "%s", job.describe())
-                if self.closing:
-                    continue
-                (self.database if job.role == "db" else self.workers).on_change(job)
+            if changed is not None:
+                self.workers.mark_ready()
+                self.database.warn_before_walltime()
+                for job in changed:
+                    logger.log(self.launcher.detail, "%s", job.describe())
+                    if self.closing:
+                        continue
+                    (self.database if job.role == "db" else self.workers).on_change(job)
+            if self.closing:
+                return
+            was_moving = self.database.moving
+            try:
+                await self.tend_database()
+            except Exception as exc:  # never let the watch die: the database's story is kept for the next call
+                logger.error("Bringing the database back failed: %s", exc)
+            if self.database.moving:
+                interval = 0.25 if not was_moving else min(interval * 1.5, self.options.poll_interval)
+            else:
+                interval = self.options.poll_interval
+
+    async def tend_database(self) -> None:
+        """One step of bringing the database back (see :meth:`DatabaseService.tend`); re-point once it answers."""
+        async with self._tending:
+            if await self.database.tend() and self.database.moving:
+                if self.on_database_moved is not None:
+                    await self.on_database_moved()
+                self.database.moving = False
+
+    async def database_back(self, timeout: float) -> None:
+        """Raise the database's loss, or wait (up to ``timeout``) while it is being brought back.
+
+        What it waits for (the new job's state and Slurm's reason) is logged
+        when the wait starts and once a minute after.
+        """
+        await self.database.check()
+        if not self.database.moving:
+            return
+        loop = asyncio.get_running_loop()
+        deadline, said, last = loop.time() + timeout, None, 0.0
+        while self.database.moving:
+            if self.closing:
+                raise MsPASSClusterError("The cluster was closed while waiting for its database to come back.")
+            await self.tend_database()
+            if not self.database.moving:
+                break
+            now, waiting = loop.time(), self.database.waiting_for() or "its new job"
+            if said is None or (waiting != said and now - last > 10) or now - last > 60:
+                logger.info("Waiting for the database to come back: %s", waiting)
+                said, last = waiting, now
+            if now >= deadline:
+                raise StartupTimeoutError(
+                    f"The database did not come back within {timeout:g} s (startup_timeout). Still waiting for "
+                    f"{waiting}. What it stored is in {self.options.db_dir}; close this cluster "
+                    "and start a new one on the same work_dir if the queue stays busy."
+                )
+            await asyncio.sleep(0.25)
+        error = self.database.lost()
+        if error is not None:
+            raise error
 
     async def wait_for_workers(self, wanted_of, timeout: float) -> None:
         """Until ``wanted_of(connected)`` says enough workers are there; raises a worker failure or at ``timeout``."""
