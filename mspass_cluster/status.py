@@ -62,7 +62,7 @@ def view_of(cluster) -> ClusterView:
         if running:
             status = "running, but its database is lost"
     elif getattr(cluster.database, "moving", False):
-        db_address = f"coming back ({cluster.db_job.describe()})"
+        db_address = f"coming back ({cluster.db_job.describe() if cluster.db_job else cluster.database.address})"
         if running:
             status = "running, its database coming back"
     scheduler = getattr(cluster, "scheduler", None)
