@@ -28,6 +28,8 @@ from mspass_cluster.config import resolve_options
 from mspass_cluster.services.attached import find_database
 
 CLI = [os.path.join(os.path.dirname(sys.executable), "mspass-cluster")]
+#: Workers import this module's task functions, as users' jobs import their own modules.
+ON_PYTHONPATH = [f"export PYTHONPATH={os.path.dirname(os.path.abspath(__file__))}"]
 #: Worker nodes that share test-bed nodes, so that several clusters and the database fit on it at once.
 SMALL = dict(nodes=1, exclusive=False, cores=1, memory="1GiB", walltime="10")
 
@@ -56,6 +58,13 @@ def db_stop(ident) -> str:
     out = cli("db", "stop", ident)
     assert out.returncode == 0, out.stdout + out.stderr
     return out.stdout
+
+
+def write_through_environment(tag):
+    """Runs on a worker: one document through the address the cluster published there."""
+    with pymongo.MongoClient(os.environ["MSPASS_DB_ADDRESS"]) as client:
+        client.shared_test.docs.insert_one({"tag": tag})
+    return os.environ["MSPASS_DB_ADDRESS"]
 
 
 def wait_for(path, timeout=240, procs=()):
@@ -205,7 +214,9 @@ def test_two_notebooks_and_a_batch_notebook_share_one_database(slurm_testbed, sh
 def test_a_lost_shared_database_is_raised_then_found_again_after_db_start(slurm_testbed, shared_dir, state_home):
     home = shared_dir / "dbhome"
     ident, record, _ = db_start(home)
-    with MsPASSCluster(database=ident[:5], work_dir=str(shared_dir / "nb"), **SMALL) as cluster:
+    with MsPASSCluster(
+        database=ident[:5], work_dir=str(shared_dir / "nb"), poll_interval=1, job_script_prologue=ON_PYTHONPATH, **SMALL
+    ) as cluster:
         assert cluster.db_job.job_id == record.job_id and cluster.db_address == record.uri
         shown = str(cluster)
         assert f"db     {record.job_id:>8} ready (RUNNING)" in shown and record.address in shown, shown
@@ -233,17 +244,18 @@ def test_a_lost_shared_database_is_raised_then_found_again_after_db_start(slurm_
         assert "lost" in str(cluster)
 
         again, record2, _ = db_start(home)
-        assert again == ident and record2.job_id != record.job_id
+        assert again == ident and record2.job_id != record.job_id and record2.uri != record.uri  # new credentials
+        # The cluster's watch finds it again and re-points what it published, here and on the workers.
         deadline = time.monotonic() + 60
-        while cluster.database.lost() is not None or cluster.database.uri is None:
-            assert time.monotonic() < deadline, "the cluster never found its shared database again"
-            cluster.sync(cluster.database.tend)  # what the supervisor's watch does every poll_interval
-            time.sleep(0.5)
-        assert cluster.database.job.job_id == record2.job_id and cluster.database.uri == record2.uri
-        assert record2.uri != record.uri, "a new start makes new credentials"
+        while os.environ.get("MSPASS_DB_ADDRESS") != record2.uri or cluster.database.moving:
+            assert time.monotonic() < deadline, f"the cluster never found its shared database again: {cluster}"
+            time.sleep(0.2)
+        assert cluster.db_job.job_id == record2.job_id and cluster.db_address == record2.uri
+        assert cluster.get_db_client().shared_test.docs.count_documents({}) == 20  # same data, new server
+        client = cluster.get_client()
+        assert client.submit(write_through_environment, "after", pure=False).result() == record2.uri
+        assert cluster.get_db_client().shared_test.docs.count_documents({"tag": "after"}) == 1
         assert cluster._launcher.context.tls.db_client_pem == record2.client_pem  # for workers started from now on
-        with pymongo.MongoClient(cluster.database.uri) as client:  # same data, new server, new certificates
-            assert client.shared_test.docs.count_documents({}) == 20
     assert_nothing_left(cluster)
     assert queued([record2.job_id]) == [record2.job_id], "closing the cluster stopped the shared database"
 
