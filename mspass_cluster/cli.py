@@ -399,7 +399,11 @@ def _db_start(args, runner: CommandRunner) -> int:
         prepare_directories(options)
     except (ConfigError, ValueError) as exc:
         return _fail(str(exc))
-    print(f"Starting the shared database on {options.db_dir} (job {options.job_name}-...-shared-db)...", flush=True)
+    ident = standalone_db.database_id(options.db_dir)
+    print(
+        f"Starting shared database {ident} on {options.db_dir} (job {options.job_name}-{ident}-shared-db)...",
+        flush=True,
+    )
     try:
         record = asyncio.run(standalone_db.start_database(options, backend, say=lambda line: print(line, flush=True)))
     except ConfigError as exc:  # its directory is in use: nothing was submitted

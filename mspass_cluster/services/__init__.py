@@ -2,7 +2,9 @@
 
 * :class:`DatabaseService` — the database job: readiness by ``ping``, failures explained, clean stop;
 * :class:`WorkerNodes` (with :class:`WorkerJob`) — the worker nodes: connected workers, sizing, replacement;
-* :class:`Supervisor` — start-up wait and the watch loop, reading every job's state.
+* :class:`Supervisor` — start-up wait and the watch loop, reading every job's state;
+* :class:`~.attached.AttachedDatabase` (in :mod:`.attached`) — ``database=``: a database the
+  cluster uses without owning it (``mspass-cluster db start``), with the database's protocol.
 
 A new role (a ``mongos`` router, config servers, shards, a Jupyter frontend)
 is a new service here with its own job, probe, failure hints and stop.
