@@ -370,3 +370,27 @@ def test_down_stops_a_shared_database_cleanly(slurm_testbed, shared_dir, state_h
     assert f"Shared database {ident} stopped cleanly (job {record.job_id}, server exit status 0)" in out.stdout
     assert queued([record.job_id]) == []
     assert standalone_db.all_records() == [] and not os.path.exists(record.private_dir)
+
+
+def test_a_connection_string_on_the_desktop_is_used_then_lost_when_its_server_goes(tmp_path, state_home):
+    from mspass_cluster import MsPASSClusterError
+
+    owner = MsPASSCluster(backend="local", nodes=1, work_dir=str(tmp_path / "owner"), db_command=NX_MONGOD)
+    try:
+        with MsPASSCluster(
+            backend="local", nodes=1, work_dir=str(tmp_path / "user"), database=owner.db_address, poll_interval=0.5
+        ) as user:
+            assert user.db_job is None and user.db_address == owner.db_address
+            assert os.environ["MSPASS_DB_ADDRESS"] == owner.db_address
+            user.get_db_client().shared_test.docs.insert_one({"from": "user"})
+            assert owner.get_db_client().shared_test.docs.count_documents({"from": "user"}) == 1
+            owner.close()
+            deadline = time.monotonic() + 30
+            while user.database.lost() is None:
+                assert time.monotonic() < deadline, "the lost database was never noticed"
+                time.sleep(0.2)
+            with pytest.raises(MsPASSClusterError, match="stopped answering"):
+                user.get_db_client()
+            assert "lost (the database at mongodb://127.0.0.1:" in str(user)
+    finally:
+        owner.close()

@@ -222,6 +222,14 @@ def _target_of_uri(given: str, runner: CommandRunner) -> DatabaseTarget:
     return DatabaseTarget(given, None, host, port, ca if tls else None, pem if tls else None, runner)
 
 
+def _ping(uri: str, timeout: float, dbpath: str | None = None) -> str | None:
+    """:func:`~mspass_cluster.db.ping`, where certificate files that are gone are one more reason not to answer."""
+    try:
+        return ping(uri, timeout, dbpath)
+    except OSError as exc:  # pymongo opens the files a connection string names when it makes a client
+        return f"{exc.strerror or exc} (its certificate files are gone: was it stopped?)"
+
+
 def _job_of(record: SharedDatabase) -> TrackedJob:
     return TrackedJob("db", record.name, record.job_id, record.log_path, "", unit="job")
 
@@ -312,7 +320,7 @@ class AttachedDatabase:
         if self._running_since is None:
             self._running_since = loop.time()
         dbpath = self.record.data_path if self.record else None
-        self.not_answering = await asyncio.to_thread(ping, self.target.uri, 1.0, dbpath)
+        self.not_answering = await asyncio.to_thread(_ping, self.target.uri, 1.0, dbpath)
         if self.not_answering is not None:
             return False
         self._answered()
@@ -399,7 +407,7 @@ class AttachedDatabase:
             )
 
     async def _ping_or_count(self) -> None:
-        answer = await asyncio.to_thread(ping, self.target.uri, 2.0)
+        answer = await asyncio.to_thread(_ping, self.target.uri, 2.0)
         if answer is None:
             self._failed_pings = 0
             return
@@ -485,7 +493,7 @@ class AttachedDatabase:
         target = dataclasses.replace(
             self.target, record=record, host=record.host, ca_file=record.ca_file, client_pem=record.client_pem
         )
-        if await asyncio.to_thread(ping, target.uri, 1.0, record.data_path) is not None:
+        if await asyncio.to_thread(_ping, target.uri, 1.0, record.data_path) is not None:
             return False
         self.target, self.record, self.job = target, record, job
         if self.tls is not None:
