@@ -48,7 +48,7 @@ from dataclasses import dataclass
 
 from . import dbdir
 from .config import ClusterOptions
-from .errors import ConfigError, StartupTimeoutError
+from .errors import CommandError, ConfigError, StartupTimeoutError
 from .files import create_private_dir, file_mode, remove_private_dir, touch, write_file
 from .jobs import JOB_STOP_TIMEOUT, JobLauncher, server_exit_status
 from .roles import ScriptContext
@@ -85,6 +85,8 @@ SHARED_SUFFIX = "-shared-db"
 MIN_PREFIX = 4
 #: Seconds the server gets to exit cleanly after SIGTERM (as a cluster's database does).
 STOP_TIMEOUT = 300.0
+#: Seconds between two signals of ``db stop`` while the job is still listed.
+RESEND_EVERY = 15.0
 
 
 def database_id(db_dir: str) -> str:
@@ -478,25 +480,38 @@ async def stop_database(record: SharedDatabase, backend, say=print) -> int | Non
     status = (await job_statuses(backend, [record])).get(record.job_id)
     running = status is not None and status.state.kind == "running"
     if status is not None and status.state.kind != "ended":
-        await backend.cancel([record.job_id], signal="TERM" if running else None)
-        if not await _ended(backend, record, STOP_TIMEOUT if running else JOB_STOP_TIMEOUT):
+        signal = "TERM" if running else None
+        if not await _ended(backend, record, STOP_TIMEOUT if running else JOB_STOP_TIMEOUT, signal):
             say(f"The database job {record.job_id} did not end {STOP_TIMEOUT:.0f} s after SIGTERM; cancelling it.")
-            await backend.cancel([record.job_id])
-            await _ended(backend, record, JOB_STOP_TIMEOUT)
+            await _ended(backend, record, JOB_STOP_TIMEOUT, None)
     exit_status = await asyncio.to_thread(server_exit_status, record.log_path) if running else None
     _clean_up(record)
     return exit_status
 
 
-async def _ended(backend, record: SharedDatabase, timeout: float) -> bool:
+async def _ended(backend, record: SharedDatabase, timeout: float, signal: str | None) -> bool:
+    """Send ``signal`` (None: cancel) and wait until the job ended; False at ``timeout``.
+
+    The signal is sent again every ``RESEND_EVERY`` seconds (a server stops
+    once; a signal lost while Slurm's controller did not answer is not), and a
+    controller that does not answer is waited out until ``timeout``.
+    """
     loop = asyncio.get_running_loop()
-    deadline, interval = loop.time() + timeout, 0.2
+    deadline, interval, sent = loop.time() + timeout, 0.2, None
     while loop.time() < deadline:
-        status = (await job_statuses(backend, [record])).get(record.job_id)
+        try:
+            if sent is None or loop.time() - sent >= RESEND_EVERY:
+                sent = loop.time()
+                await backend.cancel([record.job_id], signal=signal)
+            await asyncio.sleep(interval)
+            interval = min(interval * 1.5, 2.0)
+            status = (await job_statuses(backend, [record])).get(record.job_id)
+        except CommandError as exc:  # Slurm's controller restarting: the job goes on either way
+            logger.debug("Slurm did not answer about job %s: %s", record.job_id, exc)
+            await asyncio.sleep(1.0)
+            continue
         if status is None or status.state.kind == "ended":
             return True
-        await asyncio.sleep(interval)
-        interval = min(interval * 1.5, 2.0)
     return False
 
 
