@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import re
 import stat
 import subprocess
@@ -47,8 +48,14 @@ def cli(*args, timeout=400, **env) -> subprocess.CompletedProcess:
     return subprocess.run([*CLI, *args], capture_output=True, text=True, env=environ, timeout=timeout)
 
 
-def db_start(work_dir, *args) -> tuple[str, standalone_db.SharedDatabase, str]:
-    out = cli("db", "start", "--work-dir", str(work_dir), "--walltime", "15", *args)
+def db_port() -> int:
+    """A database port of this test's own: on the shared test bed, other tests' databases run on the nodes too."""
+    return random.randrange(27400, 28000)
+
+
+def db_start(work_dir, port=None) -> tuple[str, standalone_db.SharedDatabase, str]:
+    port = str(port or db_port())
+    out = cli("db", "start", "--work-dir", str(work_dir), "--walltime", "15", "--db-port", port)
     assert out.returncode == 0, out.stdout + out.stderr
     ident = re.search(r"Shared database ([0-9a-f]{8}) is ready", out.stdout).group(1)
     return ident, standalone_db.read_record(ident), out.stdout
@@ -243,7 +250,7 @@ def test_a_lost_shared_database_is_raised_then_found_again_after_db_start(slurm_
         assert f"db start --db-dir {record.db_dir}" in str(info.value)
         assert "lost" in str(cluster)
 
-        again, record2, _ = db_start(home)
+        again, record2, _ = db_start(home, port=record.port)  # a port of its own: the tests share the nodes
         assert again == ident and record2.job_id != record.job_id and record2.uri != record.uri  # new credentials
         # The cluster's watch finds it again and re-points what it published, here and on the workers.
         deadline = time.monotonic() + 60
@@ -277,7 +284,7 @@ def test_a_lost_shared_database_is_raised_then_found_again_after_db_start(slurm_
 @pytest.mark.slurm
 def test_a_directory_held_by_a_cluster_says_how_to_share_it(slurm_testbed, shared_dir, state_home):
     work = shared_dir / "run"
-    with MsPASSCluster(work_dir=str(work), db_command=FAKE_MONGOD, **SMALL) as first:
+    with MsPASSCluster(work_dir=str(work), db_command=FAKE_MONGOD, db_port=db_port(), **SMALL) as first:
         with pytest.raises(ConfigError) as info:
             MsPASSCluster(work_dir=str(work), db_command=FAKE_MONGOD, **SMALL)
         text = str(info.value)
