@@ -37,10 +37,16 @@ SMALL = dict(nodes=1, exclusive=False, cores=1, memory="1GiB", walltime="10")
 
 @pytest.fixture
 def state_home(tmp_path, monkeypatch):
-    """A registry of shared databases of this test's own (XDG_STATE_HOME), for this process and its children."""
+    """A registry of shared databases of this test's own (XDG_STATE_HOME), for this process and its children.
+
+    A shared database a failed test left running is stopped at the end, so that nothing stays queued.
+    """
     path = tmp_path / "state"
     monkeypatch.setenv("XDG_STATE_HOME", str(path))
-    return path
+    yield path
+    for record in standalone_db.all_records():
+        if record.job_id and record.log_path.startswith(str(tmp_path)):  # started by this test, not made up
+            cli("db", "stop", record.id)
 
 
 def cli(*args, timeout=400, **env) -> subprocess.CompletedProcess:
@@ -342,9 +348,11 @@ def test_database_ids_records_and_uris(tmp_path, state_home, monkeypatch):
     with pytest.raises(ConfigError, match="4 characters"):
         standalone_db.find_record(ids[0][:3])
     assert stat.S_IMODE(os.stat(standalone_db.registry_dir()).st_mode) == 0o700
-    os.chmod(standalone_db.registry_dir(), 0o777)
+    registry = standalone_db.registry_dir()
+    os.chmod(registry, 0o777)
     with pytest.raises(ConfigError, match="not yours alone"):
         standalone_db.all_records()
+    os.chmod(registry, 0o700)
 
 
 def test_a_plain_or_x509_connection_string_is_handed_on_as_is(tmp_path, state_home):
