@@ -244,7 +244,7 @@ OPTIONS: tuple[Option, ...] = (
     Option(
         "database",
         None,
-        "Use a database that is already running instead of starting one: the id `mspass-cluster db start` printed (or a unique prefix of at least 4 characters), or a `mongodb://` connection string. The cluster then submits no database job, its `db_*` options are not used, and `close()` leaves that database running. Unset: the cluster starts its own.",
+        "Use a database that is already running instead of starting one: the id `mspass-cluster db start` printed (or a unique prefix of at least 4 characters), or a `mongodb://` connection string. The cluster then submits no database job, its `db_*` options are not used, and `close()` leaves that database running. Unset: the cluster starts its own. In YAML, quote an id: `database: '01234567'`.",
     ),
     Option(
         "db_command",

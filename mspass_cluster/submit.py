@@ -182,7 +182,12 @@ def render_submit_script(
         runner += ["--param", item]
     exports = [
         shlex.join(["export", f"{variable}={value}"])
-        for variable, value in ((ENV_WORK_DIR, work_dir), (ENV_BACKEND, backend), (ENV_DATABASE, database))
+        for variable, value in (
+            (ENV_WORK_DIR, work_dir),
+            (ENV_BACKEND, backend),
+            # Quoted as a Python string: dask reads DASK_* values as literals, and an id may be all digits.
+            (ENV_DATABASE, database and repr(database)),
+        )
         if value
     ]
     lines = [
