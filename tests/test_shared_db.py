@@ -416,10 +416,10 @@ def test_submit_hands_an_all_digit_id_to_the_notebook_as_text(tmp_path):
 
     notebook = tmp_path / "flow.ipynb"
     nbformat.write(nbformat.v4.new_notebook(), notebook)
-    script = render_submit_script(str(notebook), nodes=1, walltime="10", database="01234567")
+    script = render_submit_script(str(notebook), nodes=1, walltime="10", database="64659630")
     export = next(line for line in script.splitlines() if "DASK_MSPASS_CLUSTER__DATABASE" in line)
     read = (
         f"{sys.executable} -c 'import dask, mspass_cluster; print(repr(dask.config.get(\"mspass_cluster.database\")))'"
     )
     out = subprocess.run(["bash", "-c", f"{export}; {read}"], capture_output=True, text=True, check=True)
-    assert out.stdout.strip() == "'01234567'"  # dask reads DASK_* values as Python literals: quoted, it stays text
+    assert out.stdout.strip() == "'64659630'"  # dask reads DASK_* values as Python literals: quoted, it stays text
