@@ -13,7 +13,7 @@ import os
 import pymongo
 from pymongo.errors import PyMongoError
 
-__all__ = ["DBClient", "get_db_client", "ping", "connection_string"]
+__all__ = ["DBClient", "get_db_client", "ping", "connection_string", "retire_client"]
 
 
 def connection_string(host: str, port: int) -> str:
@@ -56,6 +56,24 @@ def get_db_client(uri: str):
     except ImportError:
         return DBClient(uri)
     return MsPASSDBClient(uri)
+
+
+def retire_client(client, error: Exception) -> None:
+    """Close ``client`` so that its next operation raises ``error`` at once (not pymongo's timeout, nor its
+    "Cannot use MongoClient after close").
+
+    For a client whose server moved: pymongo would wait ``serverSelectionTimeoutMS`` (30 s) for the old
+    address and then say nothing of where the server went. Every operation of a pymongo 4 client first
+    asks for its topology (``MongoClient._get_topology``); the closed client answers ``error`` there. A
+    pymongo without that seam only closes it.
+    """
+    client.close()
+    if hasattr(client, "_get_topology"):
+
+        def refuse(*args, **kwargs):
+            raise error
+
+        client._get_topology = refuse
 
 
 def ping(uri: str, timeout: float = 1.0, dbpath: str | None = None) -> str | None:
