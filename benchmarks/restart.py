@@ -157,6 +157,16 @@ def _median(samples, key):
     return statistics.median(s[key] for s in samples)
 
 
+#: The table's rows: what, which measurement, which figure of its samples.
+ROWS = (
+    ("in place: the cluster notices the end (its next `squeue`)", "in_place", "noticed_s"),
+    ("in place: `get_db_client()` answers again", "in_place", "db_answers_s"),
+    ("in place: a worker's task reads the database again", "in_place", "task_reads_s"),
+    ("starting over (close, new cluster): its workers' task reads the database", "starting_over", "task_reads_s"),
+    ("relay before the walltime: seconds without a database", "relay", "without_database_s"),
+)
+
+
 def write_markdown(results: dict, path: Path) -> None:
     s = results["summary"]
     lines = [
@@ -168,21 +178,12 @@ def write_markdown(results: dict, path: Path) -> None:
         "",
         "| after the database job ends | seconds (median) | samples |",
         "|---|---|---|",
-        f"| in place: the cluster notices the end (its next `squeue`) | {s['in_place_noticed_s']:.1f} | "
-        + ", ".join(f"{x['noticed_s']:.1f}" for x in results["in_place"])
-        + " |",
-        f"| in place: `get_db_client()` answers again | {s['in_place_db_s']:.1f} | "
-        + ", ".join(f"{x['db_answers_s']:.1f}" for x in results["in_place"])
-        + " |",
-        f"| in place: a worker's task reads the database again | {s['in_place_task_s']:.1f} | "
-        + ", ".join(f"{x['task_reads_s']:.1f}" for x in results["in_place"])
-        + " |",
-        f"| starting over (close, new cluster): its workers' task reads the database | {s['starting_over_task_s']:.1f} | "
-        + ", ".join(f"{x['task_reads_s']:.1f}" for x in results["starting_over"])
-        + " |",
-        f"| relay before the walltime: seconds without a database | {s['relay_gap_s']:.1f} | "
-        + ", ".join(f"{x['without_database_s']:.1f}" for x in results["relay"])
-        + " |",
+        *(
+            f"| {label} | {_median(results[kind], key):.1f} | "
+            + ", ".join(f"{x[key]:.1f}" for x in results[kind])
+            + " |"
+            for label, kind, key in ROWS
+        ),
         "",
         f"**Ratio in place / starting over: {s['ratio']:.2f}** (below 1: in place is faster). "
         f"The same worker processes (addresses and PIDs) before and after, in every in-place sample: "

@@ -35,8 +35,8 @@ from . import dashboard_guard, exit_guard
 from .backends import choose_backend, finalise_options, open_backend, preview_script, scheduler_placement
 from .commands import CommandRunner
 from .config import ClusterOptions, prepare_directories, resolve_options
-from .db import get_db_client
-from .errors import ClusterClosedError, CommandError, ConfigError, MsPASSClusterError
+from .db import connection_string, get_db_client, retire_client
+from .errors import ClusterClosedError, CommandError, ConfigError, DatabaseMovedError, MsPASSClusterError
 from .files import cluster_umask, create_private_dir, remove_private_dir
 from .jobs import JOB_STOP_TIMEOUT, JobLauncher, TrackedJob
 from .mspass_clients import add_mspass_worker_plugin, close_other_clients
@@ -101,6 +101,7 @@ class MsPASSCluster(SpecCluster):
     #: removed at close.
     private_dir: str | None = None
     _db_client_uri: str | None = None
+    _mspass_plugin_db_old = None
 
     def __init__(self, nodes=None, *, asynchronous=False, loop=None, command_runner=None, **options):
         requested = resolve_options(nodes=nodes, **options)
@@ -325,7 +326,7 @@ class MsPASSCluster(SpecCluster):
                 await self.scheduler.register_worker_plugin(
                     None, dumps(plugin), name=MSPASS_PLUGIN_NAME, idempotent=False
                 )
-                self._mspass_plugin_db = db
+                self._mspass_plugin_db_old, self._mspass_plugin_db = self._mspass_plugin_db, db
         seconds = self.database.back_after() or 0.0
         job = self.database.job
         if new_host == old_host:
@@ -338,9 +339,15 @@ class MsPASSCluster(SpecCluster):
                 job.node,
             )
             return
-        stale, self._db_client = self._db_client, None
-        if stale is not None:
-            stale.close()
+        moved = DatabaseMovedError(
+            f"This database client points to {connection_string(old_host, self.options.db_port)}, where the "
+            f"database was until its job ended; it came back at {self.database.address} ({job.unit} {job.job_id}, "
+            "same data). Call cluster.get_db_client() again for a client of the database where it is now (and "
+            "make a new mspasspy Client(), which reads the new MSPASS_DB_ADDRESS)."
+        )
+        for stale in {id(c): c for c in (self._db_client, self._mspass_plugin_db_old) if c is not None}.values():
+            retire_client(stale, moved)
+        self._db_client = self._mspass_plugin_db_old = None
         logger.warning(
             "The database is back after %.1f s, on another node: %s (%s %s; it was on %s). MSPASS_DB_ADDRESS and the "
             "workers now point to it. Database clients made before point to the old node: call "

@@ -85,6 +85,13 @@ def _noticed(cluster, restarts: int, seconds: float = 60) -> None:
     assert cluster.database.restarts == restarts, f"the end of the database job was not noticed within {seconds} s"
 
 
+def _count_through_mspass_plugin():
+    """A task as MsPASS's ensemble readers run it: the worker's own client, from MsPASS's worker plugin."""
+    from distributed import get_worker
+
+    return get_worker().data["dbclient"].mspass.wf.count_documents({})
+
+
 class _Writer(threading.Thread):
     """Inserts one document after another until the first error; remembers what was acknowledged."""
 
@@ -236,6 +243,43 @@ def test_a_cancelled_or_killed_database_job_comes_back_and_nothing_acknowledged_
         _assert_everything_there(again, 200, file_id, payload, writer.acknowledged)
         count, pid = client.submit(_count_on_a_worker, pure=False).result()
         assert count == again.mspass.wf.count_documents({}) and pid == worker_pid
+    assert_nothing_left(cluster)
+
+
+@pytest.mark.slurm
+def test_a_database_back_on_another_node_is_found_by_workers_and_old_clients_say_what_to_do(slurm_testbed, shared_dir):
+    """Its node drained (as after a node failure): the database comes back elsewhere, everything is re-pointed."""
+    from conftest import require_mspasspy
+
+    from mspass_cluster import DatabaseMovedError
+
+    require_mspasspy()
+    payload = os.urandom(100_000)
+    with MsPASSCluster(
+        nodes=1, work_dir=str(shared_dir), db_command=NX_MONGOD, walltime="10", job_script_prologue=ON_PYTHONPATH
+    ) as cluster:
+        client = cluster.get_client()  # registers MsPASS's worker plugin
+        db = cluster.get_db_client()
+        file_id = _store(db, 40, payload)
+        assert client.submit(_count_through_mspass_plugin, pure=False).result() == 40
+        workers = client.run(os.getpid)
+        node = cluster.db_job.node
+        subprocess.run(["scontrol", "update", f"NodeName={node}", "State=DRAIN", "Reason=mspass test"], check=True)
+        try:
+            subprocess.run(["scancel", cluster.db_job.job_id], check=True)
+            _noticed(cluster, 1)
+            again = cluster.get_db_client()
+        finally:
+            subprocess.run(["scontrol", "update", f"NodeName={node}", "State=RESUME"], check=True)
+        assert cluster.db_job.node != node
+        assert again is not db and not os.environ["MSPASS_DB_ADDRESS"].startswith(f"mongodb://{node}:")
+        assert os.environ["MSPASS_DB_ADDRESS"].startswith(f"mongodb://{cluster.db_job.node}:")
+        with pytest.raises(DatabaseMovedError, match=r"Call cluster.get_db_client\(\) again"):
+            db.mspass.wf.count_documents({})
+        _assert_everything_there(again, 40, file_id, payload)
+        assert client.submit(_count_on_a_worker, pure=False).result()[0] == 40
+        assert client.submit(_count_through_mspass_plugin, pure=False).result() == 40
+        assert client.run(os.getpid) == workers, "the workers were restarted"
     assert_nothing_left(cluster)
 
 

@@ -29,7 +29,7 @@ from dask.utils import parse_bytes
 
 from .. import dbdir
 from ..config import ClusterOptions, parse_walltime
-from ..db import connection_string, ping
+from ..db import connection_string, ping, watch_server
 from ..errors import CommandError, ConfigError, JobFailedError
 from ..files import file_mode
 from ..jobs import JOB_STOP_TIMEOUT, JobLauncher, JobPhase, TrackedJob, server_exit_status, tail
@@ -113,6 +113,10 @@ class DatabaseService:
         #: The job handing over in a relay, and the task stopping it cleanly.
         self._retiring: asyncio.Task | None = None
         self._lock = asyncio.Lock()
+        #: Set (from pymongo's monitor thread) when a heartbeat to the server failed: the supervisor then asks
+        #: Slurm at once instead of at its next poll.
+        self.alarm = asyncio.Event()
+        self._watcher = None
 
     @property
     def job_name(self) -> str:
@@ -182,6 +186,7 @@ class DatabaseService:
             self.uri = uri
             self.address = connection_string(self.host, self.options.db_port)
             self.job.ready = True
+            await self._watch(uri)
             if self.moving:
                 return True
             logger.log(
@@ -194,6 +199,24 @@ class DatabaseService:
                 self.job.node,
             )
         return self.uri is not None
+
+    async def _watch(self, uri: str) -> None:
+        """Watch the server's heartbeat, so that its end is known within a second, not at the next poll."""
+        self._unwatch()
+        loop = asyncio.get_running_loop()
+
+        def failed():
+            try:
+                loop.call_soon_threadsafe(self.alarm.set)
+            except RuntimeError:  # the loop is closed: nobody left to tell
+                pass
+
+        self._watcher = await asyncio.to_thread(watch_server, uri, failed)
+
+    def _unwatch(self) -> None:
+        watcher, self._watcher = self._watcher, None
+        if watcher is not None:
+            watcher.close()
 
     def uri_for(self, host: str) -> str:
         """The connection string of this cluster's clients for the server on ``host``."""
@@ -247,6 +270,7 @@ class DatabaseService:
         """
         if job is not self.job or not job.ended or job.phase is not JobPhase.FAILED:
             return  # a relayed job handing over, or one that ended as planned
+        self._unwatch()
         self.uri = self.address = None
         newer = self._copy_back_failure(job)
         if not newer and self.restarts < self.options.db_restarts:
@@ -337,6 +361,7 @@ class DatabaseService:
         """Stop the database cleanly (if it runs) and start it again on the same data; see :meth:`tend`."""
         async with self._lock:
             job = self.job
+            self._unwatch()
             self.uri = self.address = None
             self.moving = True
             self._moved_since = time.monotonic()
@@ -360,6 +385,7 @@ class DatabaseService:
         """Hand over to a new job on the same data before the walltime: next job queued first, then a clean stop."""
         old = self.job
         left = old.time_left
+        self._unwatch()
         self.uri = self.address = None
         self.moving = True
         self._moved_since = time.monotonic()
@@ -460,6 +486,7 @@ class DatabaseService:
     # ------------------------------------------------------------ stop
     async def stop(self) -> None:
         """SIGTERM only, up to ``DB_STOP_TIMEOUT`` for a clean shutdown, then cancel; log how it ended."""
+        self._unwatch()
         if self._retiring is not None:
             await self._retiring  # a relay's old job finishes its clean shutdown first
         job = self.job
@@ -492,6 +519,7 @@ class DatabaseService:
 
     def release(self) -> None:
         """Give ``db_dir`` free for the next cluster."""
+        self._unwatch()
         self.uri = None
         self.address = None
         dbdir.release(self.options.db_dir, self.cluster_name)
