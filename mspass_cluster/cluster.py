@@ -101,6 +101,7 @@ class MsPASSCluster(SpecCluster):
     #: removed at close.
     private_dir: str | None = None
     _db_client_uri: str | None = None
+    _published_db_uri: str | None = None
     _mspass_plugin_db_old = None
 
     def __init__(self, nodes=None, *, asynchronous=False, loop=None, command_runner=None, **options):
@@ -298,6 +299,7 @@ class MsPASSCluster(SpecCluster):
         )
 
     async def _share_db_address(self):
+        self._published_db_uri = self.database.uri
         self._launcher.know(db_host=self.database.host)
         self._environment.publish(self._job_environment())
         plugin = EnvironmentPlugin(self._job_environment())
@@ -314,9 +316,8 @@ class MsPASSCluster(SpecCluster):
         old client is closed so that it fails at once instead of waiting for
         pymongo's 30 s timeout.
         """
-        old_host = self._launcher.context.db_host
+        old_host, old_uri = self._launcher.context.db_host, self._published_db_uri
         await self._share_db_address()
-        new_host = self.database.host
         if self._mspass_plugin_db is not None:
             from .mspass_clients import MSPASS_PLUGIN_NAME, mspass_worker_plugin
 
@@ -329,33 +330,31 @@ class MsPASSCluster(SpecCluster):
                 self._mspass_plugin_db_old, self._mspass_plugin_db = self._mspass_plugin_db, db
         seconds = self.database.back_after() or 0.0
         job = self.database.job
-        if new_host == old_host:
+        where = f"{job.unit} {job.job_id} on {job.node}" if job is not None else "its connection string"
+        if self.database.uri == old_uri:  # same node, port and credentials
             logger.warning(
-                "The database is back at %s after %.1f s (%s %s on %s, same data); clients made before follow it.",
+                "The database is back at %s after %.1f s (%s, same data); clients made before follow it.",
                 self.database.address,
                 seconds,
-                job.unit,
-                job.job_id,
-                job.node,
+                where,
             )
             return
         moved = DatabaseMovedError(
-            f"This database client points to {connection_string(old_host, self.options.db_port)}, where the "
-            f"database was until its job ended; it came back at {self.database.address} ({job.unit} {job.job_id}, "
-            "same data). Call cluster.get_db_client() again for a client of the database where it is now (and "
-            "make a new mspasspy Client(), which reads the new MSPASS_DB_ADDRESS)."
+            f"This database client points to {connection_string(old_host, self.options.db_port)} with the "
+            f"credentials of then, where the database was until its job ended; it came back at "
+            f"{self.database.address} ({where}, same data). Call cluster.get_db_client() again for a client of the "
+            "database as it is now (and make a new mspasspy Client(), which reads the new MSPASS_DB_ADDRESS)."
         )
         for stale in {id(c): c for c in (self._db_client, self._mspass_plugin_db_old) if c is not None}.values():
             retire_client(stale, moved)
         self._db_client = self._mspass_plugin_db_old = None
         logger.warning(
-            "The database is back after %.1f s, on another node: %s (%s %s; it was on %s). MSPASS_DB_ADDRESS and the "
-            "workers now point to it. Database clients made before point to the old node: call "
+            "The database is back after %.1f s at %s (%s; it was on %s, with the credentials of then). "
+            "MSPASS_DB_ADDRESS and the workers now point to it. Database clients made before do not: call "
             "cluster.get_db_client() again (and make a new mspasspy Client()).",
             seconds,
             self.database.address,
-            job.unit,
-            job.job_id,
+            where,
             old_host,
         )
 
