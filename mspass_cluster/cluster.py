@@ -292,7 +292,13 @@ class MsPASSCluster(SpecCluster):
             self._name,
             self.scheduler.address,
             self.database.address,
-            " (TLS, this cluster's certificate required)" if self.database.tls else "",
+            (
+                " (TLS, a client certificate of its CA required)"
+                if isinstance(self.database, AttachedDatabase)
+                else " (TLS, this cluster's certificate required)"
+            )
+            if self.database.tls
+            else "",
             len(self.worker_spec),
             len(self.scheduler.workers),
             self.dashboard_link,
@@ -561,6 +567,12 @@ class MsPASSCluster(SpecCluster):
         if options:
             raise ConfigError("cluster.job_script(role) takes no options; they were fixed when the cluster was made.")
         self = self_or_cls
+        if role == "db" and isinstance(self.database, AttachedDatabase):
+            raise ConfigError(
+                f"cluster.job_script('db'): this cluster runs no database job; it uses the shared database "
+                f"{self.database.address or self.options.database!r}. `mspass-cluster db status` shows that "
+                "database's job, whose script is beside its log."
+            )
         name = self.db_job_name if role == "db" else next(iter(self.new_worker_spec()))
         return self._launcher.script(role, name)[0]
 

@@ -234,6 +234,8 @@ def test_a_lost_shared_database_is_raised_then_found_again_after_db_start(slurm_
         shown = str(cluster)
         assert f"db     {record.job_id:>8} ready (RUNNING)" in shown and record.address in shown, shown
         cluster.get_db_client().shared_test.docs.insert_many([{"i": i} for i in range(20)])
+        with pytest.raises(ConfigError, match=r"this cluster runs no database job; it uses the shared database"):
+            cluster.job_script("db")
 
         # It runs already: a second `db start` on its directory says how to use it or stop it.
         twice = cli("db", "start", "--work-dir", str(home))
