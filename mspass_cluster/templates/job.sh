@@ -51,5 +51,7 @@ if [ -n "${users_pid:-}" ]; then
         if [ "$users_status" -ne 0 ]; then status=$users_status; fi
     fi
 fi
+job_status=$status
+@{after_exit}
 echo "mspass_cluster: @{role} exited with status $status at $(date '+%Y-%m-%dT%H:%M:%S')"
-exit "$status"
+exit "$job_status"
