@@ -430,7 +430,7 @@ def swap_in(db_dir: str, new: str, how: str = "auto") -> str:
             fsync_directory(db_dir)
             raise
         fsync_directory(db_dir)
-        method = "two renames (no atomic exchange on this file system)"
+        method = "two renames" + (" (no atomic exchange on this file system)" if how == "auto" else "")
     try:
         clear_marker(data)
     except (OSError, StorageError) as exc:
