@@ -409,7 +409,9 @@ def db_copy_back_lines(options: ClusterOptions, wrap=None) -> list[str]:
     )
     return [
         "# --- node-local storage: copy the data back to db_dir (atomically), however the server ended",
-        f"if ! {containers.join(copy_back)}; then",
+        f"if {containers.join(copy_back)}; then",
+        '    rm -rf -- "$db_job_dir"',
+        "else",
         '    [ "$job_status" -ne 0 ] || job_status=1',
         "fi",
     ]

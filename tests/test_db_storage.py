@@ -534,11 +534,13 @@ def test_a_node_local_database_keeps_what_it_stored(slurm_testbed, shared_dir, r
         image = shared_dir / "image.sif"
         image.write_text("stand-in image (tests/bin/container_standin.py)\n")
         (shared_dir / "image.sif.env").write_text(f"PATH={os.path.dirname(sys.executable)}:/usr/bin:/bin\n")
-        # --contain: the container's /tmp is its own, so the job's node-local directory must be bound to be seen.
+        # --contain: the container's /tmp (and home) are its own, so the job's node-local directory must be
+        # bound to be seen; the image's Python is this one, bound.
         options = dict(
             container=str(image),
             container_runtime="apptainer",
             container_args=["--contain"],
+            binds=[sys.prefix, sys.base_prefix],
             job_script_prologue=[f"export PATH={BIN}:$PATH"],
         )
     workload = Workload()

@@ -576,8 +576,9 @@ def copy_back(db_dir: str, job_dir: str, node: str, how: str = "auto", job: str 
         f"{time.monotonic() - started:.1f} s; swapped with {method})"
     )
     problem = remove_tree(job_dir)
-    if problem:
-        say(f"could not remove the node-local directory {job_dir} ({problem}); remove it yourself")
+    if problem and os.path.lexists(source):
+        say(f"could not remove the node-local copy {source} ({problem}); remove it yourself")
+    # Left empty in a container, where the job directory is a mount point: the job script removes it.
     return method
 
 
