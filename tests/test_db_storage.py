@@ -633,6 +633,9 @@ def test_the_walltime_notice_stops_the_server_and_copies_back_in_time(slurm_test
         stop.set()
         job_id, log = cluster.db_job.job_id, Path(cluster.db_job.log_path)
         wait_until_gone([job_id], 60)
+        deadline = time.monotonic() + 30
+        while not cluster.db_job.ended and time.monotonic() < deadline:
+            time.sleep(0.5)
         assert cluster.db_job.state.value == "COMPLETED", cluster.db_job.state  # not TIMEOUT
     text = log.read_text()
     assert "db job near its walltime (SIGUSR1 from Slurm): stopping the server" in text
