@@ -257,7 +257,7 @@ def test_stage_in_and_copy_back_are_byte_exact_and_leave_one_complete_copy(tmp_p
     job = job_dir(local)
     staged = stage_in(db_dir, job)
     assert staged.returncode == 0, staged.stderr
-    assert staged.stdout == f"{job}/data\n"
+    assert staged.stdout == ""
     assert snapshot(job / "data") == before
     assert f"stage-in done: n9:{job}/data is the server's copy of {db_dir}/data (8 files" in staged.stderr
     assert oct(job.stat().st_mode & 0o777) == "0o700"
@@ -586,6 +586,21 @@ def test_sigkill_of_the_server_mid_write_loses_no_acknowledged_data(slurm_testbe
     assert "db exited with status 137" in text and "copy-back done" in text
     assert dbstorage.copy_back_failure(text) is None
     assert len(workload.documents) > 200, "the writer should have had time to write"
+    reopen_and_check(shared_dir, workload)
+
+
+@pytest.mark.slurm
+def test_scancel_of_the_database_job_copies_back_within_killwait(slurm_testbed, shared_dir):
+    """scancel: SIGTERM to every process of the job, SIGKILL 30 s later (KillWait); the copy-back fits between."""
+    workload = Workload()
+    with nx_cluster(shared_dir) as cluster:
+        workload.store(cluster.get_db_client(), documents=500, files=4)
+        job_id, log = cluster.db_job.job_id, Path(cluster.db_job.log_path)
+        subprocess.run(["scancel", job_id], check=True, timeout=30)
+        wait_until_gone([job_id], 60)
+    text = log.read_text()
+    assert "copy-back done" in text and dbstorage.copy_back_failure(text) is None
+    assert node_local_dirs(job_id) == []
     reopen_and_check(shared_dir, workload)
 
 

@@ -45,8 +45,7 @@ recover
     itself runs it when such leftovers exist.
 
 Every line this script prints starts with ``mspass_cluster:`` and goes to
-standard error, except the one stage-in result on standard output: the
-server's data directory.
+standard error (the job's log); the exit status says whether it succeeded.
 """
 
 from __future__ import annotations
@@ -502,7 +501,7 @@ def recover(db_dir: str, how: str = "auto") -> list:
 
 # ------------------------------------------------------------------ the commands
 def stage_in(db_dir: str, job_dir: str, node: str) -> str:
-    """Copy ``<db_dir>/data`` to ``<job_dir>/data``; return that path."""
+    """Copy ``<db_dir>/data`` to ``<job_dir>/data``, checked; return that path."""
     for line in recover(db_dir):
         say(f"recovered an interrupted copy-back: {line}")
     source = os.path.join(db_dir, "data")
@@ -611,7 +610,7 @@ def main(argv: list) -> int:
     if args.command == "stage-in":
         signal.signal(signal.SIGTERM, _interrupted)
         try:
-            print(stage_in(db_dir, job_dir, args.node))
+            stage_in(db_dir, job_dir, args.node)
         except (StorageError, OSError, KeyboardInterrupt) as exc:
             reason = "stopped by a signal" if isinstance(exc, KeyboardInterrupt) else str(exc)
             say(f"stage-in failed: {reason}. The database did not start; {db_dir}/data is unchanged.")
