@@ -31,6 +31,7 @@ __all__ = [
     "local_dir_variable",
     "local_dir_word",
     "job_dir_template",
+    "copy_back_seconds",
     "signal_seconds",
     "signal_directive",
     "server_dbpath",
@@ -120,6 +121,18 @@ def local_dir_word(value: str | None) -> str:
     return f'"${{{name}}}"' + (shlex.quote(rest) if rest else "")
 
 
+def copy_back_seconds(data_bytes: int) -> int:
+    """Seconds a node-local database may need to stop and copy ``data_bytes`` back (twice them: room to grow).
+
+    ``SHUTDOWN_SECONDS + 2 * data_bytes / COPY_RATE``; what a clean stop
+    should wait for before cancelling the job.
+
+    >>> copy_back_seconds(10 * 2**30)
+    470
+    """
+    return SHUTDOWN_SECONDS + math.ceil(2 * data_bytes / COPY_RATE)
+
+
 def signal_seconds(data_bytes: int, walltime_seconds: int) -> int:
     """Seconds before the walltime at which the database job is told to stop and copy back.
 
@@ -135,8 +148,8 @@ def signal_seconds(data_bytes: int, walltime_seconds: int) -> int:
     >>> signal_seconds(10 * 2**30, 600)
     300
     """
-    lead = SHUTDOWN_SECONDS + math.ceil(2 * data_bytes / COPY_RATE)
-    return max(1, min(max(lead, MIN_SIGNAL_SECONDS), walltime_seconds // 2, MAX_SIGNAL_SECONDS))
+    lead = max(copy_back_seconds(data_bytes), MIN_SIGNAL_SECONDS)
+    return max(1, min(lead, walltime_seconds // 2, MAX_SIGNAL_SECONDS))
 
 
 def signal_directive(data_bytes: int, walltime_seconds: int) -> str:

@@ -41,8 +41,8 @@ recover
     copy-back was killed: a copy marked complete that was not swapped in yet
     is swapped in (it is newer); a ``data`` missing between the two renames is
     completed; unmarked (partial) new copies and old copies are removed.
-    stage-in runs it first; the job script of a database on ``<db_dir>``
-    itself runs it when such leftovers exist.
+    stage-in runs it first (a database on ``<db_dir>/data`` itself refuses to
+    start while a complete copy waits beside it); by hand, it needs no job.
 
 Every line this script prints starts with ``mspass_cluster:`` and goes to
 standard error (the job's log); the exit status says whether it succeeded.
