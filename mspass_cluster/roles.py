@@ -284,7 +284,7 @@ def open_files_lines(role: str) -> list[str]:
         f'if [ "$open_files" != unlimited ] && [ "$open_files" -lt {need} ]; then',
         f'    echo "mspass_cluster: open files: the hard limit on $(hostname) is $open_files, below the {need} '
         f"{recommends}; {who} may fail with 'Too many open files'. Ask your administrators to raise the hard "
-        f'nofile limit of Slurm jobs to {need} or more (LimitNOFILE of slurmd, or /etc/security/limits.conf)"',
+        f'nofile limit of jobs to {need} or more (LimitNOFILE of slurmd, or /etc/security/limits.conf)"',
         "fi",
     ]
 
@@ -316,15 +316,17 @@ def db_storage_lines(options: ClusterOptions, job_name: str, wrap=None) -> list[
         news = shlex.quote(os.path.join(options.db_dir, "data.new-")) + "*/.mspass_cluster-complete"
         olds = shlex.quote(os.path.join(options.db_dir, "data.old-")) + "*"
         return [
-            shlex.join(["mkdir", "-p", data]),
-            "# A node-local copy-back cut short may have left the newest copy beside data: never start on the old one.",
+            "# A node-local copy-back cut short may have left the newest copy beside data (or data missing between",
+            "# two renames, with the previous copy beside it): never start on the old copy, nor on an empty one.",
             f"for leftover in {news} {olds}; do",
             '    [ -e "$leftover" ] || continue',
+            f'    case "$leftover" in */.mspass_cluster-complete) ;; *) [ -d {shlex.quote(data)} ] && continue ;; esac',
             '    echo "mspass_cluster: ${leftover%/.mspass_cluster-complete} is a copy of the database left by an '
             "interrupted node-local copy-back; start the database once with db_storage='node-local', which "
             f'completes it, or make it {data} yourself" >&2',
             "    exit 1",
             "done",
+            shlex.join(["mkdir", "-p", data]),
         ]
     wrap = wrap or (lambda command: command)
     stage_in = wrap(

@@ -34,7 +34,7 @@ from conftest import BIN, FAKE_MONGOD, NX_MONGOD, assert_nothing_left, cluster_p
 
 from mspass_cluster import ConfigError, JobFailedError, MsPASSCluster, dbstorage
 from mspass_cluster.config import resolve_options
-from mspass_cluster.roles import OPEN_FILES, build_job_script, db_data_path, open_files_lines
+from mspass_cluster.roles import OPEN_FILES, build_job_script, db_data_path, db_storage_lines, open_files_lines
 
 SCRIPT = Path(dbstorage.__file__).parent / "templates" / "db_storage.py"
 
@@ -169,6 +169,33 @@ def test_a_hard_limit_high_enough_is_used_without_a_word():
         timeout=30,
     )
     assert high.stdout == f"soft={need + 100}\n", high.stderr
+
+
+@pytest.mark.parametrize(
+    "state, refused",
+    [("a stale old copy beside data", False), ("a complete copy waiting", True), ("data missing, old beside", True)],
+)
+def test_a_shared_database_never_starts_on_an_older_copy_than_one_waiting_beside_it(tmp_path, state, refused):
+    db_dir = tmp_path / "db"
+    db_dir.mkdir()
+    if state != "data missing, old beside":
+        (db_dir / "data").mkdir()
+    (db_dir / "data.old-7.x").mkdir()
+    if state == "a complete copy waiting":
+        (db_dir / "data.new-8.y").mkdir()
+        (db_dir / "data.new-8.y" / storage.MARKER).write_text("{}")
+    lines = db_storage_lines(resolve_options(work_dir=str(tmp_path)), "mspass-c-db")
+    run = subprocess.run(["bash", "-c", "set -u\n" + "\n".join(lines)], capture_output=True, text=True, timeout=30)
+    if not refused:
+        assert run.returncode == 0 and run.stderr == ""
+        return
+    waiting = "data.new-8.y" if state == "a complete copy waiting" else "data.old-7.x"
+    assert run.returncode == 1
+    assert (db_dir / "data").exists() == (state == "a complete copy waiting")  # no empty data made to start on
+    assert run.stderr.startswith(f"mspass_cluster: {db_dir}/{waiting} is a copy of the database left by an ")
+    assert f"start the database once with db_storage='node-local', which completes it, or make it {db_dir}/data" in (
+        run.stderr
+    )
 
 
 # ------------------------------------------------------------------ the storage script on directories
