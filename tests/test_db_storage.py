@@ -302,6 +302,26 @@ def test_stage_in_and_copy_back_are_byte_exact_and_leave_one_complete_copy(tmp_p
     assert method in done.stderr and dbstorage.copy_back_failure(staged.stderr + done.stderr) is None
 
 
+def test_the_signals_that_end_a_job_do_not_stop_a_copy_back(tmp_path):
+    """scancel and the walltime send SIGTERM to every process of the job: the copy-back goes on (KillWait)."""
+    db_dir, local = tmp_path / "db", tmp_path / "local"
+    (db_dir / "data").mkdir(parents=True)
+    local.mkdir()
+    job = job_dir(local)
+    assert stage_in(db_dir, job).returncode == 0
+    for i in range(24):
+        (job / "data" / f"collection-{i}.wt").write_bytes(os.urandom(8 * 2**20))
+    newer = snapshot(job / "data")
+    argv = [sys.executable, str(SCRIPT), "copy-back", "--db-dir", str(db_dir), "--job-dir", str(job), "--node", "n9"]
+    proc = subprocess.Popen(argv, stderr=subprocess.PIPE, text=True)
+    assert "copy-back started" in proc.stderr.readline()
+    for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1):
+        proc.send_signal(signum)
+    rest = proc.stderr.read()
+    assert proc.wait(timeout=120) == 0, rest
+    assert "copy-back done" in rest and snapshot(db_dir / "data") == newer
+
+
 def test_the_first_copy_back_of_a_new_database_creates_data_and_not_db_dir_itself(tmp_path):
     """MsPASS's `scp -r /tmp/db/data $MSPASS_DB_DIR` made db_dir the data directory on a first run (item 31)."""
     db_dir, local = tmp_path / "db", tmp_path / "local"

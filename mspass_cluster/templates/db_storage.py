@@ -89,23 +89,26 @@ class StorageError(Exception):
 
 
 def say(text: str) -> None:
+    """One line of the job's log."""
     print(f"mspass_cluster: {text}", file=sys.stderr, flush=True)
 
 
 def human(size: int) -> str:
-    """``'1.5 GiB'``."""
-    value = float(size)
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if value < 1024 or unit == "TiB":
-            return f"{int(value)} B" if unit == "B" else f"{value:.1f} {unit}"
+    """``'17 B'``, ``'1.5 GiB'``."""
+    if size < 1024:
+        return f"{size} B"
+    value = size / 1024
+    for unit in ("KiB", "MiB", "GiB"):
+        if value < 1024:
+            return f"{value:.1f} {unit}"
         value /= 1024
-    raise AssertionError("unreachable")
+    return f"{value:.1f} TiB"
 
 
 def os_error(doing: str, exc: OSError) -> StorageError:
     """``'writing /x: No space left on device'``."""
-    where = exc.filename if exc.filename is not None else ""
-    return StorageError(f"{doing} {where}: {exc.strerror or exc}".replace("  ", " "))
+    where = f" {exc.filename}" if exc.filename is not None else ""
+    return StorageError(f"{doing}{where}: {exc.strerror or exc}")
 
 
 # ------------------------------------------------------------------ trees
@@ -184,6 +187,7 @@ def copy_file(source: str, target: str) -> tuple:
                 try:
                     count = src.readinto(buffer)
                 except OSError as exc:
+                    exc.filename = source
                     raise os_error("reading", exc) from exc
                 if not count:
                     break
