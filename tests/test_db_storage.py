@@ -322,6 +322,23 @@ def test_the_signals_that_end_a_job_do_not_stop_a_copy_back(tmp_path):
     assert "copy-back done" in rest and snapshot(db_dir / "data") == newer
 
 
+def test_a_stage_in_stopped_by_a_signal_leaves_no_partial_copy(tmp_path):
+    db_dir, local = tmp_path / "db", tmp_path / "local"
+    (db_dir / "data").mkdir(parents=True)
+    for i in range(24):
+        (db_dir / "data" / f"collection-{i}.wt").write_bytes(os.urandom(8 * 2**20))
+    local.mkdir()
+    job = job_dir(local)
+    argv = [sys.executable, str(SCRIPT), "stage-in", "--db-dir", str(db_dir), "--job-dir", str(job), "--node", "n9"]
+    proc = subprocess.Popen(argv, stderr=subprocess.PIPE, text=True)
+    assert "stage-in started" in proc.stderr.readline()
+    proc.send_signal(signal.SIGTERM)
+    rest = proc.stderr.read()
+    assert proc.wait(timeout=60) == 1
+    assert rest.startswith("mspass_cluster: stage-in failed: stopped by a signal. The database did not start;")
+    assert not (job / "data").exists() and len(os.listdir(db_dir / "data")) == 24
+
+
 def test_the_first_copy_back_of_a_new_database_creates_data_and_not_db_dir_itself(tmp_path):
     """MsPASS's `scp -r /tmp/db/data $MSPASS_DB_DIR` made db_dir the data directory on a first run (item 31)."""
     db_dir, local = tmp_path / "db", tmp_path / "local"
@@ -467,7 +484,7 @@ def test_a_node_local_directory_too_small_is_refused_before_anything_is_copied(t
     job = job_dir(local)
     refused = stage_in(db_dir, job)
     assert refused.returncode == 1 and refused.stdout == ""
-    [line] = refused.stderr.splitlines()
+    [line] = [line for line in refused.stderr.splitlines() if "stage-in failed" in line]
     assert line.startswith("mspass_cluster: stage-in failed: ")
     assert f"{db_dir}/data holds 10.0 MiB but the node-local directory {local} on n9 has " in line
     assert "Give db_local_dir a node-local directory with more room" in line and "db_storage='shared'" in line

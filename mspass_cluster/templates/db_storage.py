@@ -253,6 +253,18 @@ def fsync_directory(path: str) -> None:
         os.close(fd)
 
 
+def in_parallel(function, names: list) -> dict:
+    """``{name: function(name)}``, ``THREADS`` at a time; the first failure (or a signal) stops the rest."""
+    pool = ThreadPoolExecutor(THREADS)
+    try:
+        return dict(zip(names, pool.map(function, names)))
+    finally:
+        try:
+            pool.shutdown(wait=True, cancel_futures=True)
+        except TypeError:  # Python < 3.9: the files already queued are done first
+            pool.shutdown(wait=True)
+
+
 def copy_tree(source: str, target: str) -> dict:
     """Copy ``source`` to the new directory ``target``, check it, and return the checked manifest.
 
@@ -284,10 +296,7 @@ def copy_tree(source: str, target: str) -> dict:
             except OSError as exc:
                 raise os_error("creating the link", exc) from exc
     files = sorted(name for name, e in entries.items() if e[0] == "file")
-    with ThreadPoolExecutor(THREADS) as pool:
-        copied = dict(
-            zip(files, pool.map(lambda n: copy_file(os.path.join(source, n), os.path.join(target, n)), files))
-        )
+    copied = in_parallel(lambda n: copy_file(os.path.join(source, n), os.path.join(target, n)), files)
     for name in reversed(directories):
         try:
             shutil.copystat(os.path.join(source, name), os.path.join(target, name), follow_symlinks=False)
@@ -319,8 +328,7 @@ def verify_tree(target: str, entries: dict, copied: dict) -> None:
         if entry[0] != entries[name][0] or (entry[0] == "link" and entry[1] != entries[name][1]):
             raise StorageError(f"the copy {os.path.join(target, name)} is not what its source is ({entries[name][0]})")
     files = sorted(copied)
-    with ThreadPoolExecutor(THREADS) as pool:
-        digests = dict(zip(files, pool.map(lambda n: file_digest(os.path.join(target, n)), files)))
+    digests = in_parallel(lambda n: file_digest(os.path.join(target, n)), files)
     for name in files:
         if digests[name] != copied[name]:
             (size, _), (want_size, _) = digests[name], copied[name]
@@ -526,6 +534,7 @@ def stage_in(db_dir: str, job_dir: str, node: str) -> str:
             "(e.g. db_extra_directives=['--tmp=...']), or keep the database on db_dir (db_storage='shared')"
         )
     target = os.path.join(job_dir, "data")
+    say(f"stage-in started: {source} to {node}:{target} ({file_count(entries)} files, {human(size)})")
     started = time.monotonic()
     try:
         copy_tree(source, target)
