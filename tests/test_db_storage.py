@@ -20,6 +20,7 @@ import importlib.util
 import json
 import os
 import random
+import shlex
 import shutil
 import signal
 import subprocess
@@ -553,8 +554,7 @@ class Workload:
             assert fs.get(file_id).read() == content
 
 
-def db_dir_holds_one_complete_copy(work_dir: Path) -> None:
-    db_dir = work_dir / "db"
+def db_dir_holds_one_complete_copy(db_dir: Path) -> None:
     assert sorted(p.name for p in db_dir.iterdir() if p.name.startswith("data")) == ["data"]
 
 
@@ -564,12 +564,17 @@ def node_local_dirs(job_id: str) -> list[Path]:
 
 
 def reopen_and_check(work_dir: Path, workload: Workload, **options) -> None:
-    db_dir_holds_one_complete_copy(work_dir)
-    with nx_cluster(work_dir, **options) as again:
+    reopen_and_check_at(work_dir, work_dir / "db", workload, **options)
+
+
+def reopen_and_check_at(work_dir: Path, db_dir: Path, workload: Workload, **options) -> None:
+    """A new node-local cluster on ``db_dir`` finds everything acknowledged, and copies it back again."""
+    db_dir_holds_one_complete_copy(db_dir)
+    with nx_cluster(work_dir, db_dir=str(db_dir), **options) as again:
         workload.check(again.get_db_client())
         log = again.db_job.log_path
     assert "copy-back done" in Path(log).read_text()
-    db_dir_holds_one_complete_copy(work_dir)
+    db_dir_holds_one_complete_copy(db_dir)
 
 
 def wait_until_gone(job_ids, seconds: float) -> None:
@@ -723,6 +728,35 @@ def test_the_walltime_notice_stops_the_server_and_copies_back_in_time(slurm_test
 
 
 @pytest.mark.slurm
+def test_a_copy_back_that_cannot_finish_fails_the_job_and_says_where_the_newer_files_are(
+    slurm_testbed, shared_dir, tmpfs
+):
+    db_dir = tmpfs("db", "64m")
+    workload = Workload()
+    with nx_cluster(shared_dir, db_dir=str(db_dir)) as cluster:
+        workload.store(cluster.get_db_client())
+        before = snapshot(db_dir / "data")
+        subprocess.run(["mount", "-o", "remount,ro", str(db_dir)], check=True)
+        job, log = cluster.db_job, Path(cluster.db_job.log_path)
+    assert job.state.value == "FAILED" and job.status.exit_code.startswith("1:"), job.status
+    text = log.read_text()
+    [line] = [line for line in text.splitlines() if line.startswith("mspass_cluster: copy-back failed: ")]
+    [local] = node_local_dirs(job.job_id)
+    assert "Read-only file system" in line and f"on {job.node}:{local}/data " in line
+    assert dbstorage.copy_back_failure(text) == line[len("mspass_cluster: ") :]
+    assert "db exited with status 0" in text  # the server stopped cleanly; the copy-back is what failed
+    assert snapshot(db_dir / "data") == before  # the previous complete copy
+    # The way out the line gives, once db_dir is writable again: the copy-back, run again on that node.
+    subprocess.run(["mount", "-o", "remount,rw", str(db_dir)], check=True)
+    command = line.split(f"copy them back from a job on {job.node}: ", 1)[1].split(";")[0]
+    assert command.startswith(f"srun --nodelist={job.node} python3 {local}/db_storage.py copy-back --db-dir {db_dir} ")
+    again = subprocess.run(shlex.split(command), capture_output=True, text=True, timeout=120)
+    assert again.returncode == 0 and "copy-back done" in again.stderr, again.stderr
+    assert not local.exists()
+    reopen_and_check_at(shared_dir, db_dir, workload)
+
+
+@pytest.mark.slurm
 def test_a_full_node_local_directory_loses_nothing_acknowledged_and_a_small_one_is_refused(
     slurm_testbed, shared_dir, tmpfs
 ):
@@ -745,7 +779,7 @@ def test_a_full_node_local_directory_loses_nothing_acknowledged_and_a_small_one_
     text = Path(cluster.db_job.log_path).read_text()
     assert "copy-back done" in text, text[-2000:]
     assert len(workload.files) > 5
-    db_dir_holds_one_complete_copy(shared_dir)
+    db_dir_holds_one_complete_copy(shared_dir / "db")
     # The same data do not fit there with room to grow: refused at once, with both sizes and the fix.
     with pytest.raises(JobFailedError) as info:
         nx_cluster(shared_dir, db_local_dir=str(local))

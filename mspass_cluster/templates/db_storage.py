@@ -58,6 +58,7 @@ import hashlib
 import json
 import os
 import platform
+import shlex
 import shutil
 import signal
 import stat
@@ -638,7 +639,21 @@ def main(argv: list) -> int:
         where = f"{args.node}:{os.path.join(job_dir, 'data')}"
         if getattr(exc, "previous_intact", True):
             state = f"{db_dir}/data is the previous complete copy; the newer files are on {where}"
-            fix = f"copy them to {db_dir}/data yourself before the database starts again"
+            again = shlex.join(
+                [
+                    "python3",
+                    os.path.join(job_dir, "db_storage.py"),
+                    "copy-back",
+                    "--db-dir",
+                    db_dir,
+                    "--job-dir",
+                    job_dir,
+                ]
+            )
+            fix = (
+                f"once that is fixed, and before the database starts again, copy them back from a job on "
+                f"{args.node}: srun --nodelist={args.node} {again} --node {args.node}"
+            )
         else:
             state = (
                 f"{db_dir}/data is missing until the next start of the database swaps in the complete new copy "
