@@ -161,7 +161,12 @@ def test_every_job_raises_its_open_files_limit_and_says_when_the_hard_limit_is_l
 
 
 def test_a_hard_limit_high_enough_is_used_without_a_word():
+    import resource
+
     need = OPEN_FILES["worker"]  # the database's 64000 is above this machine's own hard limit
+    hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+    if hard != resource.RLIM_INFINITY and hard < need + 100:
+        pytest.skip(f"this machine's hard open-files limit ({hard}) is below {need + 100}")
     lines = "\n".join(open_files_lines("worker"))
     high = subprocess.run(
         ["bash", "-c", f"ulimit -Sn 256; ulimit -Hn {need + 100}\n{lines}\necho soft=$(ulimit -Sn)"],
