@@ -414,7 +414,7 @@ def test_recovery_removes_a_partial_copy_and_keeps_data(tmp_path):
     (partial / "collection-0.wt").write_bytes(b"half")
     recovered = run_script("recover", "--db-dir", str(db_dir))
     assert recovered.returncode == 0
-    assert f"removed {partial}, a partial copy" in recovered.stderr
+    assert f"removed {partial}, a copy not marked complete" in recovered.stderr
     assert snapshot(db_dir / "data") == before and leftovers(db_dir) == []
 
 

@@ -506,7 +506,12 @@ def recover(db_dir: str, how: str = "auto") -> list:
     for leftover in news + olds:
         if os.path.lexists(leftover):
             problem = remove_tree(leftover)
-            done.append(f"removed {leftover}, " + ("a partial copy" if leftover in news else "an old copy"))
+            kind = (
+                "a copy not marked complete (partial, or the old one after a swap)"
+                if leftover in news
+                else "an old copy"
+            )
+            done.append(f"removed {leftover}, {kind}")
             if problem:
                 raise StorageError(f"cannot remove {problem}")
     return done
