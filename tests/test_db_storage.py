@@ -510,10 +510,12 @@ def test_a_copy_that_reads_back_differently_is_caught(tmp_path):
 
 
 # ------------------------------------------------------------------ on the Slurm test bed
+#: One small worker that shares its node: these tests need no whole node, and the test bed is shared.
+SMALL = dict(nodes=1, exclusive=False, cores=1, memory="1GiB", db_memory="1GiB", walltime="10")
+
+
 def nx_cluster(work_dir: Path, **options) -> MsPASSCluster:
-    return MsPASSCluster(
-        nodes=1, work_dir=str(work_dir), db_command=NX_MONGOD, walltime="10", db_storage="node-local", **options
-    )
+    return MsPASSCluster(work_dir=str(work_dir), db_command=NX_MONGOD, db_storage="node-local", **SMALL, **options)
 
 
 class Workload:
@@ -633,9 +635,7 @@ def test_a_node_local_database_keeps_what_it_stored(slurm_testbed, shared_dir, r
 @pytest.mark.slurm
 def test_the_probe_knows_a_node_local_server_by_its_data_directory(slurm_testbed, shared_dir):
     """The fake mongod reports its dbPath (nx-27017 does not): the node's own directory must pass the check."""
-    with MsPASSCluster(
-        nodes=1, work_dir=str(shared_dir), db_command=FAKE_MONGOD, walltime="10", db_storage="node-local"
-    ) as cluster:
+    with MsPASSCluster(work_dir=str(shared_dir), db_command=FAKE_MONGOD, db_storage="node-local", **SMALL) as cluster:
         assert cluster.get_db_client().admin.command("ping")["ok"] == 1
     assert_nothing_left(cluster)
 
@@ -684,8 +684,8 @@ def test_a_killed_notebook_copies_its_database_back(slurm_testbed, shared_dir):
     script = (
         "import os, random, signal, gridfs\n"
         "from mspass_cluster import MsPASSCluster\n"
-        f"c = MsPASSCluster(nodes=1, work_dir={str(shared_dir)!r}, db_command={NX_MONGOD!r}, walltime='10',\n"
-        "                   db_storage='node-local', death_timeout=10, orphan_timeout=12)\n"
+        f"c = MsPASSCluster(work_dir={str(shared_dir)!r}, db_command={NX_MONGOD!r}, db_storage='node-local',\n"
+        f"                   death_timeout=10, orphan_timeout=12, **{SMALL!r})\n"
         "db = c.get_db_client()\n"
         "db.mspass_test.wf.insert_many([{'_id': f'n{i}', 'i': i} for i in range(300)])\n"
         "ids = [str(gridfs.GridFS(db.mspass_test).put(random.Random(f'n{i}').randbytes(150_000))) for i in range(2)]\n"
