@@ -510,8 +510,9 @@ def test_a_copy_that_reads_back_differently_is_caught(tmp_path):
 
 
 # ------------------------------------------------------------------ on the Slurm test bed
-#: One small worker that shares its node: these tests need no whole node, and the test bed is shared.
-SMALL = dict(nodes=1, exclusive=False, cores=1, memory="1GiB", db_memory="1GiB", walltime="10")
+#: One small worker that shares its node: these tests need no whole node, and the test bed is shared (so the
+#: database has a port of its own: other tests' databases may be on the same node, on 27017).
+SMALL = dict(nodes=1, exclusive=False, cores=1, memory="1GiB", db_memory="1GiB", walltime="10", db_port=27417)
 
 
 def nx_cluster(work_dir: Path, **options) -> MsPASSCluster:
