@@ -25,6 +25,7 @@ from .db import DBClient, get_db_client
 from .errors import (
     ClusterClosedError,
     CommandError,
+    DatabaseMovedError,
     JobFailedError,
     MsPASSClusterError,
     SlurmUnavailableError,
@@ -47,5 +48,6 @@ __all__ = [
     "SlurmUnavailableError",
     "JobFailedError",
     "ClusterClosedError",
+    "DatabaseMovedError",
     "StartupTimeoutError",
 ]

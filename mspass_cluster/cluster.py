@@ -35,8 +35,8 @@ from . import dashboard_guard, exit_guard
 from .backends import choose_backend, finalise_options, open_backend, preview_script, scheduler_placement
 from .commands import CommandRunner
 from .config import ClusterOptions, prepare_directories, resolve_options
-from .db import get_db_client
-from .errors import ClusterClosedError, CommandError, ConfigError, MsPASSClusterError
+from .db import connection_string, get_db_client, retire_client
+from .errors import ClusterClosedError, CommandError, ConfigError, DatabaseMovedError, MsPASSClusterError
 from .files import cluster_umask, create_private_dir, remove_private_dir
 from .jobs import JOB_STOP_TIMEOUT, JobLauncher, TrackedJob
 from .mspass_clients import add_mspass_worker_plugin, close_other_clients
@@ -99,6 +99,8 @@ class MsPASSCluster(SpecCluster):
     #: ``<work_dir>/.mspass_cluster/<name>/``, fresh and 0700, for the cluster's credentials (with ``security``);
     #: removed at close.
     private_dir: str | None = None
+    _db_client_uri: str | None = None
+    _mspass_plugin_db_old = None
 
     def __init__(self, nodes=None, *, asynchronous=False, loop=None, command_runner=None, **options):
         requested = resolve_options(nodes=nodes, **options)
@@ -134,10 +136,13 @@ class MsPASSCluster(SpecCluster):
             self, capacity=getattr(backend, "worker_capacity", None), partition_nodes=partition_nodes
         )
         self.workers_service.warn_if_beyond_partition(self.options.nodes)
-        self._supervisor = Supervisor(self._launcher, self.database, self.workers_service)
+        self._supervisor = Supervisor(
+            self._launcher, self.database, self.workers_service, on_database_moved=self._database_moved
+        )
         self._tasks: list[asyncio.Task] = []
         self._client = None
         self._db_client = None
+        self._mspass_plugin_db = None  # the database client MsPASS's worker plugin was given, if any
         self._environment = PublishedEnvironment()
         self._published_config = None
         #: With security, the dashboard (and every page of the scheduler's HTTP server) needs this token.
@@ -290,6 +295,62 @@ class MsPASSCluster(SpecCluster):
         plugin = EnvironmentPlugin(self._job_environment())
         await self.scheduler.register_worker_plugin(None, dumps(plugin), name=plugin.name, idempotent=False)
 
+    async def _database_moved(self):
+        """The database came back (restart or relay): re-point everything this cluster published to it.
+
+        ``MSPASS_DB_ADDRESS`` here and in every worker process (present and
+        future), MsPASS's per-worker database client, and the client
+        :meth:`get_db_client` hands out. Clients made before follow when the
+        server came back on the same node (the same address); otherwise the
+        log says to call :meth:`get_db_client` again, and the cluster's own
+        old client is closed so that it fails at once instead of waiting for
+        pymongo's 30 s timeout.
+        """
+        old_host = self._launcher.context.db_host
+        await self._share_db_address()
+        new_host = self.database.host
+        if self._mspass_plugin_db is not None:
+            from .mspass_clients import MSPASS_PLUGIN_NAME, mspass_worker_plugin
+
+            db = get_db_client(self.database.uri)
+            plugin = mspass_worker_plugin(db)
+            if plugin is not None:
+                await self.scheduler.register_worker_plugin(
+                    None, dumps(plugin), name=MSPASS_PLUGIN_NAME, idempotent=False
+                )
+                self._mspass_plugin_db_old, self._mspass_plugin_db = self._mspass_plugin_db, db
+        seconds = self.database.back_after() or 0.0
+        job = self.database.job
+        if new_host == old_host:
+            logger.warning(
+                "The database is back at %s after %.1f s (%s %s on %s, same data); clients made before follow it.",
+                self.database.address,
+                seconds,
+                job.unit,
+                job.job_id,
+                job.node,
+            )
+            return
+        moved = DatabaseMovedError(
+            f"This database client points to {connection_string(old_host, self.options.db_port)}, where the "
+            f"database was until its job ended; it came back at {self.database.address} ({job.unit} {job.job_id}, "
+            "same data). Call cluster.get_db_client() again for a client of the database where it is now (and "
+            "make a new mspasspy Client(), which reads the new MSPASS_DB_ADDRESS)."
+        )
+        for stale in {id(c): c for c in (self._db_client, self._mspass_plugin_db_old) if c is not None}.values():
+            retire_client(stale, moved)
+        self._db_client = self._mspass_plugin_db_old = None
+        logger.warning(
+            "The database is back after %.1f s, on another node: %s (%s %s; it was on %s). MSPASS_DB_ADDRESS and the "
+            "workers now point to it. Database clients made before point to the old node: call "
+            "cluster.get_db_client() again (and make a new mspasspy Client()).",
+            seconds,
+            self.database.address,
+            job.unit,
+            job.job_id,
+            old_host,
+        )
+
     def _job_environment(self) -> dict:
         context = self._launcher.context
         return service_environment(self.scheduler.address, context.db_host, self.options.db_port, context.tls)
@@ -377,7 +438,9 @@ class MsPASSCluster(SpecCluster):
         if self._client is None or self._client.status in ("closed", "closing"):
             self._client = Client(self)
             if not self.asynchronous and self.database.uri is not None:
-                add_mspass_worker_plugin(self._client, self.get_db_client())
+                db = self.get_db_client()
+                if add_mspass_worker_plugin(self._client, db):
+                    self._mspass_plugin_db = db
         return self._client
 
     def get_db_client(self):
@@ -385,6 +448,8 @@ class MsPASSCluster(SpecCluster):
 
         Raises the database job's failure (state, exit code, node, log, fix)
         at once if the database was lost, rather than a client that hangs.
+        While the database is being brought back (``db_restarts``) it waits
+        for it, up to ``startup_timeout``, saying so in the log.
         """
         self._require_open("get_db_client()")
         if self.asynchronous:
@@ -392,12 +457,28 @@ class MsPASSCluster(SpecCluster):
             if error is not None:
                 raise error
         else:
-            self.sync(self.database.check)
+            self.sync(self._supervisor.database_back, self.options.startup_timeout)
         if self.database.uri is None:
             raise MsPASSClusterError("The database is not ready: this cluster has not finished starting.")
-        if self._db_client is None:
+        if self._db_client is None or self._db_client_uri != self.database.uri:
             self._db_client = get_db_client(self.database.uri)
+            self._db_client_uri = self.database.uri
         return self._db_client
+
+    def restart_database(self) -> None:
+        """Stop the database cleanly and start it again on the same data; return once it answers.
+
+        What :attr:`db_restarts` does on its own when the database job ends,
+        as one call: after a failed copy-back was put right, after the
+        restarts allowed were used up, or to move the database to a fresh
+        job. Everything published is re-pointed (see the log).
+        """
+        self._require_open("restart_database()")
+        self.sync(self._restart_database)
+
+    async def _restart_database(self):
+        await self.database.restart()
+        await self._supervisor.database_back(self.options.startup_timeout)
 
     def _require_open(self, call: str) -> None:
         """Raise :class:`ClusterClosedError` for ``call`` on a closed cluster."""

@@ -13,10 +13,11 @@ import os
 
 import pymongo
 from pymongo.errors import PyMongoError
+from pymongo.monitoring import ServerHeartbeatListener
 
 from .dbstorage import DbPathPattern
 
-__all__ = ["DBClient", "get_db_client", "ping", "connection_string"]
+__all__ = ["DBClient", "get_db_client", "ping", "connection_string", "retire_client", "watch_server"]
 
 
 def connection_string(host: str, port: int) -> str:
@@ -59,6 +60,56 @@ def get_db_client(uri: str):
     except ImportError:
         return DBClient(uri)
     return MsPASSDBClient(uri)
+
+
+def retire_client(client, error: Exception) -> None:
+    """Close ``client`` so that its next operation raises ``error`` at once (not pymongo's timeout, nor its
+    "Cannot use MongoClient after close").
+
+    For a client whose server moved: pymongo would wait ``serverSelectionTimeoutMS`` (30 s) for the old
+    address and then say nothing of where the server went. Every operation of a pymongo 4 client first
+    asks for its topology (``MongoClient._get_topology``); the closed client answers ``error`` there. A
+    pymongo without that seam only closes it.
+    """
+    client.close()
+    if hasattr(client, "_get_topology"):
+
+        def refuse(*args, **kwargs):
+            raise error
+
+        client._get_topology = refuse
+
+
+class _Alarm(ServerHeartbeatListener):
+    def __init__(self, on_failure):
+        self.on_failure = on_failure
+
+    def started(self, event):
+        pass
+
+    def succeeded(self, event):
+        pass
+
+    def failed(self, event):
+        self.on_failure()
+
+
+def watch_server(uri: str, on_failure, every: float = 0.5) -> pymongo.MongoClient:
+    """pymongo's own server monitor as an alarm: ``on_failure()`` runs (in pymongo's thread) at each failed heartbeat.
+
+    A server that dies closes the monitor's connection, so the first
+    failure comes within milliseconds, then every ``every`` seconds (0.5 s
+    is pymongo's minimum) while it stays away. The heartbeat (``hello``)
+    needs no authentication. Close the returned client to stop watching.
+    """
+    ms = int(every * 1000)
+    return pymongo.MongoClient(
+        uri,
+        directConnection=True,
+        heartbeatFrequencyMS=ms,
+        connectTimeoutMS=max(ms, 2000),
+        event_listeners=[_Alarm(on_failure)],
+    )
 
 
 def _same_dbpath(theirs: str, ours: str) -> bool:

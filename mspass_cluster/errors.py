@@ -9,6 +9,7 @@
     │   └── SlurmUnavailableError       Slurm's controller does not answer (down, restarting, overloaded)
     ├── JobFailedError                  a job ended before its service was ready, or while it was needed
     ├── ClusterClosedError              a call on a cluster that was closed
+    ├── DatabaseMovedError              a database client made before the database came back on another node
     └── StartupTimeoutError (TimeoutError)
                                         the database or workers were not ready before the deadline
 
@@ -26,6 +27,7 @@ __all__ = [
     "SlurmUnavailableError",
     "JobFailedError",
     "ClusterClosedError",
+    "DatabaseMovedError",
     "StartupTimeoutError",
 ]
 
@@ -114,6 +116,10 @@ class JobFailedError(MsPASSClusterError):
 
 class ClusterClosedError(MsPASSClusterError):
     """A call on a cluster after :meth:`~mspass_cluster.MsPASSCluster.close`: its jobs and scheduler are gone."""
+
+
+class DatabaseMovedError(MsPASSClusterError):
+    """A database client handed out before the database was brought back on another node: get a new one."""
 
 
 class StartupTimeoutError(MsPASSClusterError, TimeoutError):

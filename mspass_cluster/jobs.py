@@ -195,19 +195,22 @@ class JobLauncher:
         """Scripts rendered from now on carry ``facts`` (``scheduler_address=``, ``db_host=``)."""
         self.context = self.context.knowing(**facts)
 
-    def script(self, role: str, name: str) -> tuple[str, str]:
-        """The job script for ``role`` named ``name``, and its log pattern."""
-        return self.context.render(role, name)
+    def script(self, role: str, name: str, directives=()) -> tuple[str, str]:
+        """The job script for ``role`` named ``name`` (with Slurm's extra ``directives``), and its log pattern."""
+        return self.context.render(role, name, directives)
 
-    async def submit(self, role: str, name: str) -> TrackedJob:
+    async def submit(self, role: str, name: str, directives=()) -> TrackedJob:
         """Write the script to ``<log_dir>/<name>.sh`` and submit it.
+
+        ``directives`` are Slurm options for this job only (``--dependency=...``,
+        ``--nodelist=...``); the backends without Slurm jobs ignore them.
 
         The script is written whole under a fresh name and renamed into place
         (see :func:`~mspass_cluster.files.write_file`), 0600 with ``security``,
         in a log directory only its owner can write: what ``sbatch`` or
         ``bash`` reads is what was written, also when a name is submitted again.
         """
-        script, output = self.script(role, name)
+        script, output = self.script(role, name, directives)
         path = os.path.join(self.options.log_dir, f"{name}.sh")
         write_file(path, script, file_mode(self.options))
         unit = self.backend.unit

@@ -26,7 +26,7 @@ import logging
 
 from distributed import client as dask_client_module
 
-__all__ = ["MSPASS_PLUGIN_NAME", "add_mspass_worker_plugin", "close_other_clients"]
+__all__ = ["MSPASS_PLUGIN_NAME", "add_mspass_worker_plugin", "mspass_worker_plugin", "close_other_clients"]
 
 logger = logging.getLogger("mspass_cluster")
 
@@ -44,6 +44,15 @@ class _ClusterDatabase:
 
     def get_database_client(self):
         return self._db_client
+
+
+def mspass_worker_plugin(db_client):
+    """MsPASS's worker plugin giving every worker a client of ``db_client``'s database, or None without mspasspy."""
+    try:
+        from mspasspy.util.db_utils import MongoDBWorker
+    except ImportError:
+        return None
+    return MongoDBWorker(_ClusterDatabase(db_client), dbclient_key=MSPASS_DBCLIENT_KEY)
 
 
 def add_mspass_worker_plugin(client, db_client) -> bool:
@@ -65,11 +74,9 @@ def add_mspass_worker_plugin(client, db_client) -> bool:
         could not set it up (logged as a warning: MsPASS's ensemble reads
         will fail on this client).
     """
-    try:
-        from mspasspy.util.db_utils import MongoDBWorker
-    except ImportError:
+    plugin = mspass_worker_plugin(db_client)
+    if plugin is None:
         return False
-    plugin = MongoDBWorker(_ClusterDatabase(db_client), dbclient_key=MSPASS_DBCLIENT_KEY)
     try:
         client.register_plugin(plugin, name=MSPASS_PLUGIN_NAME)
     except Exception as exc:  # a worker's own error (no mspasspy there, unreachable database), re-raised by Dask

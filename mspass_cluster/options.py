@@ -265,6 +265,14 @@ OPTIONS: tuple[Option, ...] = (
     Option("db_walltime", None, "Wall-clock limit of the database job. Default: ``walltime``.", kind="walltime"),
     Option("db_extra_directives", [], "Extra ``#SBATCH`` options for the database job only.", kind="list"),
     Option(
+        "db_restarts",
+        3,
+        "Times the cluster brings its database back on the same data when its job ends while the cluster runs "
+        "(walltime, node failure, ``scancel``, out of memory); with it, the database job is also relayed to a new "
+        "one before ``db_walltime``. 0: a lost database stays lost.",
+        kind="int",
+    ),
+    Option(
         "db_storage",
         "shared",
         "Where the database server keeps its files while it runs. `shared`: on ``<db_dir>/data`` itself. `node-local`: on a copy in ``db_local_dir`` on its node (faster than a parallel file system), staged in at start and copied back atomically when the server stops, before the job's walltime (Slurm's signal, sized from the data) and when the notebook dies; see Node-local database.",
@@ -346,6 +354,7 @@ class ClusterOptions:
     db_memory: str
     db_partition: str | None
     db_walltime: str
+    db_restarts: int
     db_extra_directives: list
     db_storage: str
     db_local_dir: str | None

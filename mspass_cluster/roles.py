@@ -557,6 +557,7 @@ def build_job_script(
     local: bool = False,
     heartbeat: str | None = None,
     tls: CredentialFiles | None = None,
+    extra_directives=(),
     db_data_bytes: int = 0,
 ) -> tuple[str, str]:
     """The complete job script for ``role`` and its ``--output`` pattern.
@@ -581,6 +582,9 @@ def build_job_script(
     tls : CredentialFiles, optional
         The cluster's credentials (``security``): Dask over mutual TLS, the
         database with TLS, client certificates and access control.
+    extra_directives : sequence of str
+        Slurm options for this one job, after every other (e.g. the
+        ``--dependency`` and ``--nodelist`` of a database brought back).
     db_data_bytes : int
         The size of ``<db_dir>/data`` now: with ``db_storage="node-local"``
         it sizes the notice Slurm gives the database job before its walltime
@@ -609,7 +613,12 @@ def build_job_script(
             partition=options.db_partition,
             account=options.account,
             qos=options.qos,
-            extra=[*copy_back_notice, *options.job_extra_directives, *options.db_extra_directives],
+            extra=[
+                *copy_back_notice,
+                *options.job_extra_directives,
+                *options.db_extra_directives,
+                *extra_directives,
+            ],
         )
         setup = [cd, *open_files_lines(role)]
         argv = db_argv(options, local, tls, containers.RawShell('"$db_job_dir/data"') if node_local else None)
@@ -624,7 +633,7 @@ def build_job_script(
             partition=options.partition,
             account=options.account,
             qos=options.qos,
-            extra=options.job_extra_directives,
+            extra=[*options.job_extra_directives, *extra_directives],
         )
         setup = [cd, shlex.join(["mkdir", "-p", options.worker_dir]), *open_files_lines(role)]
         argv = worker_argv(options, scheduler_address, job_name, tls, local)
@@ -701,8 +710,8 @@ class ScriptContext:
         """This context with ``facts`` (``scheduler_address=``, ``db_host=``) added."""
         return dataclasses.replace(self, **facts)
 
-    def render(self, role: str, job_name: str) -> tuple[str, str]:
-        """The job script of ``role`` named ``job_name``, and its log pattern.
+    def render(self, role: str, job_name: str, directives=()) -> tuple[str, str]:
+        """The job script of ``role`` named ``job_name`` (with Slurm's extra ``directives``), and its log pattern.
 
         A node-local database's script depends on the size of ``<db_dir>/data``
         now (the notice before its walltime), measured here.
@@ -718,5 +727,6 @@ class ScriptContext:
             local=self.local,
             heartbeat=self.heartbeat,
             tls=self.tls,
+            extra_directives=directives,
             db_data_bytes=directory_bytes(os.path.join(self.options.db_dir, "data")) if node_local else 0,
         )

@@ -11,6 +11,7 @@ import os
 import re
 import signal
 import threading
+from dataclasses import dataclass
 
 from dask.utils import parse_bytes
 
@@ -55,6 +56,9 @@ __all__ = [
     "build_scontrol_job_argv",
     "build_sacct_argv",
     "build_scancel_argv",
+    "build_node_argv",
+    "parse_node_room",
+    "NodeRoom",
     "controller_unreachable",
     "parse_sbatch_job_id",
     "parse_squeue",
@@ -356,3 +360,46 @@ def build_scancel_argv(job_ids, signal: str | None = None) -> list[str]:
     if signal:
         argv += [f"--signal={signal}", "--full"]
     return argv + [str(j) for j in job_ids]
+
+
+def build_node_argv(node: str) -> list[str]:
+    """``scontrol show node`` for one node, on one line: its state and what is allocated on it."""
+    return ["scontrol", "show", "node", "--oneliner", node]
+
+
+@dataclass(frozen=True)
+class NodeRoom:
+    """One node's state and what is free on it, as Slurm counts (not what the OS says)."""
+
+    state: str  #: e.g. ``IDLE``, ``MIXED``, ``ALLOCATED``, ``IDLE+DRAIN``, ``DOWN*``
+    free_cpus: int
+    free_memory_mb: int
+
+    @property
+    def up(self) -> bool:
+        """Accepting jobs: not down, drained, failing, in maintenance, powered down or unresponsive."""
+        bad = ("DOWN", "DRAIN", "FAIL", "MAINT", "POWER", "RESERVED", "NOT_RESPONDING", "UNKNOWN")
+        return bool(self.state) and not any(word in self.state for word in bad) and not self.state.endswith("*")
+
+    def fits(self, cpus: int, memory_mb: int) -> bool:
+        """Whether a job of ``cpus`` and ``memory_mb`` can start on it now."""
+        return self.up and self.free_cpus >= cpus and self.free_memory_mb >= memory_mb
+
+
+def parse_node_room(stdout: str) -> NodeRoom | None:
+    """The :class:`NodeRoom` in ``scontrol show node --oneliner`` output, or None.
+
+    >>> parse_node_room("NodeName=n3 CPUAlloc=1 CPUTot=4 RealMemory=4000 AllocMem=2048 State=MIXED Partitions=debug")
+    NodeRoom(state='MIXED', free_cpus=3, free_memory_mb=1952)
+    >>> parse_node_room("NodeName=n1 CPUAlloc=0 CPUTot=4 RealMemory=4000 AllocMem=0 State=IDLE+DRAIN").up
+    False
+    """
+    fields = dict(word.split("=", 1) for word in stdout.split() if "=" in word)
+    try:
+        return NodeRoom(
+            state=fields.get("State", ""),
+            free_cpus=int(fields["CPUTot"]) - int(fields.get("CPUAlloc", 0)),
+            free_memory_mb=int(fields["RealMemory"]) - int(fields.get("AllocMem", 0)),
+        )
+    except (KeyError, ValueError):
+        return None

@@ -56,6 +56,10 @@ def view_of(cluster) -> ClusterView:
         db_address = f"lost ({cluster.db_job.describe()})"
         if running:
             status = "running, but its database is lost"
+    elif getattr(cluster.database, "moving", False):
+        db_address = f"coming back ({cluster.db_job.describe()})"
+        if running:
+            status = "running, its database coming back"
     scheduler = getattr(cluster, "scheduler", None)
     return ClusterView(
         name=cluster.name,

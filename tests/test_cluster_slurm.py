@@ -626,12 +626,13 @@ def test_a_database_port_taken_on_its_node_says_which_and_what_to_do(slurm_testb
 
 
 def test_the_database_walltime_is_announced_before_it_comes(slurm_testbed, shared_dir, caplog):
+    """With db_restarts=0 nothing relays the database: the user is warned ahead (the relay: test_db_restart.py)."""
     import subprocess
     import time
 
     caplog.set_level(logging.INFO, logger="mspass_cluster")
     with MsPASSCluster(
-        nodes=1, work_dir=str(shared_dir), db_command=FAKE_MONGOD, db_walltime="10", poll_interval=1
+        nodes=1, work_dir=str(shared_dir), db_command=FAKE_MONGOD, db_walltime="10", poll_interval=1, db_restarts=0
     ) as cluster:
         assert not [r for r in caplog.records if "reaches its walltime" in r.getMessage()]
         # As an administrator (or `scontrol update` by the user) shortening the limit: Slurm's view counts.
@@ -774,13 +775,16 @@ def test_a_work_dir_with_a_space_and_a_percent_sign_works(slurm_testbed, shared_
 
 
 def test_a_lost_database_is_raised_by_the_next_call_with_its_story(slurm_testbed, shared_dir):
-    """scancel of the database job: get_db_client() says so at once, not after a 30 s pymongo timeout."""
+    """scancel of the database job, not brought back (db_restarts=0): get_db_client() says so at once, not after a
+    30 s pymongo timeout."""
     import subprocess
     import time
 
     from mspass_cluster.jobs import JobPhase
 
-    with MsPASSCluster(nodes=1, work_dir=str(shared_dir), db_command=NX_MONGOD, walltime="10") as cluster:
+    with MsPASSCluster(
+        nodes=1, work_dir=str(shared_dir), db_command=NX_MONGOD, walltime="10", db_restarts=0
+    ) as cluster:
         db = cluster.get_db_client()
         db.t.c.insert_one({"x": 1})
         job_id = cluster.db_job.job_id

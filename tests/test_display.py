@@ -59,7 +59,12 @@ def test_a_lost_database_shows_in_red_in_the_notebook_display(tmp_path):
             pytest.fail(message)
         pytest.skip(message)
     with MsPASSCluster(
-        backend="local", nodes=1, work_dir=str(tmp_path / "run"), db_command=FAKE_MONGOD, dashboard_address=":0"
+        backend="local",
+        nodes=1,
+        work_dir=str(tmp_path / "run"),
+        db_command=FAKE_MONGOD,
+        dashboard_address=":0",
+        db_restarts=0,  # a database that stays lost (one brought back is tests/test_db_restart.py's)
     ) as cluster:
         healthy = _screenshot(cluster._repr_html_(), tmp_path)
         assert _has_colour(healthy, (0x1A, 0x7F, 0x37)) and not _has_colour(healthy, (0xCF, 0x22, 0x2E))

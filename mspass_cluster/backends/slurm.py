@@ -135,6 +135,11 @@ class SlurmBackend:
         if job_ids:
             self.runner.run(slurm.build_scancel_argv(job_ids, signal), check=False, timeout=10)
 
+    async def node_room(self, node: str) -> slurm.NodeRoom | None:
+        """``node``'s state and free CPUs and memory, as Slurm counts them; None if Slurm cannot tell."""
+        result = await self.runner.arun(slurm.build_node_argv(node), check=False)
+        return slurm.parse_node_room(result.stdout) if result.returncode == 0 else None
+
     def node_addresses(self, partition: str | None) -> list[str]:
         """Addresses of the partition's nodes (``sinfo``), for choosing the scheduler's address."""
         argv = ["sinfo", "--noheader", "--Node", "--format=%o"]

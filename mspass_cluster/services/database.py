@@ -4,8 +4,17 @@ The service owns its job: it claims the database directory before
 submitting, probes readiness with a real ``ping`` that must come from this
 cluster's server (its ``dbPath``), explains a failure with what the log
 knows (a port or a data directory held by someone else), notices when the
-database is lost after start-up, warns before its walltime, and stops it
-with SIGTERM only, giving ``mongod`` time to flush.
+database is lost after start-up, brings it back on the same data when its
+job ends while the cluster runs (``db_restarts``), relays it past its
+walltime, and stops it with SIGTERM only, giving ``mongod`` time to flush.
+
+Bringing it back: the service submits a new job on the same ``db_dir``
+(on the same node when Slurm says it is usable, so that clients made before
+reach it at the same address), waits until it answers, and the cluster then
+re-points what it published (:meth:`Supervisor.watch` calls :meth:`tend`).
+A relay before the walltime submits the next job first, held until the
+current one ends (``--dependency=afterany``), then stops the current one
+cleanly: the gap is one clean shutdown and one start.
 """
 
 from __future__ import annotations
@@ -13,18 +22,21 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
+import time
+
+from dask.utils import parse_bytes
 
 from .. import dbdir
 from ..config import ClusterOptions, parse_walltime
-from ..db import connection_string, ping
-from ..errors import ConfigError, JobFailedError
+from ..db import connection_string, ping, watch_server
+from ..errors import CommandError, ConfigError, JobFailedError
 from ..files import file_mode
 from ..jobs import JOB_STOP_TIMEOUT, JobLauncher, JobPhase, TrackedJob, server_exit_status, tail
 from ..roles import db_data_path
 from ..security import CredentialFiles
 from ..slurm import JobState
 
-__all__ = ["DatabaseService", "DB_STOP_TIMEOUT"]
+__all__ = ["DatabaseService", "DB_STOP_TIMEOUT", "relay_lead"]
 
 logger = logging.getLogger("mspass_cluster")
 
@@ -32,6 +44,19 @@ logger = logging.getLogger("mspass_cluster")
 DB_STOP_TIMEOUT = 300.0
 #: How servers say that their port is taken (mongod's "Address already in use", Python's errno 98, ...).
 _ADDRESS_IN_USE = re.compile(r"address already in use|EADDRINUSE|errno 98\b|errno 48\b", re.IGNORECASE)
+
+
+def relay_lead(options: ClusterOptions) -> int:
+    """Seconds before its walltime at which the database job hands over to the next one.
+
+    A tenth of ``db_walltime``, at least one minute (a clean shutdown and
+    Slurm's own time-limit check, which runs every 30 s or so), at most ten.
+
+    >>> from mspass_cluster.config import resolve_options
+    >>> relay_lead(resolve_options(db_walltime="00:02:00")), relay_lead(resolve_options(db_walltime="24:00:00"))
+    (60, 600)
+    """
+    return min(600, max(60, parse_walltime(options.db_walltime) // 10))
 
 
 class DatabaseService:
@@ -75,6 +100,21 @@ class DatabaseService:
         #: Why it does not answer yet (the last ping's error), for the waiting log line.
         self.not_answering = "not started yet"
         self._walltime_warned = False
+        #: Times the database was brought back after its job ended (see ``db_restarts``).
+        self.restarts = 0
+        #: True from the moment the database is known gone (or relayed) until the cluster re-pointed
+        #: everything to the server that replaced it; calls that need the database wait meanwhile.
+        self.moving = False
+        #: Why the database must be brought back, until :meth:`tend` submitted its new job.
+        self._restart_cause: str | None = None
+        self._moved_since: float | None = None
+        #: The job handing over in a relay, and the task stopping it cleanly.
+        self._retiring: asyncio.Task | None = None
+        self._lock = asyncio.Lock()
+        #: Set (from pymongo's monitor thread) when a heartbeat to the server failed: the supervisor then asks
+        #: Slurm at once instead of at its next poll.
+        self.alarm = asyncio.Event()
+        self._watcher = None
 
     @property
     def job_name(self) -> str:
@@ -130,6 +170,9 @@ class DatabaseService:
             self.uri = uri
             self.address = connection_string(self.host, self.options.db_port)
             self.job.ready = True
+            await self._watch(uri)
+            if self.moving:
+                return True
             logger.log(
                 self.launcher.detail,
                 "Database ready at %s%s (%s %s on %s).",
@@ -140,6 +183,24 @@ class DatabaseService:
                 self.job.node,
             )
         return self.uri is not None
+
+    async def _watch(self, uri: str) -> None:
+        """Watch the server's heartbeat, so that its end is known within a second, not at the next poll."""
+        self._unwatch()
+        loop = asyncio.get_running_loop()
+
+        def failed():
+            try:
+                loop.call_soon_threadsafe(self.alarm.set)
+            except RuntimeError:  # the loop is closed: nobody left to tell
+                pass
+
+        self._watcher = await asyncio.to_thread(watch_server, uri, failed)
+
+    def _unwatch(self) -> None:
+        watcher, self._watcher = self._watcher, None
+        if watcher is not None:
+            watcher.close()
 
     def uri_for(self, host: str) -> str:
         """The connection string of this cluster's clients for the server on ``host``."""
@@ -186,8 +247,32 @@ class DatabaseService:
 
     # ------------------------------------------------------------ running
     def on_change(self, job: TrackedJob) -> None:
-        """After start-up: a database job that ended is lost; say so now and keep the error for the next call."""
-        if not job.ended or job.phase is not JobPhase.FAILED:
+        """After start-up: a database job that ended is brought back (``db_restarts``) or lost.
+
+        Either way the user hears it now: a warning when it comes back, an
+        error kept for the next call that needs the database otherwise.
+        """
+        if job is not self.job or not job.ended or job.phase is not JobPhase.FAILED:
+            return  # a relayed job handing over, or one that ended as planned
+        self._unwatch()
+        self.uri = self.address = None
+        newer = self._copy_back_failure(job)
+        if not newer and self.restarts < self.options.db_restarts:
+            self.restarts += 1
+            self.moving = True
+            self._moved_since = time.monotonic()
+            self._restart_cause = job.describe() + (
+                f", exit code {job.status.exit_code}" if job.status.exit_code else ""
+            )
+            logger.warning(
+                "The database job %s ended while the cluster was running (%s). Bringing the database back on the "
+                "same data in %s (restart %d of db_restarts=%d); calls that need it wait until it answers.",
+                job.job_id,
+                self._restart_cause,
+                self.options.db_dir,
+                self.restarts,
+                self.options.db_restarts,
+            )
             return
         fix = "The database is gone: close this cluster and start a new one (what it stored stays in db_dir)."
         if job.state is JobState.TIMEOUT:
@@ -196,12 +281,33 @@ class DatabaseService:
                 f"{self.options.db_dir}: close this cluster and start a new one with the same work_dir "
                 "and a longer db_walltime to go on."
             )
+        if self.options.db_restarts and not newer:
+            fix = (
+                f"It was brought back {self.restarts} time(s) already, the most db_restarts={self.options.db_restarts} "
+                "allows. " + fix + " Raise db_restarts to keep bringing it back."
+            )
+        if newer:
+            fix = (
+                newer + " The cluster did not bring the database back: it would have started from the older copy. "
+                "Copy the newer files into place (or fix what stopped the copy) and call cluster.restart_database()."
+            )
+        self.moving = False
         job.error = job.failure("ended while the cluster was running", fix)
         logger.error("%s", job.error)
 
+    @staticmethod
+    def _copy_back_failure(job: TrackedJob) -> str | None:
+        """What the job's log says of a failed copy-back of node-local data, or None."""
+        try:
+            from ..dbstorage import copy_back_failure
+        except ImportError:  # pragma: no cover - node-local storage not in this build
+            return None
+        return copy_back_failure(tail(job.log_path, 200))
+
     def lost(self) -> JobFailedError | None:
-        """The database job's failure, once it ended while it was needed."""
-        return self.job.error if self.job is not None and self.job.phase is JobPhase.FAILED else None
+        """The database job's failure, once it ended while it was needed (and is not being brought back)."""
+        job = self.job
+        return job.error if job is not None and job.error is not None and not self.moving else None
 
     async def check(self) -> None:
         """Ask the backend about the database job now and raise its failure if it is gone (one query)."""
@@ -211,10 +317,139 @@ class DatabaseService:
         if error is not None:
             raise error
 
+    # ------------------------------------------------------------ bringing it back
+    async def tend(self) -> bool:
+        """Bring the database back or relay it when due; True once a new server answers.
+
+        Called by the supervisor every poll while the cluster runs; the
+        cluster re-points what it published when this returns True, then
+        clears :attr:`moving`.
+        """
+        async with self._lock:
+            if self._restart_cause is not None:
+                self._restart_cause = None
+                await self._submit_again()
+            elif self._relay_due():
+                await self._relay()
+            if not self.moving or self.job is None or self.job.error is not None:
+                return False
+            if self.job.ended:
+                error = self.startup_failure()
+                self.job.error = error
+                self.moving = False
+                logger.error("The database could not be brought back.\n%s", error)
+                return False
+            return await self.probe()
+
+    async def restart(self) -> None:
+        """Stop the database cleanly (if it runs) and start it again on the same data; see :meth:`tend`."""
+        async with self._lock:
+            job = self.job
+            self._unwatch()
+            self.uri = self.address = None
+            self.moving = True
+            self._moved_since = time.monotonic()
+            if job is not None and not job.ended:
+                await self._stop_cleanly(job)
+            if job is not None:
+                job.error = None
+            await self._submit_again()
+
+    def back_after(self) -> float | None:
+        """Seconds from the moment the database was known gone (or handed over) until now."""
+        return None if self._moved_since is None else time.monotonic() - self._moved_since
+
+    def _relay_due(self) -> bool:
+        job = self.job
+        if self.options.db_restarts <= 0 or job is None or not job.ready or job.stopping or job.time_left is None:
+            return False
+        return job.time_left <= relay_lead(self.options)
+
+    async def _relay(self) -> None:
+        """Hand over to a new job on the same data before the walltime: next job queued first, then a clean stop."""
+        old = self.job
+        left = old.time_left
+        self._unwatch()
+        self.uri = self.address = None
+        self.moving = True
+        self._moved_since = time.monotonic()
+        old.stopping = True
+        await self._submit_again(after=old)
+        logger.info(
+            "The database job %s reaches its walltime in %d s: relaying it to job %s on the same data (%s); calls "
+            "that need the database wait for the hand-over.",
+            old.job_id,
+            left,
+            self.job.job_id if self.job is not old else "?",
+            self.options.db_dir,
+        )
+        self._retiring = asyncio.ensure_future(self._stop_cleanly(old))
+
+    async def _submit_again(self, after: TrackedJob | None = None) -> None:
+        """Submit the next database job; on the old node when it has room (or, in a relay, is up), else anywhere."""
+        old = self.job
+        directives = []
+        if after is not None:
+            directives.append(f"--dependency=afterany:{after.job_id}")
+        if old is not None and old.node and await self._room_on(old.node, relay=after is not None):
+            directives.append(f"--nodelist={old.node}")
+        try:
+            self.job = await self.launcher.submit("db", self.job_name, directives=directives)
+        except CommandError as exc:
+            self.moving = False
+            if old is not None:
+                old.error = old.failure(
+                    "ended, and a new database job could not be submitted",
+                    f"{str(exc).splitlines()[0]} What the database stored is in {self.options.db_dir}; "
+                    "call cluster.restart_database() to try again.",
+                )
+                logger.error("%s", old.error)
+            return
+        self.job.ready = False
+        dbdir.claim(
+            self.options.db_dir,
+            self.cluster_name,
+            heartbeat=self.launcher.context.heartbeat,
+            orphan_timeout=self.options.orphan_timeout,
+            mode=file_mode(self.options),
+            db_job=f"{self.job.unit} {self.job.job_id}",
+        )
+
+    async def _room_on(self, node: str, relay: bool) -> bool:
+        """Whether the next job should ask for ``node``: it is up and the job fits now (a relay: the old job's
+        share comes free when it ends). False when Slurm cannot tell: asking for a node that is full or
+        down would leave the database waiting while other nodes are free."""
+        room_of = getattr(self.launcher.backend, "node_room", None)
+        if room_of is None:
+            return False
+        try:
+            room = await room_of(node)
+        except CommandError:
+            return False
+        if room is None:
+            return False
+        if relay:
+            return room.up
+        return room.fits(self.options.db_cores, parse_bytes(self.options.db_memory) // 2**20)
+
+    async def _stop_cleanly(self, job: TrackedJob) -> bool:
+        """SIGTERM, up to ``DB_STOP_TIMEOUT`` for a clean shutdown, then cancel. True if it ended on SIGTERM."""
+        if job.state.kind != "running":
+            await self.launcher.cancel(job, timeout=JOB_STOP_TIMEOUT)
+            return True
+        # The server may take longer than Slurm's KillWait to flush, so it gets DB_STOP_TIMEOUT first.
+        if await self.launcher.cancel(job, signal="TERM", timeout=DB_STOP_TIMEOUT):
+            return True
+        logger.error(
+            "The database job %s did not end %.0f s after SIGTERM; cancelling it.", job.job_id, DB_STOP_TIMEOUT
+        )
+        await self.launcher.cancel(job, timeout=JOB_STOP_TIMEOUT)
+        return False
+
     def warn_before_walltime(self) -> None:
         """Warn once, minutes ahead, that the database job will reach its walltime (workers are replaced; it is not)."""
         job = self.job
-        if self._walltime_warned or job is None or job.time_left is None:
+        if self._walltime_warned or job is None or job.time_left is None or self.options.db_restarts > 0:
             return
         left = job.time_left
         notice = min(600, max(60, parse_walltime(self.options.db_walltime) // 6))
@@ -235,18 +470,17 @@ class DatabaseService:
     # ------------------------------------------------------------ stop
     async def stop(self) -> None:
         """SIGTERM only, up to ``DB_STOP_TIMEOUT`` for a clean shutdown, then cancel; log how it ended."""
+        self._unwatch()
+        if self._retiring is not None:
+            await self._retiring  # a relay's old job finishes its clean shutdown first
         job = self.job
+        self.moving = False
         if job is None or job.ended:
             return
         if job.state.kind != "running":
             await self.launcher.cancel(job, timeout=JOB_STOP_TIMEOUT)
             return
-        # The server may take longer than Slurm's KillWait to flush, so it gets DB_STOP_TIMEOUT first.
-        if not await self.launcher.cancel(job, signal="TERM", timeout=DB_STOP_TIMEOUT):
-            logger.error(
-                "The database job %s did not end %.0f s after SIGTERM; cancelling it.", job.job_id, DB_STOP_TIMEOUT
-            )
-            await self.launcher.cancel(job, timeout=JOB_STOP_TIMEOUT)
+        if not await self._stop_cleanly(job):
             return
         status = await asyncio.to_thread(server_exit_status, job.log_path)
         if status is None:
@@ -269,6 +503,7 @@ class DatabaseService:
 
     def release(self) -> None:
         """Give ``db_dir`` free for the next cluster."""
+        self._unwatch()
         self.uri = None
         self.address = None
         dbdir.release(self.options.db_dir, self.cluster_name)

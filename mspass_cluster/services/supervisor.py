@@ -20,9 +20,12 @@ from ..jobs import JobLauncher
 from .database import DatabaseService
 from .workers import WorkerNodes
 
-__all__ = ["Supervisor"]
+__all__ = ["Supervisor", "ALARM_QUIET"]
 
 logger = logging.getLogger("mspass_cluster")
+
+#: Seconds after a failed database heartbeat during which further ones do not hasten the next poll.
+ALARM_QUIET = 30.0
 
 
 class Supervisor:
@@ -33,14 +36,21 @@ class Supervisor:
     launcher : JobLauncher
     database : DatabaseService
     workers : WorkerNodes
+    on_database_moved : coroutine function, optional
+        Called once a database brought back (or relayed) answers, to re-point
+        what the cluster published; :attr:`DatabaseService.moving` is
+        cleared after it.
     """
 
-    def __init__(self, launcher: JobLauncher, database: DatabaseService, workers: WorkerNodes):
+    def __init__(self, launcher: JobLauncher, database: DatabaseService, workers: WorkerNodes, on_database_moved=None):
         self.launcher = launcher
         self.database = database
         self.workers = workers
         self.options = launcher.options
         self.closing = False
+        self.on_database_moved = on_database_moved
+        self._tending = asyncio.Lock()
+        self._alarm_quiet_until = 0.0
 
     async def beat(self) -> None:
         """Refresh the heartbeat file the jobs watch (see ``orphan_timeout``), off the event loop."""
@@ -89,21 +99,109 @@ class Supervisor:
             await asyncio.sleep(0.1)
 
     async def watch(self) -> None:
-        """After start-up: keep polling; hand every job that changed to its service."""
+        """After start-up: keep polling; hand every job that changed to its service; bring the database back.
+
+        A failed heartbeat of the database's server (see
+        :func:`~mspass_cluster.db.watch_server`) asks Slurm at once, so its
+        end is known within a second rather than at the next poll. While the
+        database is being brought back the polls are quick (0.25 s, backing
+        off to ``poll_interval``), so that it is re-pointed within a fraction
+        of a second of answering.
+        """
+        interval = self.options.poll_interval
         while not self.closing:
-            await asyncio.sleep(self.options.poll_interval)
+            await self._pause(interval)
             if self.closing:
                 return
+            alarmed, was_moving = self._alarm_rang(), self.database.moving
             changed = await self.launcher.poll_riding_outages(give_up=False)
-            if changed is None:
-                continue
-            self.workers.mark_ready()
-            self.database.warn_before_walltime()
-            for job in changed:
-                logger.log(self.launcher.detail, "%s", job.describe())
-                if self.closing:
-                    continue
-                (self.database if job.role == "db" else self.workers).on_change(job)
+            if changed is not None:
+                self.workers.mark_ready()
+                self.database.warn_before_walltime()
+                for job in changed:
+                    logger.log(self.launcher.detail, "%s", job.describe())
+                    if self.closing:
+                        continue
+                    (self.database if job.role == "db" else self.workers).on_change(job)
+            if self.closing:
+                return
+            try:
+                await self.tend_database()
+            except Exception as exc:  # never let the watch die: the database's story is kept for the next call
+                logger.error("Bringing the database back failed: %s", exc)
+            if alarmed or (self.database.moving and not was_moving):
+                interval = 0.25  # the database's server went away, or is coming back: look again soon
+            elif self.database.moving or interval < self.options.poll_interval:
+                interval = min(interval * 1.5, self.options.poll_interval)
+
+    async def _pause(self, interval: float) -> None:
+        """Sleep ``interval``, or less when the database's heartbeat fails.
+
+        A failing heartbeat rings every 0.5 s while the server stays away (its
+        job may take minutes to end, e.g. copying node-local data back): it
+        cuts a pause short at most once every ``ALARM_QUIET`` seconds, so that
+        Slurm is asked no more often than the regular polls would.
+        """
+        alarm = getattr(self.database, "alarm", None)
+        loop = asyncio.get_running_loop()
+        if alarm is None or loop.time() < self._alarm_quiet_until:
+            await asyncio.sleep(interval)
+            return
+        try:
+            await asyncio.wait_for(alarm.wait(), interval)
+        except asyncio.TimeoutError:
+            pass
+
+    def _alarm_rang(self) -> bool:
+        alarm = getattr(self.database, "alarm", None)
+        if alarm is None or not alarm.is_set():
+            return False
+        alarm.clear()
+        if asyncio.get_running_loop().time() < self._alarm_quiet_until:
+            return False
+        self._alarm_quiet_until = asyncio.get_running_loop().time() + ALARM_QUIET
+        logger.log(self.launcher.detail, "The database's heartbeat failed: asking Slurm about its job now.")
+        return True
+
+    async def tend_database(self) -> None:
+        """One step of bringing the database back (see :meth:`DatabaseService.tend`); re-point once it answers."""
+        async with self._tending:
+            if await self.database.tend() and self.database.moving:
+                if self.on_database_moved is not None:
+                    await self.on_database_moved()
+                self.database.moving = False
+
+    async def database_back(self, timeout: float) -> None:
+        """Raise the database's loss, or wait (up to ``timeout``) while it is being brought back.
+
+        What it waits for (the new job's state and Slurm's reason) is logged
+        when the wait starts and once a minute after.
+        """
+        await self.database.check()
+        if not self.database.moving:
+            return
+        loop = asyncio.get_running_loop()
+        deadline, said, last = loop.time() + timeout, None, 0.0
+        while self.database.moving:
+            if self.closing:
+                raise MsPASSClusterError("The cluster was closed while waiting for its database to come back.")
+            await self.tend_database()
+            if not self.database.moving:
+                break
+            now, waiting = loop.time(), self.database.waiting_for() or "its new job"
+            if said is None or (waiting != said and now - last > 10) or now - last > 60:
+                logger.info("Waiting for the database to come back: %s", waiting)
+                said, last = waiting, now
+            if now >= deadline:
+                raise StartupTimeoutError(
+                    f"The database did not come back within {timeout:g} s (startup_timeout). Still waiting for "
+                    f"{waiting}. What it stored is in {self.options.db_dir}; close this cluster "
+                    "and start a new one on the same work_dir if the queue stays busy."
+                )
+            await asyncio.sleep(0.25)
+        error = self.database.lost()
+        if error is not None:
+            raise error
 
     async def wait_for_workers(self, wanted_of, timeout: float) -> None:
         """Until ``wanted_of(connected)`` says enough workers are there; raises a worker failure or at ``timeout``."""
