@@ -315,15 +315,17 @@ def db_storage_lines(options: ClusterOptions, job_name: str, wrap=None) -> list[
     if options.db_storage != "node-local":
         news = shlex.quote(os.path.join(options.db_dir, "data.new-")) + "*/.mspass_cluster-complete"
         olds = shlex.quote(os.path.join(options.db_dir, "data.old-")) + "*"
+        lease = shlex.quote(os.path.join(options.db_dir, "node-local.json"))
         return [
-            "# A node-local copy-back cut short may have left the newest copy beside data (or data missing between",
-            "# two renames, with the previous copy beside it): never start on the old copy, nor on an empty one.",
-            f"for leftover in {news} {olds}; do",
+            "# A node-local copy-back cut short may have left the newest data elsewhere: beside data, or (see",
+            "# node-local.json) on a node, or data missing between two renames: never start on an older copy.",
+            f"for leftover in {lease} {news} {olds}; do",
             '    [ -e "$leftover" ] || continue',
-            f'    case "$leftover" in */.mspass_cluster-complete) ;; *) [ -d {shlex.quote(data)} ] && continue ;; esac',
-            '    echo "mspass_cluster: ${leftover%/.mspass_cluster-complete} is a copy of the database left by an '
-            "interrupted node-local copy-back; start the database once with db_storage='node-local', which "
-            f'completes it, or make it {data} yourself" >&2',
+            f'    case "$leftover" in */data.old-*) [ -d {shlex.quote(data)} ] && continue ;; esac',
+            '    echo "mspass_cluster: ${leftover%/.mspass_cluster-complete} was left by a node-local database whose '
+            f"copy-back did not finish, so {data} may be older than its newest data. Start the database once with "
+            "db_storage='node-local', which completes the copy-back or says where the newest files are and what "
+            'to do" >&2',
             "    exit 1",
             "done",
             shlex.join(["mkdir", "-p", data]),
@@ -340,6 +342,8 @@ def db_storage_lines(options: ClusterOptions, job_name: str, wrap=None) -> list[
             containers.RawShell('"$db_job_dir"'),
             "--node",
             containers.RawShell('"$db_node"'),
+            "--job",
+            containers.RawShell('"${SLURM_JOB_ID:-$$}"'),
         ]
     )
     variable = dbstorage.local_dir_variable(options.db_local_dir)

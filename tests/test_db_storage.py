@@ -179,7 +179,12 @@ def test_a_hard_limit_high_enough_is_used_without_a_word():
 
 @pytest.mark.parametrize(
     "state, refused",
-    [("a stale old copy beside data", False), ("a complete copy waiting", True), ("data missing, old beside", True)],
+    [
+        ("a stale old copy beside data", None),
+        ("a complete copy waiting", "data.new-8.y"),
+        ("data missing, old beside", "data.old-7.x"),
+        ("a node-local copy not back", "node-local.json"),
+    ],
 )
 def test_a_shared_database_never_starts_on_an_older_copy_than_one_waiting_beside_it(tmp_path, state, refused):
     db_dir = tmp_path / "db"
@@ -190,16 +195,17 @@ def test_a_shared_database_never_starts_on_an_older_copy_than_one_waiting_beside
     if state == "a complete copy waiting":
         (db_dir / "data.new-8.y").mkdir()
         (db_dir / "data.new-8.y" / storage.MARKER).write_text("{}")
+    if state == "a node-local copy not back":
+        storage.write_lease(str(db_dir), {"job": "7", "node": "n9", "path": "/tmp/j/data"})
     lines = db_storage_lines(resolve_options(work_dir=str(tmp_path)), "mspass-c-db")
     run = subprocess.run(["bash", "-c", "set -u\n" + "\n".join(lines)], capture_output=True, text=True, timeout=30)
-    if not refused:
+    if refused is None:
         assert run.returncode == 0 and run.stderr == ""
         return
-    waiting = "data.new-8.y" if state == "a complete copy waiting" else "data.old-7.x"
     assert run.returncode == 1
-    assert (db_dir / "data").exists() == (state == "a complete copy waiting")  # no empty data made to start on
-    assert run.stderr.startswith(f"mspass_cluster: {db_dir}/{waiting} is a copy of the database left by an ")
-    assert f"start the database once with db_storage='node-local', which completes it, or make it {db_dir}/data" in (
+    assert (db_dir / "data").exists() == (state != "data missing, old beside")  # no empty data made to start on
+    assert run.stderr.startswith(f"mspass_cluster: {db_dir}/{refused} was left by a node-local database whose ")
+    assert f"so {db_dir}/data may be older than its newest data. Start the database once with db_storage=" in (
         run.stderr
     )
 
@@ -247,7 +253,7 @@ def job_dir(local: Path) -> Path:
 
 
 def stage_in(db_dir: Path, job: Path) -> subprocess.CompletedProcess:
-    return run_script("stage-in", "--db-dir", str(db_dir), "--job-dir", str(job), "--node", "n9")
+    return run_script("stage-in", "--db-dir", str(db_dir), "--job-dir", str(job), "--node", "n9", "--job", "1")
 
 
 def copy_back(db_dir: Path, job: Path, *more: str) -> subprocess.CompletedProcess:
@@ -255,7 +261,8 @@ def copy_back(db_dir: Path, job: Path, *more: str) -> subprocess.CompletedProces
 
 
 def leftovers(db_dir: Path) -> list[str]:
-    return sorted(p.name for p in db_dir.iterdir() if p.name != "data")
+    """What ``db_dir`` holds besides ``data`` and the lease (``node-local.json``, checked on its own)."""
+    return sorted(p.name for p in db_dir.iterdir() if p.name not in ("data", storage.LEASE))
 
 
 @pytest.fixture
@@ -294,6 +301,7 @@ def test_stage_in_and_copy_back_are_byte_exact_and_leave_one_complete_copy(tmp_p
     assert snapshot(job / "data") == before
     assert f"stage-in done: n9:{job}/data is the server's copy of {db_dir}/data (8 files" in staged.stderr
     assert oct(job.stat().st_mode & 0o777) == "0o700"
+    assert json.loads((db_dir / storage.LEASE).read_text())["path"] == f"{job}/data"
 
     (job / "data" / "collection-2.wt").write_bytes(b"newer" * 1000)  # what the server wrote
     (job / "data" / "collection-9.wt").write_bytes(b"new collection")
@@ -302,7 +310,7 @@ def test_stage_in_and_copy_back_are_byte_exact_and_leave_one_complete_copy(tmp_p
     done = copy_back(db_dir, job, "--swap", swap)
     assert done.returncode == 0, done.stderr
     assert snapshot(db_dir / "data") == after and after != before
-    assert leftovers(db_dir) == [] and not job.exists()
+    assert leftovers(db_dir) == [] and not job.exists() and not (db_dir / storage.LEASE).exists()
     method = "renameat2(RENAME_EXCHANGE)" if swap == "auto" else "two renames"
     assert f"copy-back done: {db_dir}/data is the copy of n9:{job}/data (8 files" in done.stderr
     assert method in done.stderr and dbstorage.copy_back_failure(staged.stderr + done.stderr) is None
@@ -369,6 +377,7 @@ def test_a_swap_cut_short_is_completed_by_the_next_stage_in(tmp_path, monkeypatc
     source = local / "job" / "data"
     make_data(source, seed=2)
     newer = snapshot(source)
+    storage.write_lease(str(db_dir), {"job": "7", "node": "n9", "path": str(source)})  # as its stage-in did
     renames = []
     real_rename = os.rename
 
@@ -402,7 +411,30 @@ def test_a_swap_cut_short_is_completed_by_the_next_stage_in(tmp_path, monkeypatc
     assert again.returncode == 0, again.stderr
     assert "recovered an interrupted copy-back" in again.stderr
     assert snapshot(db_dir / "data") == newer == snapshot(job / "data")
-    assert leftovers(db_dir) == []
+    assert leftovers(db_dir) == [] and json.loads((db_dir / storage.LEASE).read_text())["path"] == f"{job}/data"
+
+
+def test_a_start_after_an_unfinished_copy_back_refuses_until_the_newer_files_are_back(tmp_path):
+    """The job was killed in its copy-back (or the node failed): data is older than the node's files."""
+    db_dir, local = tmp_path / "db", tmp_path / "local"
+    make_data(db_dir / "data")
+    local.mkdir()
+    first = job_dir(local)
+    assert stage_in(db_dir, first).returncode == 0
+    (first / "data" / "collection-2.wt").write_bytes(b"newer")
+    newer = snapshot(first / "data")
+    second = job_dir(local)
+    refused = stage_in(db_dir, second)
+    assert refused.returncode == 1 and not (second / "data").exists()
+    [line] = [line for line in refused.stderr.splitlines() if "stage-in failed" in line]
+    assert f"job 1 ran the database on n9:{first}/data and its copy-back did not finish" in line
+    assert f"remove {db_dir}/node-local.json to start from the older copy" in line
+    command = line.split("from a job on that node: ", 1)[1].split(";")[0]
+    assert command.startswith(f"srun --nodelist=n9 python3 {first}/db_storage.py copy-back --db-dir {db_dir} ")
+    again = subprocess.run(shlex.split(command.split(" ", 2)[2]), capture_output=True, text=True, timeout=60)
+    assert again.returncode == 0, again.stderr  # the command, without srun (no job needed here)
+    assert snapshot(db_dir / "data") == newer and not (db_dir / storage.LEASE).exists()
+    assert stage_in(db_dir, second).returncode == 0
 
 
 def test_recovery_removes_a_partial_copy_and_keeps_data(tmp_path):
@@ -442,6 +474,7 @@ def copy_back_must_fail(db_dir: Path, job: Path, words: str) -> str:
     assert f"{db_dir}/data is the previous complete copy; the newer files are on n9:{job}/data" in line
     assert snapshot(db_dir / "data") == before and leftovers(db_dir) == []
     assert snapshot(job / "data") == newer
+    assert json.loads((db_dir / storage.LEASE).read_text())["path"] == f"{job}/data"  # the next start refuses
     assert dbstorage.copy_back_failure(failed.stderr) is None  # no stage-in line in this log: not a job's
     staged = f"mspass_cluster: stage-in done: n9:{job}/data is the server's copy of {db_dir}/data (1 files)\n"
     assert dbstorage.copy_back_failure(staged + failed.stderr) == line[len("mspass_cluster: ") :]

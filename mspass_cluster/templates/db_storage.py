@@ -12,12 +12,17 @@ this file in the job's private node-local directory::
 script makes it with ``mktemp -d``); the server runs on ``JOB_DIR/data``.
 
 stage-in
-    Finishes or undoes an interrupted copy-back first (see *recover*), then
+    Finishes or undoes an interrupted copy-back first (see *recover*), and
+    refuses to start while ``<db_dir>/node-local.json`` says that a server
+    ran on a node-local copy that did not come back (the job was killed in
+    its copy-back, the node failed): ``data`` is older than those files. It
     checks that ``<db_dir>/data`` fits in the node-local file system with room
     to grow, copies it to ``JOB_DIR/data`` and checks the copy (the size and
-    SHA-256 of every file) against ``<db_dir>/data``. Any failure removes the
-    partial copy, prints one line ``mspass_cluster: stage-in failed: ...`` and
-    exits 1: the server does not start.
+    SHA-256 of every file) against ``<db_dir>/data``, and writes
+    ``node-local.json`` (job, node, path), which the copy-back that swaps
+    this copy in removes. Any failure removes the partial copy, prints one
+    line ``mspass_cluster: stage-in failed: ...`` and exits 1: the server
+    does not start.
 copy-back
     Run once the server exited, however it ended (what is on disk is what the
     server recovers from at its next start). Signals that end jobs (TERM, INT,
@@ -69,6 +74,8 @@ from concurrent.futures import ThreadPoolExecutor
 
 #: Inside a copy whose every file was checked: the copy is complete (removed once it is ``data``).
 MARKER = ".mspass_cluster-complete"
+#: Beside ``data`` while a server runs on a node-local copy, until that copy is back: where the newest data are.
+LEASE = "node-local.json"
 NEW_PREFIX = "data.new-"
 OLD_PREFIX = "data.old-"
 CHUNK = 8 * 2**20
@@ -414,6 +421,57 @@ def clear_marker(copy: str) -> None:
     fsync_directory(copy)
 
 
+def write_lease(db_dir: str, facts: dict) -> None:
+    """Record, beside ``data``, that the newest data will be on a node (``facts``: job, node, path)."""
+    path = os.path.join(db_dir, LEASE)
+    try:
+        with open(path + ".tmp", "w") as f:
+            json.dump(facts, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.rename(path + ".tmp", path)
+    except OSError as exc:
+        raise os_error("writing", exc) from exc
+    fsync_directory(db_dir)
+
+
+def read_lease(db_dir: str) -> dict | None:
+    try:
+        with open(os.path.join(db_dir, LEASE)) as f:
+            facts = json.load(f)
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError):
+        return {}
+    return facts if isinstance(facts, dict) else {}
+
+
+def release_lease(db_dir: str, source: str) -> None:
+    """Remove the lease if it is the one of ``source``, the node-local copy that is now ``data``."""
+    lease = read_lease(db_dir)
+    if lease is not None and lease.get("path") == source:
+        os.unlink(os.path.join(db_dir, LEASE))
+        fsync_directory(db_dir)
+
+
+def refuse_an_unfinished_lease(db_dir: str) -> None:
+    """StorageError when a server ran on a node-local copy that did not come back: ``data`` is older."""
+    lease = read_lease(db_dir)
+    if lease is None:
+        return
+    where = f"{lease.get('node', '?')}:{lease.get('path', '?')}"
+    job_dir = os.path.dirname(str(lease.get("path", "?")))
+    command = shlex.join(
+        ["python3", os.path.join(job_dir, "db_storage.py"), "copy-back", "--db-dir", db_dir, "--job-dir", job_dir]
+    )
+    raise StorageError(
+        f"job {lease.get('job', '?')} ran the database on {where} and its copy-back did not finish, so "
+        f"{os.path.join(db_dir, 'data')} may be older than those files. Copy them back first, from a job on that "
+        f"node: srun --nodelist={lease.get('node', '?')} {command} --node {lease.get('node', '?')}; or, if they "
+        f"are lost (the node failed), remove {os.path.join(db_dir, LEASE)} to start from the older copy"
+    )
+
+
 def swap_in(db_dir: str, new: str, how: str = "auto") -> str:
     """Make the complete copy ``new`` (marked) ``<db_dir>/data``; remove the old one; say how.
 
@@ -424,6 +482,7 @@ def swap_in(db_dir: str, new: str, how: str = "auto") -> str:
     if not os.path.lexists(data):
         os.rename(new, data)
         fsync_directory(db_dir)
+        release_lease(db_dir, str((read_marker(data) or {}).get("source")))
         clear_marker(data)
         return "a rename (there was no previous copy)"
     if how != "rename" and exchange(new, data):
@@ -443,6 +502,8 @@ def swap_in(db_dir: str, new: str, how: str = "auto") -> str:
             raise
         fsync_directory(db_dir)
         method = "two renames" + (" (no atomic exchange on this file system)" if how == "auto" else "")
+    # Before the mark goes: a job killed in between leaves a marked data, which tells recover() to release it.
+    release_lease(db_dir, str((read_marker(data) or {}).get("source")))
     try:
         clear_marker(data)
     except (OSError, StorageError) as exc:
@@ -479,6 +540,7 @@ def recover(db_dir: str, how: str = "auto") -> list:
             "tell which is the newest; keep the one you want as data and remove the others"
         )
     if os.path.isdir(data) and read_marker(data) is not None:
+        release_lease(db_dir, str(read_marker(data).get("source")))
         clear_marker(data)
         done.append(f"{data} was swapped in; its completeness mark is removed")
     if complete:
@@ -518,10 +580,11 @@ def recover(db_dir: str, how: str = "auto") -> list:
 
 
 # ------------------------------------------------------------------ the commands
-def stage_in(db_dir: str, job_dir: str, node: str) -> str:
+def stage_in(db_dir: str, job_dir: str, node: str, job: str = "") -> str:
     """Copy ``<db_dir>/data`` to ``<job_dir>/data``, checked; return that path."""
     for line in recover(db_dir):
         say(f"recovered an interrupted copy-back: {line}")
+    refuse_an_unfinished_lease(db_dir)
     source = os.path.join(db_dir, "data")
     if not os.path.isdir(source):
         try:
@@ -544,6 +607,7 @@ def stage_in(db_dir: str, job_dir: str, node: str) -> str:
     started = time.monotonic()
     try:
         copy_tree(source, target)
+        write_lease(db_dir, {"job": job, "node": node, "path": target, "since": time.time()})
     except BaseException:
         remove_tree(target)
         raise
@@ -629,7 +693,7 @@ def main(argv: list) -> int:
     if args.command == "stage-in":
         signal.signal(signal.SIGTERM, _interrupted)
         try:
-            stage_in(db_dir, job_dir, args.node)
+            stage_in(db_dir, job_dir, args.node, args.job)
         except (StorageError, OSError, KeyboardInterrupt) as exc:
             reason = "stopped by a signal" if isinstance(exc, KeyboardInterrupt) else str(exc)
             say(f"stage-in failed: {reason}. The database did not start; {db_dir}/data is unchanged.")
