@@ -677,7 +677,7 @@ def test_the_probe_knows_a_node_local_server_by_its_data_directory(slurm_testbed
 @pytest.mark.slurm
 def test_sigkill_of_the_server_mid_write_loses_no_acknowledged_data(slurm_testbed, shared_dir):
     workload = Workload()
-    with nx_cluster(shared_dir) as cluster:
+    with nx_cluster(shared_dir, db_restarts=0) as cluster:  # the copy-back alone (restarts: below)
         db = cluster.get_db_client()
         workload.store(db)
         stop = threading.Event()
@@ -694,6 +694,31 @@ def test_sigkill_of_the_server_mid_write_loses_no_acknowledged_data(slurm_testbe
     assert "db exited with status 137" in text and "copy-back done" in text
     assert dbstorage.copy_back_failure(text) is None
     assert len(workload.documents) > 200, "the writer should have had time to write"
+    reopen_and_check(shared_dir, workload)
+
+
+@pytest.mark.slurm
+def test_a_node_local_database_brought_back_in_place_has_everything_acknowledged(slurm_testbed, shared_dir):
+    """SIGKILL mid-write with db_restarts (the default): copy-back, then the cluster's new job stages it in."""
+    workload = Workload()
+    with nx_cluster(shared_dir) as cluster:
+        db = cluster.get_db_client()
+        workload.store(db)
+        stop = threading.Event()
+        writer = workload.keep_writing(db, stop, "r")
+        time.sleep(1.0)
+        first, first_log = cluster.db_job.job_id, Path(cluster.db_job.log_path)
+        os.kill(server_pid(cluster), signal.SIGKILL)
+        writer.join(timeout=60)
+        stop.set()
+        wait_until_gone([first], 60)  # the job outlives its server by the copy-back
+        again = cluster.get_db_client()  # waits until the database is back
+        assert cluster.db_job.job_id != first
+        workload.check(again)
+        second_log = Path(cluster.db_job.log_path).read_text()
+    text = first_log.read_text()
+    assert "db exited with status 137" in text and "copy-back done" in text
+    assert "stage-in done" in second_log and len(workload.documents) > 200
     reopen_and_check(shared_dir, workload)
 
 
@@ -745,7 +770,7 @@ def test_a_killed_notebook_copies_its_database_back(slurm_testbed, shared_dir):
 def test_the_walltime_notice_stops_the_server_and_copies_back_in_time(slurm_testbed, shared_dir):
     """db_walltime of 2 minutes: Slurm's USR1 comes about a minute before; the job ends before the limit."""
     workload = Workload()
-    with nx_cluster(shared_dir, db_walltime="2") as cluster:
+    with nx_cluster(shared_dir, db_walltime="2", db_restarts=0) as cluster:  # no relay: the notice alone
         script = Path(cluster.db_job.script_path).read_text()
         assert "#SBATCH --signal=B:USR1@60\n" in script  # half of the walltime: the cap
         db = cluster.get_db_client()
