@@ -180,8 +180,16 @@ def server_dbpath(job_name: str | None = None) -> DbPathPattern:
 
 
 _STAGED = re.compile(r"^mspass_cluster: stage-in done: (?P<where>.+) is the server's copy of (?P<data>.+) \(", re.M)
+_STARTED = re.compile(r"^mspass_cluster: copy-back started: (?P<where>.+) to (?P<data>.+) \(", re.M)
 _FAILED = re.compile(r"^mspass_cluster: (?P<sentence>copy-back failed: .*)$", re.M)
 _FINISHED = re.compile(r"^mspass_cluster: copy-back (done|verified): ", re.M)
+
+
+def _last(pattern: re.Pattern, text: str) -> re.Match | None:
+    found = None
+    for found in pattern.finditer(text):
+        pass
+    return found
 
 
 def copy_back_failure(log_text: str) -> str | None:
@@ -191,10 +199,14 @@ def copy_back_failure(log_text: str) -> str | None:
     finished: swapped in, or checked complete (a swap cut short by the end of
     the job is completed by the next start on ``db_dir``). Otherwise one
     sentence: the copy-back's own failure line (what failed, that
-    ``<db_dir>/data`` is the previous complete copy, and ``<node>:<path>`` of
-    the newer files), or, when the job ended before the copy-back did (a
-    SIGKILL), the same facts from the stage-in line. A database restarted on
-    ``db_dir`` then would lose those newer files.
+    ``<db_dir>/data`` is the previous complete copy, ``<node>:<path>`` of the
+    newer files, and the command that copies them back), or, when the job
+    ended before its copy-back did (SIGKILL at Slurm's ``KillWait``), the same
+    facts from the copy-back's first line or the stage-in's. The end of the
+    log is enough (the copy-back's lines are its last) except for a job
+    killed before its copy-back began, which only the stage-in line, at the
+    start, tells. A database restarted on ``db_dir`` then would refuse to
+    start anyway (``<db_dir>/node-local.json``, see ``templates/db_storage.py``).
 
     >>> copy_back_failure("mspass_cluster: db starting on n1\\n")
     >>> log = ("mspass_cluster: stage-in done: n2:/tmp/j/data is the server's copy of /w/db/data (3 files)\\n"
@@ -202,20 +214,18 @@ def copy_back_failure(log_text: str) -> str | None:
     >>> copy_back_failure(log)
     'copy-back did not finish (the job ended first): /w/db/data is the previous complete copy; the newer files are on n2:/tmp/j/data.'
     """
-    staged = None
-    for staged in _STAGED.finditer(log_text):
-        pass
-    if staged is None:
+    last = None
+    for match in (_last(_STAGED, log_text), _last(_STARTED, log_text), _last(_FAILED, log_text)):
+        if match is not None and (last is None or match.start() > last.start()):
+            last = match
+    if last is None:
         return None
-    after = log_text[staged.end() :]
-    failed = None
-    for failed in _FAILED.finditer(after):
-        pass
-    if failed is not None:
-        return failed.group("sentence")
+    after = log_text[last.end() :]
+    if last.re is _FAILED:
+        return last.group("sentence")
     if _FINISHED.search(after):
         return None
     return (
-        f"copy-back did not finish (the job ended first): {staged.group('data')} is the previous complete copy; "
-        f"the newer files are on {staged.group('where')}."
+        f"copy-back did not finish (the job ended first): {last.group('data')} is the previous complete copy; "
+        f"the newer files are on {last.group('where')}."
     )
