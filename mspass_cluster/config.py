@@ -285,10 +285,22 @@ def check_consistency(options: ClusterOptions) -> None:
             f"memory={options.memory!r} over processes={options.processes} leaves each Dask worker process "
             f"{per_process // 2**20} MiB, below the 256 MiB one needs. Give more memory or fewer processes."
         )
+    local_dir = options.db_local_dir
+    if local_dir and local_dir.startswith("/") and _inside(local_dir, options.db_dir):
+        raise ConfigError(
+            f"db_local_dir={local_dir!r} lies in db_dir={options.db_dir!r}, on the file system every node shares: "
+            "the node-local copy would land beside the data it copies. Give a directory on the database node's own "
+            "disk, e.g. db_local_dir='/tmp' or '$TMPDIR' (the default)."
+        )
     if not re.fullmatch(r"[A-Za-z0-9_.-]+", options.job_name):
         raise ConfigError(
             f"job_name={options.job_name!r} may only hold letters, digits, '.', '_' and '-', e.g. job_name='mspass'."
         )
+
+
+def _inside(path: str, directory: str) -> bool:
+    path, directory = os.path.normpath(path), os.path.normpath(directory)
+    return path == directory or path.startswith(directory.rstrip("/") + "/")
 
 
 if __name__ == "__main__":

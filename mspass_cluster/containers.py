@@ -131,8 +131,13 @@ def wrap(
     extra_args: list[str] = (),
     gpu: bool = False,
     cleanenv: bool = True,
+    node_binds: list[str] = (),
 ) -> tuple[list[str], list[str]]:
     """Turn a role's argv into a container command.
+
+    ``node_binds`` are shell words evaluated by the job on its node (e.g.
+    ``'"$db_job_dir"'``), each bound at the same path with a ``--bind`` of
+    its own.
 
     Returns
     -------
@@ -172,6 +177,8 @@ def wrap(
         command.append("--nv")
     if binds:
         command += ["--bind", ",".join(b.spec() for b in binds)]
+    for word in node_binds:
+        command += ["--bind", RawShell(word)]
     command += [*extra_args, container, *argv]
     return setup, command
 

@@ -8,11 +8,14 @@ prefers MsPASS's class when ``mspasspy`` is installed.
 
 from __future__ import annotations
 
+import fnmatch
 import os
 
 import pymongo
 from pymongo.errors import PyMongoError
 from pymongo.monitoring import ServerHeartbeatListener
+
+from .dbstorage import DbPathPattern
 
 __all__ = ["DBClient", "get_db_client", "ping", "connection_string", "retire_client", "watch_server"]
 
@@ -109,6 +112,12 @@ def watch_server(uri: str, on_failure, every: float = 0.5) -> pymongo.MongoClien
     )
 
 
+def _same_dbpath(theirs: str, ours: str) -> bool:
+    if isinstance(ours, DbPathPattern):
+        return fnmatch.fnmatchcase(os.path.normpath(theirs), ours)
+    return os.path.normpath(theirs) == os.path.normpath(ours)
+
+
 def ping(uri: str, timeout: float = 1.0, dbpath: str | None = None) -> str | None:
     """Ask the server at ``uri`` for ``ping``, and whether it is the one started on ``dbpath``.
 
@@ -117,7 +126,9 @@ def ping(uri: str, timeout: float = 1.0, dbpath: str | None = None) -> str | Non
     fails to start, and an answered ping alone would hand the user someone
     else's database. With ``dbpath``, the server's ``getCmdLineOpts`` must
     report that data directory; a server that does not tell (no such
-    command, or not allowed) is taken at its word.
+    command, or not allowed) is taken at its word. A node-local server's
+    ``dbpath`` is a :class:`~mspass_cluster.dbstorage.DbPathPattern`, matched
+    with :func:`fnmatch.fnmatchcase` (its directory is the node's own).
 
     Returns
     -------
@@ -137,7 +148,7 @@ def ping(uri: str, timeout: float = 1.0, dbpath: str | None = None) -> str | Non
         except PyMongoError:
             return None
         theirs = (parsed.get("storage") or {}).get("dbPath")
-        if theirs and os.path.normpath(str(theirs)) != os.path.normpath(dbpath):
+        if theirs and not _same_dbpath(str(theirs), dbpath):
             return f"a server that is not this cluster's answers there (its dbPath is {theirs}, not {dbpath})"
         return None
     except PyMongoError as exc:

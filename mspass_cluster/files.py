@@ -55,6 +55,7 @@ __all__ = [
     "directory_mode",
     "file_mode",
     "prepare_directories",
+    "directory_bytes",
     "create_private_dir",
     "remove_private_dir",
     "write_file",
@@ -269,6 +270,20 @@ def _probe_writable(path: str) -> None:
     fd, probe = tempfile.mkstemp(prefix=".mspass-cluster-write-test-", dir=path)
     os.close(fd)
     os.unlink(probe)
+
+
+def directory_bytes(path: str) -> int:
+    """The bytes of the files under ``path`` (0 when it does not exist; unreadable entries are skipped)."""
+    total = 0
+    for root, _, names in os.walk(path):
+        for name in names:
+            try:
+                info = os.lstat(os.path.join(root, name))
+            except OSError:
+                continue
+            if stat.S_ISREG(info.st_mode):
+                total += info.st_size
+    return total
 
 
 def prepare_directories(options) -> None:

@@ -18,6 +18,7 @@ from typing import Any
 from dask.utils import parse_bytes
 
 from .containers import RUNTIMES, container_active
+from .dbstorage import STORAGES
 
 __all__ = [
     "Option",
@@ -43,7 +44,7 @@ class Option:
     default: Any
     doc: str
     env: str | tuple | None = None
-    kind: str = "str"  # str, choice, int, bool, list, path, memory, walltime, float, lifetime
+    kind: str = "str"  # str, choice, int, bool, list, path, node_path, memory, walltime, float, lifetime
     #: Keys of dask-jobqueue's ``jobqueue.slurm`` section with this meaning; a deprecated name after the
     #: current one is read only when the current one is unset, as dask-jobqueue does.
     jobqueue: tuple = ()
@@ -276,6 +277,18 @@ OPTIONS: tuple[Option, ...] = (
         "one before ``db_walltime``. 0: a lost database stays lost.",
         kind="int",
     ),
+    Option(
+        "db_storage",
+        "shared",
+        "Where the database server keeps its files while it runs. `shared`: on ``<db_dir>/data`` itself. `node-local`: on a copy in ``db_local_dir`` on its node (faster than a parallel file system), staged in at start and copied back atomically when the server stops, before the job's walltime (Slurm's signal, sized from the data) and when the notebook dies; see Node-local database.",
+        kind="choice",
+    ),
+    Option(
+        "db_local_dir",
+        None,
+        "With ``db_storage='node-local'``: the directory on the database node's own disk that holds the copy, an absolute path or ``$VARIABLE[/path]`` evaluated on the node. Default: ``$TMPDIR``, else ``/tmp``.",
+        kind="node_path",
+    ),
     # --- waiting and watching
     Option(
         "startup_timeout",
@@ -299,7 +312,7 @@ OPTIONS: tuple[Option, ...] = (
 )
 
 _BY_NAME = {o.name: o for o in OPTIONS}
-CHOICES = {"container_runtime": RUNTIMES, "backend": ("auto", "slurm", "allocation", "local")}
+CHOICES = {"container_runtime": RUNTIMES, "backend": ("auto", "slurm", "allocation", "local"), "db_storage": STORAGES}
 
 
 @dataclass(frozen=True)
@@ -349,6 +362,8 @@ class ClusterOptions:
     db_walltime: str
     db_restarts: int
     db_extra_directives: list
+    db_storage: str
+    db_local_dir: str | None
     startup_timeout: float
     poll_interval: float
     command_timeout: float

@@ -21,10 +21,10 @@ from importlib import resources
 
 from dask.utils import format_bytes, parse_bytes
 
-from . import containers
+from . import containers, dbstorage
 from ._version import __version__
 from .config import ClusterOptions, parse_walltime
-from .files import cluster_umask
+from .files import cluster_umask, directory_bytes
 from .security import CredentialFiles
 from .slurm import build_directives
 
@@ -34,6 +34,9 @@ __all__ = [
     "lifetime_args",
     "db_argv",
     "db_data_path",
+    "db_storage_lines",
+    "db_copy_back_lines",
+    "open_files_lines",
     "service_environment",
     "role_environment",
     "render_job_script",
@@ -141,8 +144,15 @@ def lifetime_args(options: ClusterOptions) -> list[str]:
     return ["--lifetime", f"{walltime - margin - stagger}s", "--lifetime-stagger", f"{stagger}s"]
 
 
-def db_data_path(options: ClusterOptions) -> str:
-    """The server's data directory, ``<db_dir>/data`` as in MsPASS's scripts."""
+def db_data_path(options: ClusterOptions, job_name: str | None = None) -> str:
+    """The server's data directory as the notebook knows it (the readiness probe checks it).
+
+    ``<db_dir>/data``, as in MsPASS's scripts; with ``db_storage="node-local"``
+    the job's own copy on its node, known here only as a
+    :class:`~mspass_cluster.dbstorage.DbPathPattern` (``*/mspass_cluster-<job_name>-*/data``).
+    """
+    if options.db_storage == "node-local":
+        return dbstorage.server_dbpath(job_name)
     return os.path.join(options.db_dir, "data")
 
 
@@ -152,8 +162,10 @@ def db_cache_gb(memory: str) -> float:
     return max(0.25, round(0.5 * (gigabytes - 1.0), 2))
 
 
-def db_argv(options: ClusterOptions, local: bool = False, tls: CredentialFiles | None = None) -> list[str]:
-    """Database server command line.
+def db_argv(
+    options: ClusterOptions, local: bool = False, tls: CredentialFiles | None = None, dbpath: str | None = None
+) -> list[str]:
+    """Database server command line, on ``dbpath`` (default ``<db_dir>/data``).
 
     With ``tls`` (and its database files): TLS required on every connection,
     with a client certificate from the cluster's CA (``--tlsCAFile``, no
@@ -172,7 +184,7 @@ def db_argv(options: ClusterOptions, local: bool = False, tls: CredentialFiles |
         "--port",
         str(options.db_port),
         "--dbpath",
-        db_data_path(options),
+        os.path.join(options.db_dir, "data") if dbpath is None else dbpath,
         *(["--bind_ip", "127.0.0.1"] if local else ["--bind_ip_all"]),
         "--nounixsocket",
         "--wiredTigerCacheSizeGB",
@@ -241,6 +253,173 @@ def db_users_lines(options: ClusterOptions, tls: CredentialFiles, wrap=None) -> 
         "    exit 1",
         ") &",
         "users_pid=$!",
+    ]
+
+
+#: Open files each role needs. The database: MongoDB's recommendation for ``ulimit -n`` (its production
+#: notes), since WiredTiger keeps a file per collection and per index open besides one per connection
+#: (MsPASS issues #532, #617, #669). A Dask worker process: a connection to the scheduler and to each peer it
+#: exchanges data with (up to every other worker process of the cluster), a file per chunk it spilled
+#: while reading it, MsPASS's MongoDB connection pool (up to 100) and the data files a task reads; 8192
+#: leaves room for a thousand peers.
+OPEN_FILES = {"db": 64000, "worker": 8192}
+_NEEDS_FILES = {
+    "db": ("MongoDB recommends", "the database"),
+    "worker": ("a Dask worker process may need", "a worker"),
+}
+
+
+def open_files_lines(role: str) -> list[str]:
+    """Shell lines raising the open-files soft limit to the hard one, and saying so when the hard one is low.
+
+    The line names the limit, the node, what the role needs and what to
+    ask the administrators, because only they can raise a hard limit.
+    """
+    need = OPEN_FILES[role]
+    recommends, who = _NEEDS_FILES[role]
+    return [
+        f"# Open files: the soft limit up to the hard one, which should be {need} or more ({role}).",
+        "open_files=$(ulimit -Hn)",
+        'ulimit -n "$open_files" 2>/dev/null || true',
+        f'if [ "$open_files" != unlimited ] && [ "$open_files" -lt {need} ]; then',
+        f'    echo "mspass_cluster: open files: the hard limit on $(hostname) is $open_files, below the {need} '
+        f"{recommends}; {who} may fail with 'Too many open files'. Ask your administrators to raise the hard "
+        f'nofile limit of jobs to {need} or more (LimitNOFILE of slurmd, or /etc/security/limits.conf)"',
+        "fi",
+    ]
+
+
+#: Ends the here-document that carries ``templates/db_storage.py`` into the job script.
+_STORAGE_END = "MSPASS_DB_STORAGE_END"
+
+
+def _storage_script() -> str:
+    body = resources.files(__package__).joinpath("templates/db_storage.py").read_text()
+    if _STORAGE_END in body:  # pragma: no cover - a template that would end its own here-document
+        raise ValueError(f"templates/db_storage.py must not contain {_STORAGE_END}")
+    return body.rstrip("\n")
+
+
+def db_storage_lines(options: ClusterOptions, job_name: str, wrap=None) -> list[str]:
+    """Shell lines that make the server's data directory ready before it starts.
+
+    ``shared``: ``<db_dir>/data`` itself, refused while a complete copy made by
+    an interrupted node-local copy-back waits beside it (running on the
+    older copy would hide the newer one). ``node-local``: a fresh private
+    directory ``$db_job_dir`` under ``db_local_dir`` on the node, holding
+    ``templates/db_storage.py`` (stdlib only: it runs with the role's Python,
+    in the container when there is one, through ``wrap``), which stages
+    ``<db_dir>/data`` into ``$db_job_dir/data``, where the server runs (see its docstring).
+    """
+    data = os.path.join(options.db_dir, "data")
+    if options.db_storage != "node-local":
+        news = shlex.quote(os.path.join(options.db_dir, "data.new-")) + "*/.mspass_cluster-complete"
+        olds = shlex.quote(os.path.join(options.db_dir, "data.old-")) + "*"
+        lease = shlex.quote(os.path.join(options.db_dir, "node-local.json"))
+        return [
+            "# A node-local copy-back cut short may have left the newest data elsewhere: beside data, or (see",
+            "# node-local.json) on a node, or data missing between two renames: never start on an older copy.",
+            f"for leftover in {lease} {news} {olds}; do",
+            '    [ -e "$leftover" ] || continue',
+            f'    case "$leftover" in */data.old-*) [ -d {shlex.quote(data)} ] && continue ;; esac',
+            '    echo "mspass_cluster: ${leftover%/.mspass_cluster-complete} was left by a node-local database whose '
+            f"copy-back did not finish, so {data} may be older than its newest data. Start the database once with "
+            "db_storage='node-local', which completes the copy-back or says where the newest files are and what "
+            'to do" >&2',
+            "    exit 1",
+            "done",
+            shlex.join(["mkdir", "-p", data]),
+        ]
+    wrap = wrap or (lambda command: command)
+    stage_in = wrap(
+        [
+            options.python,
+            containers.RawShell('"$db_job_dir/db_storage.py"'),
+            "stage-in",
+            "--db-dir",
+            options.db_dir,
+            "--job-dir",
+            containers.RawShell('"$db_job_dir"'),
+            "--node",
+            containers.RawShell('"$db_node"'),
+            "--job",
+            containers.RawShell('"${SLURM_JOB_ID:-$$}"'),
+        ]
+    )
+    variable = dbstorage.local_dir_variable(options.db_local_dir)
+    lines = [
+        "# --- node-local storage (db_storage='node-local'): the server runs on a copy of the data on this node",
+        "db_node=${SLURMD_NODENAME:-$(hostname)}",
+    ]
+    if variable:
+        lines += [
+            f'if [ -z "${{{variable}:-}}" ]; then',
+            f'    echo "mspass_cluster: stage-in failed: db_local_dir="{shlex.quote(options.db_local_dir)}" but '
+            f"{variable} is not set on $db_node; give db_local_dir a directory on the node's own disk\" >&2",
+            "    exit 1",
+            "fi",
+        ]
+    lines += [
+        f"db_local_dir={dbstorage.local_dir_word(options.db_local_dir)}",
+        f'if ! db_job_dir=$(mktemp -d "$db_local_dir/{dbstorage.job_dir_template(job_name)}"); then',
+        '    echo "mspass_cluster: stage-in failed: cannot make a directory in db_local_dir=$db_local_dir on '
+        "$db_node (see the line above); give db_local_dir a writable directory on the node's own disk\" >&2",
+        "    exit 1",
+        "fi",
+    ]
+    if options.in_container:
+        lines += [
+            'case "$db_job_dir" in *[,:]*)',
+            "    echo \"mspass_cluster: stage-in failed: $db_job_dir holds a ',' or ':', which the container "
+            'runtime cannot bind; give db_local_dir a directory without them" >&2',
+            '    rm -rf -- "$db_job_dir"',
+            "    exit 1",
+            "esac",
+        ]
+    lines += [
+        f"cat > \"$db_job_dir/db_storage.py\" <<'{_STORAGE_END}'",
+        _storage_script(),
+        _STORAGE_END,
+        f"if ! {containers.join(stage_in)}; then",
+        '    rm -rf -- "$db_job_dir"',
+        "    exit 1",
+        "fi",
+    ]
+    return lines
+
+
+def db_copy_back_lines(options: ClusterOptions, wrap=None) -> list[str]:
+    """Shell lines run once the server exited: the node-local copy goes back to ``<db_dir>/data`` (atomically).
+
+    A failed copy-back makes the job fail (``job_status``) even when the
+    server stopped cleanly; its log then says why and where the newer files
+    are (see :func:`mspass_cluster.dbstorage.copy_back_failure`).
+    """
+    if options.db_storage != "node-local":
+        return []
+    wrap = wrap or (lambda command: command)
+    copy_back = wrap(
+        [
+            options.python,
+            containers.RawShell('"$db_job_dir/db_storage.py"'),
+            "copy-back",
+            "--db-dir",
+            options.db_dir,
+            "--job-dir",
+            containers.RawShell('"$db_job_dir"'),
+            "--node",
+            containers.RawShell('"$db_node"'),
+            "--job",
+            containers.RawShell('"${SLURM_JOB_ID:-$$}"'),
+        ]
+    )
+    return [
+        "# --- node-local storage: copy the data back to db_dir (atomically), however the server ended",
+        f"if {containers.join(copy_back)}; then",
+        '    rm -rf -- "$db_job_dir"',
+        "else",
+        '    [ "$job_status" -ne 0 ] || job_status=1',
+        "fi",
     ]
 
 
@@ -344,12 +523,15 @@ def render_job_script(
     argv: list[str],
     watchdog: list[str] = (),
     after_start: list[str] = (),
+    after_exit: list[str] = (),
     umask: int | None = None,
 ) -> str:
     """Fill the job-script template; every value is shell-quoted except prologue lines.
 
     With ``umask`` (077 with ``security``) the script sets it first, so that
     nothing the job creates (database files, spill files) is readable by others.
+    ``after_exit`` runs once the server exited and ``$status`` holds its exit
+    status; it may set ``job_status``, the job's own (the server's by default).
     """
     template = _ScriptTemplate(resources.files(__package__).joinpath("templates/job.sh").read_text())
     return template.substitute(
@@ -364,6 +546,7 @@ def render_job_script(
         command=containers.join(argv),
         watchdog="\n".join(watchdog),
         after_start="\n".join(after_start),
+        after_exit="\n".join(after_exit),
     )
 
 
@@ -379,6 +562,7 @@ def build_job_script(
     heartbeat: str | None = None,
     tls: CredentialFiles | None = None,
     extra_directives=(),
+    db_data_bytes: int = 0,
 ) -> tuple[str, str]:
     """The complete job script for ``role`` and its ``--output`` pattern.
 
@@ -405,6 +589,10 @@ def build_job_script(
     extra_directives : sequence of str
         Slurm options for this one job, after every other (e.g. the
         ``--dependency`` and ``--nodelist`` of a database brought back).
+    db_data_bytes : int
+        The size of ``<db_dir>/data`` now: with ``db_storage="node-local"``
+        it sizes the notice Slurm gives the database job before its walltime
+        (:func:`mspass_cluster.dbstorage.signal_directive`) to copy back.
 
     Returns
     -------
@@ -414,7 +602,11 @@ def build_job_script(
     """
     output = os.path.join(options.log_dir, f"{job_name}-%j.out")
     cd = shlex.join(["cd", options.work_dir])
+    node_local = role == "db" and options.db_storage == "node-local"
     if role == "db":
+        copy_back_notice = (
+            [dbstorage.signal_directive(db_data_bytes, parse_walltime(options.db_walltime))] if node_local else []
+        )
         directives = build_directives(
             job_name=job_name,
             output=output,
@@ -425,15 +617,15 @@ def build_job_script(
             partition=options.db_partition,
             account=options.account,
             qos=options.qos,
-            extra=[*options.job_extra_directives, *options.db_extra_directives, *extra_directives],
+            extra=[
+                *copy_back_notice,
+                *options.job_extra_directives,
+                *options.db_extra_directives,
+                *extra_directives,
+            ],
         )
-        setup = [
-            cd,
-            shlex.join(["mkdir", "-p", db_data_path(options)]),
-            "# MongoDB needs many open files (MsPASS issues #617, #532).",
-            'ulimit -n "$(ulimit -Hn)" 2>/dev/null || true',
-        ]
-        argv = db_argv(options, local, tls)
+        setup = [cd, *open_files_lines(role)]
+        argv = db_argv(options, local, tls, containers.RawShell('"$db_job_dir/data"') if node_local else None)
     elif role == "worker":
         directives = build_directives(
             job_name=job_name,
@@ -447,7 +639,7 @@ def build_job_script(
             qos=options.qos,
             extra=[*options.job_extra_directives, *extra_directives],
         )
-        setup = [cd, shlex.join(["mkdir", "-p", options.worker_dir])]
+        setup = [cd, shlex.join(["mkdir", "-p", options.worker_dir]), *open_files_lines(role)]
         argv = worker_argv(options, scheduler_address, job_name, tls, local)
     else:
         raise ValueError(f"role={role!r} is not one of {ROLES}")
@@ -468,13 +660,19 @@ def build_job_script(
                 extra_args=options.container_args,
                 gpu=options.gpu,
                 cleanenv=options.container_cleanenv,
+                # The node-local copy is made on the node: its path is the job's.
+                node_binds=['"$db_job_dir"'] if node_local else [],
             )
 
         container_setup, argv = wrap(argv)
         setup = setup + container_setup
-    after_start = []
+    in_image = wrap and (lambda command: wrap(command)[1])
+    after_start, after_exit = [], []
+    if role == "db":
+        setup = setup + db_storage_lines(options, job_name, in_image)
+        after_exit = db_copy_back_lines(options, in_image)
     if role == "db" and tls is not None and tls.db_server_pem:
-        after_start = db_users_lines(options, tls, wrap and (lambda command: wrap(command)[1]))
+        after_start = db_users_lines(options, tls, in_image)
     private_dir = tls.private_dir if tls is not None else None
     watchdog = heartbeat_watchdog(heartbeat, options.orphan_timeout, private_dir) if heartbeat else []
     script = render_job_script(
@@ -487,6 +685,7 @@ def build_job_script(
         argv=argv,
         watchdog=watchdog,
         after_start=after_start,
+        after_exit=after_exit,
         umask=cluster_umask(options),
     )
     return script, output
@@ -516,7 +715,12 @@ class ScriptContext:
         return dataclasses.replace(self, **facts)
 
     def render(self, role: str, job_name: str, directives=()) -> tuple[str, str]:
-        """The job script of ``role`` named ``job_name`` (with Slurm's extra ``directives``), and its log pattern."""
+        """The job script of ``role`` named ``job_name`` (with Slurm's extra ``directives``), and its log pattern.
+
+        A node-local database's script depends on the size of ``<db_dir>/data``
+        now (the notice before its walltime), measured here.
+        """
+        node_local = role == "db" and self.options.db_storage == "node-local"
         return build_job_script(
             self.options,
             role,
@@ -528,4 +732,5 @@ class ScriptContext:
             heartbeat=self.heartbeat,
             tls=self.tls,
             extra_directives=directives,
+            db_data_bytes=directory_bytes(os.path.join(self.options.db_dir, "data")) if node_local else 0,
         )

@@ -12,6 +12,7 @@ import re
 
 from dask.utils import parse_bytes, parse_timedelta
 
+from .dbstorage import check_local_dir
 from .errors import ConfigError
 from .options import CHOICES, Option
 
@@ -138,6 +139,11 @@ def coerce(option: Option, value):
         return str(value).strip()
     if option.kind == "lifetime":
         return _check_lifetime(name, value)
+    if option.kind == "node_path":
+        try:
+            return check_local_dir(name, value)
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
     if option.kind == "path":
         # Checked again once expanded: a variable's value lands in the scripts too.
         return _one_line(name, os.path.abspath(os.path.expanduser(os.path.expandvars(str(value)))))

@@ -22,7 +22,9 @@ echo "mspass_cluster: @{role} starting on $(hostname) at $(date '+%Y-%m-%dT%H:%M
 @{command} &
 server_pid=$!
 forward_signal() { kill -TERM "$server_pid" 2>/dev/null; }
-trap forward_signal TERM INT USR1
+trap forward_signal TERM INT
+# Slurm's notice ahead of the walltime (--signal=B:USR1@@N, node-local db_storage): stop in time.
+trap 'echo "mspass_cluster: @{role} job near its walltime (SIGUSR1 from Slurm): stopping the server"; forward_signal' USR1
 @{watchdog}
 @{after_start}
 
@@ -51,5 +53,7 @@ if [ -n "${users_pid:-}" ]; then
         if [ "$users_status" -ne 0 ]; then status=$users_status; fi
     fi
 fi
+job_status=$status
+@{after_exit}
 echo "mspass_cluster: @{role} exited with status $status at $(date '+%Y-%m-%dT%H:%M:%S')"
-exit "$status"
+exit "$job_status"
