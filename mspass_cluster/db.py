@@ -81,21 +81,24 @@ def retire_client(client, error: Exception) -> None:
 
 
 class _Alarm(ServerHeartbeatListener):
-    def __init__(self, on_failure):
+    def __init__(self, on_failure, on_success=None):
         self.on_failure = on_failure
+        self.on_success = on_success
 
     def started(self, event):
         pass
 
     def succeeded(self, event):
-        pass
+        if self.on_success is not None:
+            self.on_success()
 
     def failed(self, event):
         self.on_failure()
 
 
-def watch_server(uri: str, on_failure, every: float = 0.5) -> pymongo.MongoClient:
-    """pymongo's own server monitor as an alarm: ``on_failure()`` runs (in pymongo's thread) at each failed heartbeat.
+def watch_server(uri: str, on_failure, on_success=None, every: float = 0.5) -> pymongo.MongoClient:
+    """pymongo's own server monitor as an alarm: ``on_failure()`` runs (in pymongo's thread) at each failed heartbeat,
+    ``on_success()`` at each answered one.
 
     A server that dies closes the monitor's connection, so the first
     failure comes within milliseconds, then every ``every`` seconds (0.5 s
@@ -108,7 +111,7 @@ def watch_server(uri: str, on_failure, every: float = 0.5) -> pymongo.MongoClien
         directConnection=True,
         heartbeatFrequencyMS=ms,
         connectTimeoutMS=max(ms, 2000),
-        event_listeners=[_Alarm(on_failure)],
+        event_listeners=[_Alarm(on_failure, on_success)],
     )
 
 

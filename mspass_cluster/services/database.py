@@ -21,17 +21,18 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import re
 import shlex
 import time
 
 from dask.utils import parse_bytes
 
-from .. import dbdir
+from .. import dbdir, dbstorage
 from ..config import ClusterOptions, parse_walltime
 from ..db import connection_string, ping, watch_server
 from ..errors import CommandError, ConfigError, JobFailedError
-from ..files import file_mode
+from ..files import directory_bytes, file_mode
 from ..jobs import JOB_STOP_TIMEOUT, JobLauncher, JobPhase, TrackedJob, server_exit_status, tail
 from ..roles import db_data_path
 from ..security import CredentialFiles
@@ -48,17 +49,27 @@ DB_STOP_TIMEOUT = 300.0
 _ADDRESS_IN_USE = re.compile(r"address already in use|EADDRINUSE|errno 98\b|errno 48\b", re.IGNORECASE)
 
 
-def relay_lead(options: ClusterOptions) -> int:
+def relay_lead(options: ClusterOptions, data_bytes: int = 0) -> int:
     """Seconds before its walltime at which the database job hands over to the next one.
 
     A tenth of ``db_walltime``, at least one minute (a clean shutdown and
     Slurm's own time-limit check, which runs every 30 s or so), at most ten.
+    A node-local database (``db_storage``) hands over a minute before Slurm's
+    own notice to copy its ``data_bytes`` back (``--signal``, see
+    :func:`~mspass_cluster.dbstorage.signal_seconds`), so that the relay, not
+    the notice, stops it.
 
     >>> from mspass_cluster.config import resolve_options
     >>> relay_lead(resolve_options(db_walltime="00:02:00")), relay_lead(resolve_options(db_walltime="24:00:00"))
     (60, 600)
+    >>> relay_lead(resolve_options(db_walltime="01:00:00", db_storage="node-local"), 10 * 2**30)
+    530
     """
-    return min(600, max(60, parse_walltime(options.db_walltime) // 10))
+    walltime = parse_walltime(options.db_walltime)
+    lead = min(600, max(60, walltime // 10))
+    if options.db_storage == "node-local":
+        lead = max(lead, dbstorage.signal_seconds(data_bytes, walltime) + 60)
+    return lead
 
 
 class DatabaseService:
@@ -117,6 +128,10 @@ class DatabaseService:
         #: Slurm at once instead of at its next poll.
         self.alarm = asyncio.Event()
         self._watcher = None
+        #: True while the server's heartbeat fails: its job may still run (copying node-local data back).
+        self.server_silent = False
+        #: Bytes in ``<db_dir>/data`` when the last job was submitted (node-local storage sizes its notices from it).
+        self._data_bytes = 0
 
     @property
     def job_name(self) -> str:
@@ -169,6 +184,7 @@ class DatabaseService:
             mode=file_mode(self.options),
         )
         dbdir.claim(self.options.db_dir, self.cluster_name, **claim)
+        await self._measure_data()
         self.job = await self.launcher.submit("db", self.job_name)
         dbdir.claim(self.options.db_dir, self.cluster_name, db_job=f"{self.job.unit} {self.job.job_id}", **claim)
 
@@ -179,7 +195,7 @@ class DatabaseService:
         if self.job is None or self.job.state.kind != "running" or not self.job.node:
             return False
         uri = self.uri_for(self.host)
-        self.not_answering = await asyncio.to_thread(ping, uri, 1.0, db_data_path(self.options))
+        self.not_answering = await asyncio.to_thread(ping, uri, 1.0, db_data_path(self.options, self.job_name))
         if self.tls and self.not_answering and "AuthenticationFailed" in self.not_answering:
             self.not_answering = "its server answers; this cluster's user is being set up"
         if self.not_answering is None:
@@ -200,20 +216,36 @@ class DatabaseService:
             )
         return self.uri is not None
 
+    async def _measure_data(self) -> None:
+        if self.options.db_storage == "node-local":
+            self._data_bytes = await asyncio.to_thread(directory_bytes, os.path.join(self.options.db_dir, "data"))
+
+    def stop_timeout(self) -> float:
+        """Seconds a clean stop may take: ``DB_STOP_TIMEOUT``, or a node-local database's shutdown and copy-back."""
+        if self.options.db_storage != "node-local":
+            return DB_STOP_TIMEOUT
+        return max(DB_STOP_TIMEOUT, float(dbstorage.copy_back_seconds(self._data_bytes)))
+
     async def _watch(self, uri: str) -> None:
         """Watch the server's heartbeat, so that its end is known within a second, not at the next poll."""
         self._unwatch()
         loop = asyncio.get_running_loop()
 
         def failed():
+            self.server_silent = True
             try:
                 loop.call_soon_threadsafe(self.alarm.set)
             except RuntimeError:  # the loop is closed: nobody left to tell
                 pass
 
-        self._watcher = await asyncio.to_thread(watch_server, uri, failed)
+        def answered():
+            self.server_silent = False
+
+        self.server_silent = False
+        self._watcher = await asyncio.to_thread(watch_server, uri, failed, answered)
 
     def _unwatch(self) -> None:
+        self.server_silent = False
         watcher, self._watcher = self._watcher, None
         if watcher is not None:
             watcher.close()
@@ -314,11 +346,7 @@ class DatabaseService:
     @staticmethod
     def _copy_back_failure(job: TrackedJob) -> str | None:
         """What the job's log says of a failed copy-back of node-local data, or None."""
-        try:
-            from ..dbstorage import copy_back_failure
-        except ImportError:  # pragma: no cover - node-local storage not in this build
-            return None
-        return copy_back_failure(tail(job.log_path, 200))
+        return dbstorage.copy_back_failure(tail(job.log_path, 200))
 
     def lost(self) -> JobFailedError | None:
         """The database job's failure, once it ended while it was needed (and is not being brought back)."""
@@ -379,7 +407,7 @@ class DatabaseService:
         job = self.job
         if self.options.db_restarts <= 0 or job is None or not job.ready or job.stopping or job.time_left is None:
             return False
-        return job.time_left <= relay_lead(self.options)
+        return job.time_left <= relay_lead(self.options, self._data_bytes)
 
     async def _relay(self) -> None:
         """Hand over to a new job on the same data before the walltime: next job queued first, then a clean stop."""
@@ -409,6 +437,7 @@ class DatabaseService:
             directives.append(f"--dependency=afterany:{after.job_id}")
         if old is not None and old.node and await self._room_on(old.node, relay=after is not None):
             directives.append(f"--nodelist={old.node}")
+        await self._measure_data()
         try:
             self.job = await self.launcher.submit("db", self.job_name, directives=directives)
         except CommandError as exc:
@@ -504,6 +533,12 @@ class DatabaseService:
         elif not job.ready:
             logger.info(
                 "Database %s %s stopped while its server was starting (exit status %s).", job.unit, job.job_id, status
+            )
+        elif self._copy_back_failure(job):
+            logger.error(
+                "Cluster %s closed; its database server stopped, but %s",
+                self.cluster_name,
+                self._copy_back_failure(job),
             )
         elif status == 0:
             logger.info(

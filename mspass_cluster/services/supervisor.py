@@ -171,24 +171,40 @@ class Supervisor:
                     await self.on_database_moved()
                 self.database.moving = False
 
-    async def database_back(self, timeout: float) -> None:
-        """Raise the database's loss, or wait (up to ``timeout``) while it is being brought back.
+    def _database_away(self) -> bool:
+        """Being brought back, or its server silent (heartbeats fail) while its job still runs."""
+        return self.database.moving or getattr(self.database, "server_silent", False)
 
-        What it waits for (the new job's state and Slurm's reason) is logged
-        when the wait starts and once a minute after.
+    async def database_back(self, timeout: float) -> None:
+        """Raise the database's loss, or wait (up to ``timeout``) while it is away.
+
+        Away: being brought back, or its server not answering heartbeats
+        while its job still runs (a node-local database copies its data back
+        after its server stopped; the job's end then brings it back). What it
+        waits for (the job's state and Slurm's reason) is logged when the
+        wait starts and once a minute after.
         """
         await self.database.check()
-        if not self.database.moving:
+        if not self._database_away():
             return
         loop = asyncio.get_running_loop()
-        deadline, said, last = loop.time() + timeout, None, 0.0
-        while self.database.moving:
+        deadline, said, last, checked = loop.time() + timeout, None, 0.0, loop.time()
+        while self._database_away():
             if self.closing:
                 raise MsPASSClusterError("The cluster was closed while waiting for its database to come back.")
+            if not self.database.moving and loop.time() - checked >= 2.0:
+                checked = loop.time()
+                await self.database.check()  # its job's end, once the copy-back is done
             await self.tend_database()
-            if not self.database.moving:
+            if not self._database_away():
                 break
-            now, waiting = loop.time(), self.database.waiting_for() or "its new job"
+            now = loop.time()
+            waiting = self.database.waiting_for() or "its new job"
+            if not self.database.moving:
+                waiting = (
+                    f"its server, which does not answer, while {self.database.job.describe()} still runs (a "
+                    "node-local database copies its data back after its server stopped)"
+                )
             if said is None or (waiting != said and now - last > 10) or now - last > 60:
                 logger.info("Waiting for the database to come back: %s", waiting)
                 said, last = waiting, now
