@@ -208,6 +208,38 @@ def test_restarts_used_up_say_so_and_restart_database_brings_it_back(tmp_path):
         assert "lost" not in str(cluster)
 
 
+def test_a_database_that_cannot_come_back_says_why_and_restart_database_retries(tmp_path):
+    """The restarted server finds its port taken: the error says so, and that the cluster still runs."""
+    import socket
+
+    with MsPASSCluster(
+        backend="local", nodes=1, work_dir=str(tmp_path), db_command=NX_MONGOD, db_port=27517
+    ) as cluster:
+        cluster.get_db_client().mspass.wf.insert_one({"i": 1})
+        squatter = socket.socket()
+        squatter.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        os.kill(_server_pid(cluster), signal.SIGKILL)
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                squatter.bind(("127.0.0.1", 27517))
+                break
+            except OSError:
+                assert time.monotonic() < deadline, "the killed server's port stayed taken"
+                time.sleep(0.01)
+        squatter.listen()
+        try:
+            with pytest.raises(JobFailedError) as info:
+                cluster.get_db_client()
+            text = str(info.value)
+            assert "ended before the database came back" in text and "Another program already listens on" in text
+            assert "The cluster and its workers still run" in text and "cluster.restart_database()" in text
+        finally:
+            squatter.close()
+        cluster.restart_database()
+        assert cluster.get_db_client().mspass.wf.count_documents({}) == 1
+
+
 # ---------------------------------------------------------------- Slurm
 @pytest.mark.slurm
 def test_a_cancelled_or_killed_database_job_comes_back_and_nothing_acknowledged_is_lost(slurm_testbed, shared_dir):

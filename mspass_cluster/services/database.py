@@ -265,8 +265,8 @@ class DatabaseService:
             text += f", not answering yet ({self.not_answering})"
         return text
 
-    def startup_failure(self) -> JobFailedError | None:
-        """The error to raise when the job ended before the database answered."""
+    def startup_failure(self, coming_back: bool = False) -> JobFailedError | None:
+        """The error to raise when the job ended before the database answered (at start-up, or ``coming_back``)."""
         if not self.job.ended:
             return None
         fix = "Check db_command and the log above; print(cluster.job_script('db')) shows what ran."
@@ -288,9 +288,15 @@ class DatabaseService:
                 "another MongoDB, perhaps another user's on a shared node). Give this cluster a port of its own, "
                 f"e.g. db_port={port + 100}, or a node of its own with db_extra_directives=['--exclusive']."
             )
-        self.job.error = self.job.failure(
-            "ended before the database answered", "Every job of this cluster was cancelled. " + fix
-        )
+        if coming_back:
+            self.job.error = self.job.failure(
+                "ended before the database came back",
+                "The cluster and its workers still run; fix the cause and call cluster.restart_database(). " + fix,
+            )
+        else:
+            self.job.error = self.job.failure(
+                "ended before the database answered", "Every job of this cluster was cancelled. " + fix
+            )
         return self.job.error
 
     # ------------------------------------------------------------ running
@@ -378,8 +384,7 @@ class DatabaseService:
             if not self.moving or self.job is None or self.job.error is not None:
                 return False
             if self.job.ended:
-                error = self.startup_failure()
-                self.job.error = error
+                error = self.startup_failure(coming_back=True)
                 self.moving = False
                 logger.error("The database could not be brought back.\n%s", error)
                 return False
