@@ -319,14 +319,20 @@ class DatabaseService:
                 f", exit code {job.status.exit_code}" if job.status.exit_code else ""
             )
             logger.warning(
-                "The database job %s ended while the cluster was running (%s). Bringing the database back on the "
+                "The database job %s ended %s (%s). Bringing the database back on the "
                 "same data in %s (restart %d of db_restarts=%d); calls that need it wait until it answers.",
                 job.job_id,
+                "while the cluster was running" if job.ready else "before it answered, bringing the database back",
                 self._restart_cause,
                 self.options.db_dir,
                 self.restarts,
                 self.options.db_restarts,
             )
+            return
+        if self.moving and not job.ready and not newer:  # the last try to bring it back failed before it answered
+            self.moving = False
+            error = self.startup_failure(coming_back=True)
+            logger.error("The database could not be brought back (db_restarts=%d used).\n%s", self.restarts, error)
             return
         fix = "The database is gone: close this cluster and start a new one (what it stored stays in db_dir)."
         if job.state is JobState.TIMEOUT:
