@@ -229,6 +229,7 @@ def test_a_database_that_cannot_come_back_says_why_and_restart_database_retries(
                 time.sleep(0.01)
         squatter.listen()
         try:
+            _noticed(cluster, 1)
             with pytest.raises(JobFailedError) as info:
                 cluster.get_db_client()
             text = str(info.value)

@@ -651,7 +651,8 @@ def test_a_node_local_database_keeps_what_it_stored(slurm_testbed, shared_dir, r
             container=str(image),
             container_runtime="apptainer",
             container_args=["--contain"],
-            binds=[sys.prefix, sys.base_prefix],
+            # ... and this package's source (an editable install), wherever the clone is (under /tmp in CI).
+            binds=[sys.prefix, sys.base_prefix, str(Path(dbstorage.__file__).resolve().parent.parent)],
             job_script_prologue=[f"export PATH={BIN}:$PATH"],
         )
     workload = Workload()

@@ -68,7 +68,7 @@ def test_a_lost_database_shows_in_red_in_the_notebook_display(tmp_path):
     ) as cluster:
         healthy = _screenshot(cluster._repr_html_(), tmp_path)
         assert _has_colour(healthy, (0x1A, 0x7F, 0x37)) and not _has_colour(healthy, (0xCF, 0x22, 0x2E))
-        os.kill(int(cluster.db_job.job_id), signal.SIGKILL)
+        os.killpg(int(cluster.db_job.job_id), signal.SIGKILL)  # the job and its server, as a node failure would
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:
             try:

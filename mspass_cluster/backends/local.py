@@ -111,11 +111,14 @@ class LocalBackend:
         if proc is None:
             return JobStatus(job_id, JobState.UNKNOWN, "not started here")
         code = proc.poll()
-        if code is None:
+        if code is None or self._group_lingers(proc):
+            # A script that ended while processes it started still run (a watchdog's sleep, a server it
+            # signalled) is not over yet, as Slurm keeps such a job COMPLETING: its processes go first.
             due = self._cancelled.get(job_id)
             if due is not None and time.monotonic() > due:
                 self._signal(job_id, self.kill_signal)
-            return JobStatus(job_id, JobState.RUNNING, "", self._nodes[job_id])
+            state = JobState.RUNNING if code is None else JobState.COMPLETING
+            return JobStatus(job_id, state, "", self._nodes[job_id])
         exit_code = f"{code}:0" if code >= 0 else f"0:{-code}"
         if job_id in self._cancelled:
             state = JobState.CANCELLED
@@ -129,9 +132,19 @@ class LocalBackend:
     async def final_statuses(self, job_ids) -> dict[str, JobStatus]:
         return await self.statuses(job_ids)
 
+    def _group_lingers(self, proc) -> bool:
+        """Whether the process group of an ended script still has members (only when signalling groups)."""
+        if not self.signal_group:
+            return False
+        try:
+            os.killpg(proc.pid, 0)
+        except (ProcessLookupError, PermissionError):
+            return False
+        return True
+
     def _signal(self, job_id: str, signum: int) -> None:
         proc = self._procs.get(job_id)
-        if proc is not None and proc.poll() is None:
+        if proc is not None and (proc.poll() is None or self._group_lingers(proc)):
             try:
                 if self.signal_group:
                     os.killpg(proc.pid, signum)  # the group this object started for the job
