@@ -23,14 +23,18 @@ from .commands import CommandRunner
 from .config import OPTIONS, resolve_options
 from .db import DBClient, get_db_client
 from .errors import (
+    AuthenticationError,
     ClusterClosedError,
     CommandError,
     DatabaseMovedError,
+    HostKeyError,
+    HostUnreachableError,
     JobFailedError,
     MsPASSClusterError,
     SlurmUnavailableError,
     StartupTimeoutError,
     SubmitError,
+    TunnelError,
 )
 
 __all__ = [
@@ -50,4 +54,8 @@ __all__ = [
     "ClusterClosedError",
     "DatabaseMovedError",
     "StartupTimeoutError",
+    "TunnelError",
+    "HostKeyError",
+    "AuthenticationError",
+    "HostUnreachableError",
 ]

@@ -9,6 +9,8 @@
     mspass-cluster db start --db-dir DIR [--walltime 1-00:00:00 --partition P --account A --db-memory 16GiB]
     mspass-cluster db status [ID]
     mspass-cluster db stop ID
+    mspass-cluster lab --via LOGIN [--walltime 04:00:00 --partition P --account A --container IMAGE] [--stop]
+    mspass-cluster tunnel --via LOGIN HOST:PORT [--port N]
 
 A submitted notebook runs headless on the allocation's first node; inside
 it, ``MsPASSCluster()`` finds the allocation and starts the database and
@@ -33,6 +35,7 @@ import argparse
 import asyncio
 import os
 import re
+import signal
 import sys
 
 from . import standalone_db
@@ -69,7 +72,9 @@ from .values import coerce
 __all__ = ["main", "render_submit_script"]
 
 #: Job names this package gives: clusters' roles, and submitted notebooks.
-OWN_JOB = re.compile(r"^(?P<prefix>[A-Za-z0-9_.-]+?)-(?P<cluster>[0-9a-f]{8})-(shared-db|db|worker-\d+)$|^mspass-nb-")
+OWN_JOB = re.compile(
+    r"^(?P<prefix>[A-Za-z0-9_.-]+?)-(?P<cluster>[0-9a-f]{8})-(shared-db|db|worker-\d+|frontend)$|^mspass-nb-"
+)
 
 #: Shortest prefix of a cluster id that ``down`` accepts, so that one stray character cannot select a cluster.
 MIN_PREFIX = 4
@@ -92,6 +97,9 @@ examples:
                                                  one database for many notebooks: prints its ID
   mspass-cluster db status                       your shared databases: state, node, time left, users
   mspass-cluster db stop 1a2b3c4d                stop one cleanly (its data stay in its db dir)
+  mspass-cluster lab --via login.cluster.edu --walltime 04:00:00
+                                                 from your laptop: JupyterLab on a compute node, through SSH
+  mspass-cluster lab --stop --via login.cluster.edu   end it
 
 Run 'mspass-cluster COMMAND --help' for a command's options."""
 
@@ -502,6 +510,134 @@ def _stop_shared(record, runner: CommandRunner) -> int:
     return 1
 
 
+# ------------------------------------------------------------------ from a laptop
+LAB_DESCRIPTION = """\
+From your laptop, in one command: log in to the cluster's login node with SSH
+(your keys, agent, ~/.ssh/config aliases and ProxyJump, strict known_hosts),
+submit a job that runs JupyterLab on a compute node (in the MsPASS container
+with --container) with a fresh token only you can read, wait until Jupyter
+answers, forward 127.0.0.1:PORT on this machine to it through the login node,
+and print the URL. The tunnel stays up and reconnects by itself; Ctrl-C closes
+the tunnel only, and running 'lab' again reconnects to the same job. In the
+notebook, MsPASSCluster(nodes=4) starts the database and workers as usual.
+'lab --stop' (or 'down' on the cluster) ends the job."""
+
+LAB_EPILOG = """\
+examples:
+  mspass-cluster lab --via login.cluster.edu --walltime 04:00:00 --partition normal --account EAR12345
+  mspass-cluster lab --via me@gateway,login --container ~/mspass/mspass_latest.sif --python python3
+  mspass-cluster lab --via login --stop
+  mspass-cluster lab --dry-run --partition normal      print the job's script, connect nowhere"""
+
+TUNNEL_DESCRIPTION = """\
+Forward 127.0.0.1:PORT on this machine to HOST:PORT as the login node reaches
+it (a cluster's scheduler dashboard, a database, any service on a compute node),
+through SSH, until Ctrl-C; it reconnects by itself when the connection drops.
+Only you can use it: it listens on loopback, never on other interfaces."""
+
+
+def _lab_request(args):
+    from .lab import LabRequest
+
+    for flag, value in (("--partition", args.partition), ("--account", args.account), ("--qos", args.qos)):
+        _check_slurm_name(flag, value)
+    for directive in args.directive:
+        _check_directive(directive)
+    parse_walltime(args.walltime)
+    if not 0 <= args.port <= 65535:
+        raise ConfigError(f"--port {args.port}: give 1 to 65535, or 0 for any free port")
+    if args.memory is not None:
+        coerce(_BY_NAME["memory"], args.memory)
+    return LabRequest(
+        via=args.via or "",
+        port=args.port,
+        python=args.python,
+        walltime=args.walltime,
+        cores=args.cores,
+        memory=args.memory,
+        partition=args.partition,
+        account=args.account,
+        qos=args.qos,
+        container=args.container,
+        work_dir=args.work_dir,
+        prologue=tuple(args.prologue),
+        directives=tuple(args.directive),
+        startup_timeout=args.startup_timeout,
+        new=args.new,
+    )
+
+
+def _lab(args, runner: CommandRunner) -> int:
+    from .lab import run_lab, stop_lab
+    from .roles import FrontendSpec, frontend_script
+
+    try:
+        request = _lab_request(args)
+    except (ConfigError, ValueError) as exc:
+        return _fail(str(exc))
+    if args.dry_run:
+        home = "/home/<you>"
+        spec = FrontendSpec(
+            job_name=f"{request.job_name}-<id>-frontend",
+            lab_dir=f"{home}/.mspass_cluster/lab",
+            notebook_dir=request.work_dir or home,
+            python=request.python,
+            walltime=request.walltime,
+            cores=request.cores,
+            memory=request.memory,
+            partition=request.partition,
+            account=request.account,
+            qos=request.qos,
+            extra_directives=request.directives,
+            prologue=request.prologue,
+            container=request.container,
+        )
+        print(frontend_script(spec), end="")
+        return 0
+    if not args.via:
+        return _fail("--via: give the login node, e.g. --via login.cluster.edu (or an alias of your ~/.ssh/config)")
+    try:
+        import asyncssh  # noqa: F401
+    except ImportError:
+        return _fail("mspass-cluster lab needs asyncssh on this machine: pip install 'mspass-cluster[lab]'")
+    opened = None
+    if args.open:
+        import webbrowser
+
+        opened = webbrowser.open
+    if args.stop:
+        return asyncio.run(stop_lab(request))
+    return asyncio.run(run_lab(request, opened=opened))
+
+
+def _tunnel(args, runner: CommandRunner) -> int:
+    from .tunnel import Tunnel
+
+    host, _, port = args.destination.rpartition(":")
+    if not host or not port.isdigit() or not 1 <= int(port) <= 65535:
+        return _fail(f"{args.destination!r} is not HOST:PORT; give e.g. n12:8787 (as the login node names it)")
+    if not 0 <= args.port <= 65535:
+        return _fail(f"--port {args.port}: give 1 to 65535, or 0 for any free port")
+
+    async def forward() -> int:
+        tunnel = Tunnel(args.via, say=print)
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        try:
+            local = await tunnel.forward((host, int(port)), args.port or 0)
+            await tunnel.connect()
+            print(f"127.0.0.1:{local} -> {host}:{port} through {args.via}; Ctrl-C closes it.", flush=True)
+            await stop.wait()
+            print("Tunnel closed.")
+            return 0
+        finally:
+            await tunnel.close()
+
+    return asyncio.run(forward())
+
+
 def _db(args, runner: CommandRunner) -> int:
     return {"start": _db_start, "status": _db_status, "stop": _db_stop}[args.db_command](args, runner)
 
@@ -659,6 +795,67 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=_HelpFormatter,
     )
     stop.add_argument("id", metavar="ID", help="the database's id (or a unique prefix), as db status shows it")
+    lab = commands.add_parser(
+        "lab",
+        help="from your laptop: JupyterLab on a compute node, through SSH",
+        description=LAB_DESCRIPTION,
+        epilog=LAB_EPILOG,
+        formatter_class=_HelpFormatter,
+    )
+    lab.add_argument(
+        "--via",
+        metavar="LOGIN",
+        help="the login node: [user@]host[:port], an alias of your ~/.ssh/config, or jump hosts first: gateway,login",
+    )
+    lab.add_argument("--port", type=int, default=8899, metavar="N", help="local port on 127.0.0.1 (0: any free one)")
+    lab.add_argument("--walltime", default="04:00:00", metavar="TIME", help="time limit of the Jupyter job")
+    lab.add_argument("--partition", metavar="NAME", help="Slurm partition (default: Slurm's default partition)")
+    lab.add_argument("--account", metavar="NAME", help="Slurm account charged (default: your default account)")
+    lab.add_argument("--qos", metavar="NAME", help="Slurm quality of service (default: the account's default)")
+    lab.add_argument("--cores", type=int, default=2, metavar="N", help="cores of the Jupyter job")
+    lab.add_argument("--memory", default="4GiB", metavar="SIZE", help="memory of the Jupyter job")
+    lab.add_argument(
+        "--container", metavar="IMAGE", help="run Jupyter in this Apptainer/Singularity image (its path on the cluster)"
+    )
+    lab.add_argument(
+        "--python",
+        default="python3",
+        metavar="PATH",
+        help="the Python with JupyterLab and mspass_cluster on the compute node (or in the image)",
+    )
+    lab.add_argument(
+        "--work-dir", metavar="DIR", help="Jupyter's root directory on the cluster (default: your home there)"
+    )
+    lab.add_argument(
+        "--prologue",
+        action="append",
+        default=[],
+        metavar="LINE",
+        help="shell line run first, on the login node and in the job, repeatable, e.g. --prologue 'module load slurm'",
+    )
+    lab.add_argument(
+        "--directive", action="append", default=[], metavar="OPTION", help="extra sbatch option, repeatable"
+    )
+    lab.add_argument(
+        "--startup-timeout",
+        type=float,
+        default=900.0,
+        metavar="SECONDS",
+        help="how long to wait for Jupyter, queue time included; then the job is cancelled",
+    )
+    lab.add_argument("--new", action="store_true", help="submit a new job even when one of yours runs")
+    lab.add_argument("--open", action="store_true", help="open the URL in this machine's browser")
+    lab.add_argument("--stop", action="store_true", help="end your Jupyter job(s) on the login node's cluster")
+    lab.add_argument("--dry-run", action="store_true", help="print the Jupyter job's script; connect nowhere")
+    tunnel = commands.add_parser(
+        "tunnel",
+        help="forward a local port to HOST:PORT behind the login node",
+        description=TUNNEL_DESCRIPTION,
+        formatter_class=_HelpFormatter,
+    )
+    tunnel.add_argument("destination", metavar="HOST:PORT", help="as the login node reaches it, e.g. n12:8787")
+    tunnel.add_argument("--via", required=True, metavar="LOGIN", help="the login node, as for lab")
+    tunnel.add_argument("--port", type=int, default=0, metavar="N", help="local port on 127.0.0.1 (0: any free one)")
     return parser
 
 
@@ -666,7 +863,9 @@ def main(argv=None, runner: CommandRunner | None = None) -> int:
     """Run ``mspass-cluster`` with ``argv``; return the exit status."""
     args = build_parser().parse_args(argv)
     runner = runner or CommandRunner()
-    handler = {"submit": _submit, "status": _status, "down": _down, "db": _db}[args.command]
+    handler = {"submit": _submit, "status": _status, "down": _down, "db": _db, "lab": _lab, "tunnel": _tunnel}[
+        args.command
+    ]
     try:
         return handler(args, runner)
     except MsPASSClusterError as exc:

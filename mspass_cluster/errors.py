@@ -10,6 +10,10 @@
     ├── JobFailedError                  a job ended before its service was ready, or while it was needed
     ├── ClusterClosedError              a call on a cluster that was closed
     ├── DatabaseMovedError              a database client made before the database came back on another node
+    ├── TunnelError                     an SSH connection to a login node could not be made or used
+    │   ├── HostKeyError                the login node's host key is unknown, or not the one known_hosts has
+    │   ├── AuthenticationError         the login node refused every key (and password or code) offered
+    │   └── HostUnreachableError        no SSH answer from the login node (name, network, port, timeout)
     └── StartupTimeoutError (TimeoutError)
                                         the database or workers were not ready before the deadline
 
@@ -29,6 +33,10 @@ __all__ = [
     "ClusterClosedError",
     "DatabaseMovedError",
     "StartupTimeoutError",
+    "TunnelError",
+    "HostKeyError",
+    "AuthenticationError",
+    "HostUnreachableError",
 ]
 
 
@@ -124,3 +132,34 @@ class DatabaseMovedError(MsPASSClusterError):
 
 class StartupTimeoutError(MsPASSClusterError, TimeoutError):
     """The cluster was not ready before ``startup_timeout``; says what was still pending and why."""
+
+
+class TunnelError(MsPASSClusterError):
+    """An SSH connection to a login node (``mspass-cluster lab --via``, :mod:`mspass_cluster.tunnel`) failed."""
+
+
+class HostKeyError(TunnelError):
+    """The login node's host key is not in known_hosts, or differs from the one there.
+
+    Attributes
+    ----------
+    host : str
+    fingerprint : str or None
+        The SHA256 fingerprint of the key the server presented.
+    mismatch : bool
+        True when known_hosts holds another key for this host.
+    """
+
+    def __init__(self, message, *, host, fingerprint=None, mismatch=False):
+        self.host = host
+        self.fingerprint = fingerprint
+        self.mismatch = mismatch
+        super().__init__(message)
+
+
+class AuthenticationError(TunnelError):
+    """The login node refused every way of logging in that was offered."""
+
+
+class HostUnreachableError(TunnelError):
+    """The login node did not answer SSH: unknown name, no route, connection refused or timed out."""

@@ -7,8 +7,12 @@ Two roles run in Slurm jobs:
 ``worker``
     ``dask worker`` with ``processes`` worker processes sharing one node.
 
-The notebook process hosts the Dask scheduler (the ``scheduler`` and
-``frontend`` roles of MsPASS).
+The notebook process hosts the Dask scheduler (MsPASS's ``scheduler`` role).
+One more role is submitted on its own, from a laptop, by ``mspass-cluster lab``:
+
+``frontend``
+    JupyterLab on a compute node (MsPASS's ``frontend`` role), with a fresh token; the
+    notebook's ``MsPASSCluster()`` then starts ``db`` and ``worker`` jobs as usual.
 """
 
 from __future__ import annotations
@@ -42,6 +46,9 @@ __all__ = [
     "render_job_script",
     "build_job_script",
     "ScriptContext",
+    "FRONTEND",
+    "FrontendSpec",
+    "frontend_script",
 ]
 
 ROLES = ("db", "worker")
@@ -734,3 +741,135 @@ class ScriptContext:
             extra_directives=directives,
             db_data_bytes=directory_bytes(os.path.join(self.options.db_dir, "data")) if node_local else 0,
         )
+
+
+#: The role of ``mspass-cluster lab``'s job (MsPASS's name for the Jupyter process).
+FRONTEND = "frontend"
+
+
+@dataclasses.dataclass(frozen=True)
+class FrontendSpec:
+    """What the frontend job (JupyterLab on a compute node) is made from; paths are the cluster's.
+
+    ``lab_dir`` gets the job's script, its log and, per job, Jupyter's runtime directory
+    ``<lab_dir>/<job_name>-<job id>/`` (0700): ``token`` and Jupyter's own ``jpserver-<pid>.json``
+    (address, port, token), both 0600, which ``mspass-cluster lab`` reads through SSH.
+    """
+
+    job_name: str
+    lab_dir: str
+    notebook_dir: str
+    python: str = "python3"
+    walltime: str = "04:00:00"
+    cores: int | None = 2
+    memory: str | None = "4GiB"
+    partition: str | None = None
+    account: str | None = None
+    qos: str | None = None
+    extra_directives: tuple = ()
+    prologue: tuple = ()
+    container: str | None = None
+    container_runtime: str = "auto"
+    binds: tuple = ()
+    container_args: tuple = ()
+    umask: int | None = 0o077
+
+    @classmethod
+    def from_options(cls, options: ClusterOptions, job_name: str) -> "FrontendSpec":
+        """The spec a cluster's options give (``job_script("frontend", ...)``): logs in ``log_dir``."""
+        return cls(
+            job_name=job_name,
+            lab_dir=options.log_dir,
+            notebook_dir=options.work_dir,
+            python=options.python,
+            walltime=options.walltime,
+            partition=options.partition,
+            account=options.account,
+            qos=options.qos,
+            extra_directives=tuple(options.job_extra_directives),
+            prologue=tuple(options.job_script_prologue),
+            container=options.container if options.in_container else None,
+            container_runtime=options.container_runtime,
+            binds=tuple(options.binds),
+            container_args=tuple(options.container_args),
+            umask=cluster_umask(options),
+        )
+
+    @property
+    def script_path(self) -> str:
+        return os.path.join(self.lab_dir, f"{self.job_name}.sh")
+
+    @property
+    def output_pattern(self) -> str:
+        return os.path.join(self.lab_dir, f"{self.job_name}-%j.out")
+
+    def runtime_dir(self, job_id: str) -> str:
+        return os.path.join(self.lab_dir, f"{self.job_name}-{job_id}")
+
+
+#: Jupyter's environment, handed into a container by name.
+_JUPYTER_ENV = ["JUPYTER_RUNTIME_DIR", "JUPYTER_TOKEN", "MSPASS_FRONTEND_JOB"]
+
+
+def frontend_script(spec: FrontendSpec) -> str:
+    """The frontend job's script: JupyterLab on the job's node, its token fresh and readable by you alone.
+
+    Jupyter listens on the node's own address (``hostname``), on a port it picks, and
+    refuses every request without the token; it writes the address and port it chose to
+    its runtime directory, where ``mspass-cluster lab`` finds them.
+    """
+    directives = build_directives(
+        job_name=spec.job_name,
+        output=spec.output_pattern,
+        walltime=spec.walltime,
+        cores=spec.cores,
+        memory=spec.memory,
+        partition=spec.partition,
+        account=spec.account,
+        qos=spec.qos,
+        extra=list(spec.extra_directives),
+    )
+    runtime = os.path.join(spec.lab_dir, spec.job_name)
+    setup = [
+        shlex.join(["cd", spec.notebook_dir]),
+        "# Jupyter's runtime directory (0700): its jpserver-<pid>.json gives the address and port it chose.",
+        f'export JUPYTER_RUNTIME_DIR={shlex.quote(runtime)}-"${{SLURM_JOB_ID:-$$}}"',
+        'mkdir -p -m 0700 "$JUPYTER_RUNTIME_DIR"',
+        "# A fresh token for this job alone (never on a command line, where ps would show it).",
+        "JUPYTER_TOKEN=$(od -An -tx1 -N24 /dev/urandom | tr -d ' \\n')",
+        "export JUPYTER_TOKEN",
+        '(umask 077 && printf \'%s\\n\' "$JUPYTER_TOKEN" >"$JUPYTER_RUNTIME_DIR/token")',
+        'export MSPASS_FRONTEND_JOB="${SLURM_JOB_ID:-$$}"',
+    ]
+    argv = [
+        spec.python,
+        "-m",
+        "jupyter",
+        "lab",
+        "--no-browser",
+        containers.RawShell('--ip="$(hostname)"'),
+        "--port=0",
+        "--ServerApp.port_retries=0",
+        f"--ServerApp.root_dir={spec.notebook_dir}",
+    ]
+    if spec.container:
+        container_setup, argv = containers.wrap(
+            argv,
+            container=spec.container,
+            runtime=spec.container_runtime,
+            user_binds=list(spec.binds),
+            directories=[spec.notebook_dir, spec.lab_dir],
+            env_names=_JUPYTER_ENV,
+            extra_args=list(spec.container_args),
+        )
+        setup = setup + container_setup
+    return render_job_script(
+        role=FRONTEND,
+        cluster_id=spec.job_name,
+        directives=directives,
+        exports={},
+        prologue=list(spec.prologue),
+        setup=setup,
+        argv=argv,
+        umask=spec.umask,
+    )
