@@ -224,6 +224,9 @@ def dashboard(url: str, kernel_id: str, link: str, code: str) -> dict:
     worker.start()
     browser = Browser()
     try:
+        # As a user does: the lab's URL first (its token becomes the session's cookie), then the link.
+        browser.go(url)
+        browser.wait_for("document.querySelector('#jp-main-dock-panel') !== null", 60, "JupyterLab's main area")
         browser.go(urllib.parse.urljoin(url, link))
         tasks = browser.wait_for(TASKS_SHOWN, 90, "tasks in the dashboard's task stream")
         page_text = browser.evaluate("document.body ? document.body.innerText.slice(0, 2000) : ''")

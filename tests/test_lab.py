@@ -171,6 +171,7 @@ def _descendants(pid: int) -> list[int]:
 
 def _driver(laptop_args: list[str], timeout: float = 300) -> dict:
     """tests/lab_laptop.py in the laptop namespace (as root: chromium's profile is the driver's)."""
+    print(f"{time.strftime('%H:%M:%S')} laptop: {laptop_args[0]}", flush=True)
     command = ["nsenter", "--net=/run/netns/laptop", sys.executable, str(DRIVER), *laptop_args]
     out = subprocess.run(command, capture_output=True, text=True, timeout=timeout, cwd="/")
     assert out.returncode == 0, f"{laptop_args[0]} failed:\n{out.stdout[-3000:]}\n{out.stderr[-3000:]}"
