@@ -29,9 +29,8 @@ from distributed.deploy.cluster import Cluster
 from distributed.deploy.spec import SpecCluster
 from distributed.protocol.pickle import dumps
 from distributed.security import Security
-from distributed.utils import format_dashboard_link
 
-from . import dashboard_guard, exit_guard
+from . import dashboard, dashboard_guard, exit_guard
 from .backends import choose_backend, finalise_options, open_backend, preview_script, scheduler_placement
 from .commands import CommandRunner
 from .config import ClusterOptions, prepare_directories, resolve_options
@@ -504,7 +503,13 @@ class MsPASSCluster(SpecCluster):
 
     @property
     def dashboard_link(self) -> str:
-        """The dashboard's URL (raises :class:`ClusterClosedError` once the cluster is closed)."""
+        """The dashboard's URL for a browser where this notebook is (raises :class:`ClusterClosedError` once closed).
+
+        Through Jupyter's server proxy when the notebook runs in a Jupyter
+        server that has it (JupyterHub, Open OnDemand, ``mspass-cluster lab``),
+        else direct; an explicit ``distributed.dashboard.link`` wins. See
+        :mod:`mspass_cluster.dashboard`.
+        """
         self._require_open("dashboard_link")
         try:
             port = self.scheduler_info["services"]["dashboard"]
@@ -512,10 +517,15 @@ class MsPASSCluster(SpecCluster):
             return ""
         # Where it listens: on loopback (the default with security), the scheduler's address would not answer.
         host = self.options.dashboard_address.rpartition(":")[0].strip("[]")
-        if host in ("", "0.0.0.0", "::"):
-            host = self.scheduler_address.split("://")[-1].rpartition(":")[0].strip("[]")
-        link = format_dashboard_link(host, port)
-        return dashboard_guard.with_token(link, self._dashboard_token) if self._dashboard_token else link
+        return dashboard.link_for(
+            f"[{host}]:{port}" if ":" in host else f"{host}:{port}",
+            os.environ,
+            token=self._dashboard_token,
+            template=dashboard.explicit_template(dask.config.get("distributed.dashboard.link", None)),
+            server=dashboard.find_notebook_server(),
+            reachable_host=self.scheduler_address.split("://")[-1].rpartition(":")[0].strip("[]"),
+            scheme="https" if dask.config.get("distributed.scheduler.dashboard.tls.cert", None) else "http",
+        )
 
     @property
     def db_address(self) -> str | None:

@@ -42,7 +42,9 @@ class _Admit(web.RequestHandler):
     def prepare(self):
         self.set_cookie(self.cookie, self.token, httponly=True, samesite="Strict", path="/")
         query = [(k, v) for k, v in urllib.parse.parse_qsl(self.request.query, keep_blank_values=True) if k != TOKEN]
-        self.redirect(self.request.path + ("?" + urllib.parse.urlencode(query) if query else ""))
+        # Relative (the last segment): behind a proxy (``/proxy/8787/status``) the page stays under its prefix.
+        page = self.request.path.rpartition("/")[2] or "./"
+        self.redirect(page + ("?" + urllib.parse.urlencode(query) if query else ""))
 
 
 def _given(request, name: str) -> tuple[str | None, str | None]:
