@@ -40,7 +40,15 @@ from .files import cluster_umask, create_private_dir, remove_private_dir
 from .jobs import JOB_STOP_TIMEOUT, JobLauncher, TrackedJob
 from .mspass_clients import add_mspass_worker_plugin, close_other_clients
 from .progress import DaskChatter, logger, make_progress_visible
-from .roles import ROLES, SECURE_SCHEDULER_PLACEHOLDER, ScriptContext, service_environment
+from .roles import (
+    FRONTEND,
+    ROLES,
+    SECURE_SCHEDULER_PLACEHOLDER,
+    FrontendSpec,
+    ScriptContext,
+    frontend_script,
+    service_environment,
+)
 from .security import ClusterCredentials
 from .services import DatabaseService, NodeAdaptive, Supervisor, WorkerJob, WorkerNodes, node_of_worker
 from .services.attached import AttachedDatabase, find_database
@@ -563,15 +571,18 @@ class MsPASSCluster(SpecCluster):
     # ------------------------------------------------------------ job scripts
     @_hybridmethod
     def job_script(self_or_cls, role: str = "worker", **options) -> str:
-        """The exact job script for ``role`` (``"worker"`` or ``"db"``).
+        """The exact job script for ``role`` (``"worker"``, ``"db"``, or ``"frontend"``: `mspass-cluster lab`'s JupyterLab).
 
         On a cluster it is the script the next job of that role gets. On the
         class, ``MsPASSCluster.job_script("db", partition=...)``, it is a
         preview from the options given, with a placeholder for the scheduler
         address, and nothing is started.
         """
+        if role == FRONTEND:  # JupyterLab, as `mspass-cluster lab` submits it from a laptop
+            opts = resolve_options(**options) if isinstance(self_or_cls, type) else self_or_cls.options
+            return frontend_script(FrontendSpec.from_options(opts, f"{opts.job_name}-<id>-frontend"))
         if role not in ROLES:
-            raise ConfigError(f"role={role!r} is not a role; use one of {', '.join(ROLES)}.")
+            raise ConfigError(f"role={role!r} is not a role; use one of {', '.join((*ROLES, FRONTEND))}.")
         if isinstance(self_or_cls, type):
             return preview_script(role, resolve_options(**options))
         if options:

@@ -23,7 +23,6 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 import urllib.parse
 import urllib.request
@@ -148,6 +147,11 @@ def kernel(url: str) -> dict:
 
 
 def _execute(url: str, kernel_id: str, code: str, timeout: float) -> dict:
+    return _collect(*_send(url, kernel_id, code, timeout), timeout)
+
+
+def _send(url: str, kernel_id: str, code: str, timeout: float):
+    """Send an execute_request on a kernel's channels; its replies wait on the socket until collected."""
     base, token = _split(url)
     ws = websocket.create_connection(
         f"{base.replace('http', 'ws', 1)}/api/kernels/{kernel_id}/channels?token={token}",
@@ -179,6 +183,10 @@ def _execute(url: str, kernel_id: str, code: str, timeout: float) -> dict:
             }
         )
     )
+    return ws, msg_id
+
+
+def _collect(ws, msg_id: str, timeout: float) -> dict:
     stdout, error, status = [], None, None
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -199,7 +207,7 @@ def _execute(url: str, kernel_id: str, code: str, timeout: float) -> dict:
 
 
 def run(url: str, kernel_id: str, code: str) -> dict:
-    return _execute(url, kernel_id, code, 240)
+    return _execute(url, kernel_id, code, 600)
 
 
 #: The task stream's data source holds one row per task run: its ``duration`` and ``worker`` columns.
@@ -219,9 +227,7 @@ TASKS_SHOWN = """
 
 
 def dashboard(url: str, kernel_id: str, link: str, code: str) -> dict:
-    outcome = {}
-    worker = threading.Thread(target=lambda: outcome.update(_execute(url, kernel_id, code, 240)))
-    worker.start()
+    running = _send(url, kernel_id, code, 240)
     browser = Browser()
     try:
         # As a user does: the lab's URL first (its token becomes the session's cookie), then the link.
@@ -233,8 +239,7 @@ def dashboard(url: str, kernel_id: str, link: str, code: str) -> dict:
         title = browser.evaluate("document.title")
     finally:
         browser.close()
-        worker.join(240)
-    return {"tasks": tasks, "title": title, "text": page_text, "computation": outcome}
+    return {"tasks": tasks, "title": title, "text": page_text, "computation": _collect(*running, 240)}
 
 
 def status(url: str) -> dict:
