@@ -187,7 +187,7 @@ def _send(url: str, kernel_id: str, code: str, timeout: float):
 
 
 def _collect(ws, msg_id: str, timeout: float) -> dict:
-    stdout, error, status = [], None, None
+    stdout, error, status, idle = [], None, None, False
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         message = json.loads(ws.recv())
@@ -200,7 +200,9 @@ def _collect(ws, msg_id: str, timeout: float) -> dict:
             error = f"{content['ename']}: {content['evalue']}\n" + "\n".join(content["traceback"])
         elif kind == "execute_reply":
             status = content["status"]
-        elif kind == "status" and content["execution_state"] == "idle" and status is not None:
+        elif kind == "status" and content["execution_state"] == "idle":
+            idle = True
+        if idle and status is not None:  # the reply (shell) and idle (iopub) come in either order
             break
     ws.close()
     return {"status": status, "stdout": "".join(stdout), "error": error}

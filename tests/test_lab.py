@@ -336,6 +336,52 @@ def test_a_laptop_opens_jupyterlab_on_a_compute_node_runs_a_cluster_and_sees_its
             subprocess.run(["scancel", *leftover], timeout=30)
 
 
+@pytest.mark.slurm
+@pytest.mark.timeout(600)
+def test_with_container_jupyter_runs_in_the_image(laptop, cluster_dir):
+    """--container: Jupyter runs through `apptainer exec` (the STAND-IN of tests/bin: no apptainer exists here)."""
+    image = cluster_dir / "mspass_standin.sif"
+    image.write_text("stand-in image (tests/bin/container_standin.py)\n")
+    (cluster_dir / "mspass_standin.sif.env").write_text("PATH=/usr/local/bin:/usr/bin:/bin\n")
+    for path in (image, cluster_dir / "mspass_standin.sif.env"):
+        shutil.chown(path, OWNER, OWNER)
+    lab = LabProcess(
+        laptop,
+        *("--via", "login", "--port", "0", "--python", sys.executable, "--cores", "1", "--memory", "1000MB"),
+        *("--walltime", "5", "--work-dir", str(cluster_dir), "--container", str(image)),
+        *("--prologue", f"export PATH={ROOT / 'tests' / 'bin'}:$PATH"),
+    )
+    frontend = None
+    try:
+        found = lab.wait_for(r"Jupyter is running on (\S+), job (\d+); open (http://\S+)", 400)
+        frontend, url = found.group(2), found.group(3)
+        assert _driver(["status", url])["code"] == 200
+        in_image = [
+            pid
+            for pid in os.listdir("/proc")
+            if pid.isdigit()
+            and _cmdline(pid).startswith("python3 -I -S")
+            and "container_standin.py --as apptainer exec" in _cmdline(pid)
+            and str(image) in _cmdline(pid)
+        ]
+        assert in_image, "Jupyter is not running through the apptainer stand-in"
+        assert "Tunnel closed" in lab.interrupt()
+        stop = laptop.lab("--via", "login", "--stop")
+        assert stop.returncode == 0 and frontend in stop.stdout, stop
+        assert queued([frontend]) == []
+    finally:
+        lab.kill()
+        if frontend and queued([frontend]):
+            subprocess.run(["scancel", frontend], timeout=30)
+
+
+def _cmdline(pid: str) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        return ""
+
+
 # ---------------------------------------------------------------------- errors a user can meet
 
 
@@ -446,6 +492,14 @@ def test_via_takes_jump_hosts_user_and_port():
     assert str(target) == "login" and [str(j) for j in jumps] == ["me@gateway:2222"]
     with pytest.raises(Exception, match="is not an SSH host"):
         parse_target("login,")
+
+
+def test_job_script_frontend_previews_the_lab_job():
+    from mspass_cluster import MsPASSCluster
+
+    script = MsPASSCluster.job_script("frontend", partition="normal", python="python3", walltime="02:00:00")
+    assert "#SBATCH --job-name=mspass-<id>-frontend" in script and "#SBATCH --time=02:00:00" in script
+    assert "python3 -m jupyter lab --no-browser" in script
 
 
 def test_lab_dry_run_prints_a_job_that_keeps_its_token_off_the_command_line():
