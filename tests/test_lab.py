@@ -525,3 +525,12 @@ def test_lab_dry_run_prints_a_job_that_keeps_its_token_off_the_command_line():
     run_line = next(line for line in script.splitlines() if "jupyter lab" in line)
     assert "exec" in run_line and "/x.sif" in run_line and "token" not in run_line.lower()
     assert "JUPYTER_TOKEN=$(od -An -tx1 -N24 /dev/urandom" in script
+
+
+def test_status_and_down_on_the_cluster_know_the_frontend_job():
+    from mspass_cluster.cli import OWN_JOB
+    from mspass_cluster.lab import FRONTEND_JOB
+
+    match = OWN_JOB.match("mspass-3f2a9c01-frontend")
+    assert match and match.group("cluster") == "3f2a9c01"
+    assert FRONTEND_JOB.match("mspass-3f2a9c01-frontend") and not FRONTEND_JOB.match("mspass-3f2a9c01-db")
