@@ -534,3 +534,41 @@ def test_status_and_down_on_the_cluster_know_the_frontend_job():
     match = OWN_JOB.match("mspass-3f2a9c01-frontend")
     assert match and match.group("cluster") == "3f2a9c01"
     assert FRONTEND_JOB.match("mspass-3f2a9c01-frontend") and not FRONTEND_JOB.match("mspass-3f2a9c01-db")
+
+
+@pytest.mark.slurm
+def test_tunnel_forwards_a_loopback_port_to_a_service_on_a_compute_node(laptop, tmp_path):
+    (tmp_path / "hello.txt").write_text("from n1\n")
+    server = subprocess.Popen(
+        ["nsenter", "--net=/run/netns/n1", sys.executable, "-m", "http.server", "0", "--bind", "10.77.0.11"],
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    tunnel = None
+    try:
+        port = re.search(r"port (\d+)", server.stdout.readline()).group(1)
+        command = laptop.argv(
+            sys.executable, "-u", "-m", "mspass_cluster.cli", "tunnel", "--via", "login", f"10.77.0.11:{port}"
+        )
+        tunnel = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd="/")
+        line = tunnel.stdout.readline()
+        local = re.match(r"127\.0\.0\.1:(\d+) -> 10\.77\.0\.11:\d+ through login", line)
+        assert local, line
+        fetch = laptop.argv(
+            sys.executable,
+            "-c",
+            f"import urllib.request; print(urllib.request.urlopen('http://127.0.0.1:{local.group(1)}/hello.txt').read().decode())",
+        )
+        assert subprocess.run(fetch, capture_output=True, text=True, timeout=30).stdout.strip() == "from n1"
+        direct = laptop.argv(
+            sys.executable, "-c", f"import socket; socket.create_connection(('10.77.0.11', {port}), 3)"
+        )
+        assert subprocess.run(direct, capture_output=True, timeout=30).returncode != 0, "the laptop reaches n1 directly"
+    finally:
+        for process in (tunnel, server):
+            if process is not None:
+                for pid in [*_descendants(process.pid), process.pid]:
+                    with_suppress_kill(pid)
+                process.wait(10)
