@@ -23,6 +23,7 @@ import time
 import urllib.error
 import urllib.request
 
+import dask
 import pytest
 from conftest import FAKE_MONGOD
 from distributed import Client
@@ -319,6 +320,8 @@ def test_the_dashboard_link_shows_the_live_task_stream_through_jupyters_server_p
         link = cluster.dashboard_link
         assert link.startswith(f"/jupyter/proxy/{port}/status?token="), link
         assert f'href="{link}"' in cluster._repr_html_()
+        with dask.config.set({"distributed.dashboard.link": "{scheme}://{host}:{port}/mine"}):  # explicit: it wins
+            assert cluster.dashboard_link == f"http://127.0.0.1:{port}/mine?" + link.partition("?")[2]
         origin = url.split("/jupyter/")[0]
 
         # Nobody else: without the dashboard's token, neither directly nor through the proxy.
@@ -361,3 +364,13 @@ def test_the_dashboard_link_shows_the_live_task_stream_through_jupyters_server_p
             assert state["url"] == f"{url}proxy/{port}/status", state
         assert first["roots"] > 0 and 0 < first["rects"] < later["rects"], (first, later)
         assert running > 0, "the computation had finished before the task stream showed it"
+
+
+def test_print_says_a_proxied_link_goes_after_jupyters_address_and_the_display_links_it():
+    from mspass_cluster.status import ClusterView, render_html, render_text
+
+    view = ClusterView("c", "local", "running", "mongodb://n1:27017/", "/user/ana/proxy/8787/status?token=t", 1, 1, 1)
+    assert "  dashboard /user/ana/proxy/8787/status?token=t (after this Jupyter's address)" in render_text(view)
+    assert '<a href="/user/ana/proxy/8787/status?token=t" target="_blank">' in render_html(view)
+    direct = ClusterView("c", "local", "running", None, "http://127.0.0.1:8787/status", 1, 1, 1)
+    assert "  dashboard http://127.0.0.1:8787/status\n" in render_text(direct) + "\n"
