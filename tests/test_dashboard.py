@@ -29,7 +29,7 @@ from conftest import FAKE_MONGOD
 from distributed import Client
 from tornado import websocket
 
-from mspass_cluster import MsPASSCluster, dashboard
+from mspass_cluster import ConfigError, MsPASSCluster, dashboard
 from mspass_cluster.dashboard import NotebookServer, explicit_template, find_notebook_server, link_for
 
 # ----------------------------------------------------------------- the link patterns (pure)
@@ -118,9 +118,9 @@ def test_only_a_link_template_other_than_dasks_default_counts_as_explicit():
 
 
 def test_bad_input_says_what_was_wrong():
-    with pytest.raises(ValueError, match=r"dashboard address 'localhost': expected host:port"):
+    with pytest.raises(ConfigError, match=r"dashboard address 'localhost': expected host:port"):
         link_for("localhost", {})
-    with pytest.raises(ValueError, match=r"distributed.dashboard.link = '\{NO_SUCH_VARIABLE\}/status'.*Fix or unset"):
+    with pytest.raises(ConfigError, match=r"distributed.dashboard.link = '\{NO_SUCH_VARIABLE\}/status'.*Fix or unset"):
         link_for("127.0.0.1:8787", {}, template="{NO_SUCH_VARIABLE}/status")
 
 
