@@ -187,6 +187,8 @@ def jupyter_server(tmp_path):
     Yields its URL, its token, its PID and its runtime directory (where it
     describes itself, as a kernel's ``find_notebook_server`` reads it).
     """
+    import jupyter_server_proxy  # noqa: F401  (extra "test"; without it /proxy/ is a 404, so say so first)
+
     port, token = _free_port(), secrets.token_hex(16)
     runtime = tmp_path / "jupyter-runtime"
     env = {**os.environ, "JUPYTER_RUNTIME_DIR": str(runtime), "JUPYTER_CONFIG_DIR": str(tmp_path / "jupyter-config")}
