@@ -10,12 +10,14 @@ stream's live plot, not "Dask needs bokeh" nor an error page.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import http.client
 import http.cookiejar
 import json
 import os
 import secrets
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -221,19 +223,24 @@ class Chromium:
         self.process = subprocess.Popen(
             [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--remote-debugging-port=0",
              f"--user-data-dir={profile}", "--window-size=1400,1000", "about:blank"],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
         )  # fmt: skip
+        self.socket, self.loop = None, asyncio.new_event_loop()
+        try:
+            self._connect(profile)
+        except BaseException:
+            self.close()
+            raise
+
+    def _connect(self, profile) -> None:
         deadline = time.monotonic() + 30
         while not (profile / "DevToolsActivePort").is_file() or not (profile / "DevToolsActivePort").read_text():
             if self.process.poll() is not None or time.monotonic() > deadline:
-                self.close()
                 pytest.fail("chromium did not open its DevTools port")
             time.sleep(0.1)
         port = (profile / "DevToolsActivePort").read_text().split()[0]
         pages = json.loads(_get(f"http://127.0.0.1:{port}/json/list")[1])
         self.endpoint = next(p["webSocketDebuggerUrl"] for p in pages if p["type"] == "page")
-        self.loop = asyncio.new_event_loop()
-        self.socket = None
 
         async def connect():
             return await websocket.websocket_connect(self.endpoint, max_message_size=1 << 26)
@@ -265,11 +272,16 @@ class Chromium:
         return result["result"].get("value")
 
     def close(self) -> None:
-        if getattr(self, "socket", None) is not None:
+        if self.socket is not None:
             self.socket.close()
-            self.loop.close()
-        self.process.terminate()
-        self.process.wait(timeout=30)
+        self.loop.close()
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.process.pid, signal.SIGTERM)  # the browser and every process it started
+        try:
+            self.process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.process.pid, signal.SIGKILL)
+            self.process.wait(timeout=30)
 
 
 #: What the page shows: Bokeh's documents and roots, and the task stream's rectangles (its data source's rows).
