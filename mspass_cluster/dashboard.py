@@ -45,6 +45,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 from . import dashboard_guard
+from .errors import ConfigError
 
 __all__ = ["NotebookServer", "link_for", "find_notebook_server", "explicit_template", "DASK_DEFAULT_LINK"]
 
@@ -82,7 +83,7 @@ def _split(address: str) -> tuple[str, int]:
     try:
         return host.strip("[]"), int(port)
     except ValueError:
-        raise ValueError(f"dashboard address {address!r}: expected host:port, e.g. '127.0.0.1:8787'") from None
+        raise ConfigError(f"dashboard address {address!r}: expected host:port, e.g. '127.0.0.1:8787'") from None
 
 
 def _slash(url: str) -> str:
@@ -135,6 +136,11 @@ def link_for(
     str
         An absolute URL, or a path from the browser's origin (``/proxy/8787/status?token=...``).
 
+    Raises
+    ------
+    ConfigError
+        ``address`` is not ``host:port``, or ``template`` names something it cannot be filled with.
+
     Examples
     --------
     >>> link_for("127.0.0.1:8787", {"JUPYTERHUB_SERVICE_PREFIX": "/user/ana/"}, token="t")
@@ -146,18 +152,19 @@ def link_for(
     """
     environ = {} if environ is None else environ
     host, port = _split(address)
+    node = reachable_host if host in _WILDCARD else host  # the host a browser's side can name
     if template is not None:
         try:
             link = template.format(
                 **{
                     **environ,
                     "scheme": scheme,
-                    "host": (reachable_host or host) if host in _WILDCARD else host,
+                    "host": node or host,
                     "port": port,
                 }
             )
         except (KeyError, IndexError, ValueError) as exc:
-            raise ValueError(
+            raise ConfigError(
                 f"dask config distributed.dashboard.link = {template!r} cannot be filled in ({exc!r}): it may "
                 "name {scheme}, {host}, {port} and environment variables of the notebook. Fix or unset it."
             ) from exc
@@ -169,14 +176,11 @@ def link_for(
         link = _through_proxy(environ["JUPYTERHUB_SERVICE_PREFIX"], host, port)
     elif server is not None and server.server_proxy:
         link = _through_proxy(server.base_url, host, port)
-    elif server is not None and _ONDEMAND.match(server.base_url) and host not in _LOOPBACK | _WILDCARD:
-        link = f"/rnode/{host}/{port}/status"
-    elif server is not None and _ONDEMAND.match(server.base_url) and host in _WILDCARD and reachable_host:
-        link = f"/rnode/{reachable_host}/{port}/status"
+    elif server is not None and _ONDEMAND.match(server.base_url) and host not in _LOOPBACK and node:
+        link = f"/rnode/{node}/{port}/status"  # OnDemand's proxy reaches the node's interface, not its loopback
     else:
-        if host in _WILDCARD:
-            host = reachable_host or "127.0.0.1"
-        link = f"{scheme}://{f'[{host}]' if ':' in host else host}:{port}/status"
+        node = node or "127.0.0.1"
+        link = f"{scheme}://{f'[{node}]' if ':' in node else node}:{port}/status"
     return dashboard_guard.with_token(link, token) if token else link
 
 

@@ -105,6 +105,13 @@ def _state(job: JobRow) -> str:
     return job.phase + (f" ({job.detail})" if job.detail and job.detail.lower() != job.phase else "")
 
 
+def _dashboard_text(link: str | None) -> str:
+    if not link:
+        return "—"
+    # A path through Jupyter's proxy: a browser opens it after the address it reaches Jupyter at.
+    return link + " (after this Jupyter's address)" if link.startswith("/") else link
+
+
 def render_text(view: ClusterView) -> str:
     """Several lines: the cluster, its problems, then one line per job."""
     lines = [
@@ -112,7 +119,7 @@ def render_text(view: ClusterView) -> str:
         f"  database  {view.db_address or 'not answering'}",
         f"  workers   {view.workers_connected} of {view.workers_planned} connected, on {view.nodes_planned} "
         "worker node(s)",
-        f"  dashboard {view.dashboard or '—'}",
+        f"  dashboard {_dashboard_text(view.dashboard)}",
     ]
     lines += [f"  PROBLEM   {p}" for p in view.problems]
     if view.jobs:
