@@ -354,6 +354,9 @@ async def run_lab(request: LabRequest, *, say: Callable[[str], None] = print, op
                 await asyncio.wait_for(stop.wait(), WATCH_INTERVAL)
             if stop.is_set():
                 break
+            if lab.tunnel.failure is not None:
+                say(f"The tunnel cannot come back; Jupyter keeps running in job {lab.job_id}.")
+                return 1
             with contextlib.suppress(Exception):
                 if not await lab.job_running():
                     say(f"The frontend job {lab.job_id} has ended (walltime, or stopped); closing the tunnel.")

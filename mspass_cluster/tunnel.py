@@ -188,6 +188,8 @@ class Tunnel:
         self._handlers: set[asyncio.Task] = set()
         #: How many times the connection was made again after it dropped.
         self.reconnects = 0
+        #: Why the connection cannot be made again (a changed host key, a refused login), once so.
+        self.failure: TunnelError | None = None
 
     # ------------------------------------------------------------------ connecting
     def _connect_kwargs(self) -> dict:
@@ -288,6 +290,7 @@ class Tunnel:
                 try:
                     self._conn = await self._open()
                 except (HostKeyError, AuthenticationError) as exc:
+                    self.failure = exc
                     self._say(f"cannot reconnect to {self.via}: {exc}")
                     return
                 except TunnelError as exc:
