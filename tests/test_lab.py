@@ -258,9 +258,9 @@ COMPUTE = """\
 import time
 client = cluster.get_client()
 def slow(i):
-    time.sleep(0.25)
+    time.sleep(0.2)
     return i
-print("SUM", sum(client.gather(client.map(slow, range(120)))))
+print("SUM", sum(client.gather(client.map(slow, range(80)))))
 """
 
 
@@ -308,7 +308,7 @@ def test_a_laptop_opens_jupyterlab_on_a_compute_node_runs_a_cluster_and_sees_its
         seen = _driver(["dashboard", url, kernel, link, COMPUTE])
         assert seen["tasks"] > 0, seen
         assert "bokeh" not in seen["text"].lower() or "needs" not in seen["text"].lower(), seen["text"]
-        assert seen["computation"]["status"] == "ok" and f"SUM {sum(range(120))}" in seen["computation"]["stdout"]
+        assert seen["computation"]["status"] == "ok" and f"SUM {sum(range(80))}" in seen["computation"]["stdout"]
 
         # The SSH connection dies (its sshd session process is killed): the tunnel comes back by itself.
         before = _sshd_sessions()
@@ -572,3 +572,21 @@ def test_tunnel_forwards_a_loopback_port_to_a_service_on_a_compute_node(laptop, 
                 for pid in [*_descendants(process.pid), process.pid]:
                     with_suppress_kill(pid)
                 process.wait(10)
+
+
+@pytest.mark.slurm
+def test_a_proxyjump_chain_from_ssh_config_reaches_a_host_the_laptop_cannot(laptop):
+    """``ProxyJump login`` in ~/.ssh/config: the login node's cluster-side address (10.77.0.2), through login."""
+    kind, key = HOST_KEY.read_text().split()[:2]
+    laptop.write("known_hosts", _host_key_line() + f"10.77.0.2 {kind} {key}\n", 0o644)
+    laptop.write(
+        "config",
+        f"Host login\n    HostName {LOGIN}\n    User {OWNER}\nHost inner\n    HostName 10.77.0.2\n    User {OWNER}\n"
+        "    ProxyJump login\n",
+        0o644,
+    )
+    # Logged in through the jump (then told, harmlessly, that this shell has no Slurm on its PATH).
+    out = laptop.lab("--via", "inner", "--prologue", "PATH=/nonexistent")
+    assert out.returncode == 1 and "not found on the login node inner" in out.stderr, out
+    direct = laptop.lab("--via", f"{OWNER}@10.77.0.2", "--prologue", "PATH=/nonexistent")
+    assert direct.returncode == 1 and "Cannot reach the login node" in direct.stderr, direct
