@@ -7,6 +7,10 @@ Two roles run in Slurm jobs:
 ``worker``
     ``dask worker`` with ``processes`` worker processes sharing one node.
 
+A sharded database (``db_shards``) replaces ``db`` with three roles (see
+:mod:`mspass_cluster.sharding`): ``db-config`` (the config server),
+``db-shard`` (one job per shard) and ``db-router`` (``mongos``).
+
 The notebook process hosts the Dask scheduler (the ``scheduler`` and
 ``frontend`` roles of MsPASS).
 """
@@ -21,7 +25,7 @@ from importlib import resources
 
 from dask.utils import format_bytes, parse_bytes
 
-from . import containers, dbstorage
+from . import containers, dbstorage, sharding
 from ._version import __version__
 from .config import ClusterOptions, parse_walltime
 from .files import cluster_umask, directory_bytes
@@ -44,7 +48,7 @@ __all__ = [
     "ScriptContext",
 ]
 
-ROLES = ("db", "worker")
+ROLES = ("db", "worker", *sharding.SHARDED_ROLES)
 
 #: Placeholder used in scripts previewed before the scheduler exists.
 SCHEDULER_PLACEHOLDER = "tcp://<scheduler-address>:<port>"
@@ -563,13 +567,14 @@ def build_job_script(
     tls: CredentialFiles | None = None,
     extra_directives=(),
     db_data_bytes: int = 0,
+    db_config_host: str | None = None,
 ) -> tuple[str, str]:
     """The complete job script for ``role`` and its ``--output`` pattern.
 
     Parameters
     ----------
     options : ClusterOptions
-    role : {"db", "worker"}
+    role : {"db", "worker", "db-config", "db-shard", "db-router"}
     cluster_id : str
         The cluster's unique id.
     job_name : str
@@ -593,6 +598,9 @@ def build_job_script(
         The size of ``<db_dir>/data`` now: with ``db_storage="node-local"``
         it sizes the notice Slurm gives the database job before its walltime
         (:func:`mspass_cluster.dbstorage.signal_directive`) to copy back.
+    db_config_host : str, optional
+        The config server's node, for the router's ``--configdb`` (a
+        placeholder until known).
 
     Returns
     -------
@@ -626,6 +634,26 @@ def build_job_script(
         )
         setup = [cd, *open_files_lines(role)]
         argv = db_argv(options, local, tls, containers.RawShell('"$db_job_dir/data"') if node_local else None)
+    elif role in sharding.SHARDED_ROLES:
+        directives = build_directives(
+            job_name=job_name,
+            output=output,
+            walltime=options.db_walltime,
+            cores=options.db_cores,
+            memory=options.db_memory,
+            exclusive=False,
+            partition=options.db_partition,
+            account=options.account,
+            qos=options.qos,
+            extra=[*options.job_extra_directives, *options.db_extra_directives, *extra_directives],
+        )
+        setup = [cd, *open_files_lines("db")]
+        if role == sharding.ROUTER_ROLE:
+            argv = sharding.router_argv(options, db_config_host)
+        else:
+            index = sharding.shard_index(job_name)
+            setup.append(shlex.join(["mkdir", "-p", sharding.member_dbpath(options, role, index)]))
+            argv = sharding.member_argv(options, role, index, db_cache_gb(options.db_memory))
     elif role == "worker":
         directives = build_directives(
             job_name=job_name,
@@ -709,6 +737,8 @@ class ScriptContext:
     db_host: str | None = None
     #: The credentials' files (``security``), or None for an open cluster.
     tls: CredentialFiles | None = None
+    #: A sharded database's config server node (the router's ``--configdb``), once known.
+    db_config_host: str | None = None
 
     def knowing(self, **facts) -> "ScriptContext":
         """This context with ``facts`` (``scheduler_address=``, ``db_host=``) added."""
@@ -733,4 +763,5 @@ class ScriptContext:
             tls=self.tls,
             extra_directives=directives,
             db_data_bytes=directory_bytes(os.path.join(self.options.db_dir, "data")) if node_local else 0,
+            db_config_host=self.db_config_host,
         )
