@@ -567,7 +567,6 @@ def build_job_script(
     tls: CredentialFiles | None = None,
     extra_directives=(),
     db_data_bytes: int = 0,
-    db_config_host: str | None = None,
 ) -> tuple[str, str]:
     """The complete job script for ``role`` and its ``--output`` pattern.
 
@@ -598,9 +597,6 @@ def build_job_script(
         The size of ``<db_dir>/data`` now: with ``db_storage="node-local"``
         it sizes the notice Slurm gives the database job before its walltime
         (:func:`mspass_cluster.dbstorage.signal_directive`) to copy back.
-    db_config_host : str, optional
-        The config server's node, for the router's ``--configdb`` (a
-        placeholder until known).
 
     Returns
     -------
@@ -649,7 +645,8 @@ def build_job_script(
         )
         setup = [cd, *open_files_lines("db")]
         if role == sharding.ROUTER_ROLE:
-            argv = sharding.router_argv(options, db_config_host)
+            setup += sharding.router_wait_lines(options, job_name)
+            argv = sharding.router_argv(options, containers.RawShell('"$configdb"'))
         else:
             index = sharding.shard_index(job_name)
             setup.append(shlex.join(["mkdir", "-p", sharding.member_dbpath(options, role, index)]))
@@ -737,8 +734,6 @@ class ScriptContext:
     db_host: str | None = None
     #: The credentials' files (``security``), or None for an open cluster.
     tls: CredentialFiles | None = None
-    #: A sharded database's config server node (the router's ``--configdb``), once known.
-    db_config_host: str | None = None
 
     def knowing(self, **facts) -> "ScriptContext":
         """This context with ``facts`` (``scheduler_address=``, ``db_host=``) added."""
@@ -763,5 +758,4 @@ class ScriptContext:
             tls=self.tls,
             extra_directives=directives,
             db_data_bytes=directory_bytes(os.path.join(self.options.db_dir, "data")) if node_local else 0,
-            db_config_host=self.db_config_host,
         )

@@ -10,8 +10,11 @@ sleeps):
    ``<db_dir>/shard<i>``, port ``db_port + 2 + i`` (distinct ports, so that
    several may share a node);
 3. ``db-router``: ``mongos --configdb cfg/<config host>:<port>`` on
-   ``db_port``, submitted once the config server and the shards are PRIMARY
-   (its command line needs the config server's node).
+   ``db_port``. Its job is submitted with the others, so that it waits in the
+   queue alongside them rather than after them; its script waits until the
+   cluster writes the config server's address into ``<log_dir>/<job
+   name>.configdb``, which it does once the config server and every shard
+   are PRIMARY (the node is known only then).
 
 Each replica set has one member. Set names are fixed (``cfg``,
 ``shard<i>``), not per cluster, so that a later cluster on the same
@@ -22,6 +25,7 @@ from __future__ import annotations
 
 import os
 import re
+import shlex
 
 from .config import ClusterOptions
 from .errors import ConfigError
@@ -32,7 +36,6 @@ __all__ = [
     "ROUTER_ROLE",
     "SHARDED_ROLES",
     "CONFIG_SET",
-    "CONFIG_HOST_PLACEHOLDER",
     "shard_set",
     "member_port",
     "member_dbpath",
@@ -40,6 +43,8 @@ __all__ = [
     "shard_index",
     "member_argv",
     "router_argv",
+    "configdb_file",
+    "router_wait_lines",
     "config_string",
     "shard_string",
     "replica_set_document",
@@ -52,8 +57,6 @@ __all__ = [
 CONFIG_ROLE, SHARD_ROLE, ROUTER_ROLE = "db-config", "db-shard", "db-router"
 SHARDED_ROLES = (CONFIG_ROLE, SHARD_ROLE, ROUTER_ROLE)
 CONFIG_SET = "cfg"
-#: What a previewed router script shows before the config server's node is known.
-CONFIG_HOST_PLACEHOLDER = "<config-server-node>"
 
 
 def shard_set(index: int) -> str:
@@ -122,16 +125,43 @@ def config_string(config_host: str, options: ClusterOptions) -> str:
     return f"{CONFIG_SET}/{config_host}:{member_port(options, CONFIG_ROLE)}"
 
 
-def router_argv(options: ClusterOptions, config_host: str | None) -> list[str]:
-    """The router's command line (``db_router_command``), on ``db_port``."""
+def router_argv(options: ClusterOptions, configdb: str) -> list[str]:
+    """The router's command line (``db_router_command``), on ``db_port``, with ``--configdb configdb``."""
     return [
         *options.db_router_command,
         "--port",
         str(options.db_port),
         "--configdb",
-        config_string(config_host or CONFIG_HOST_PLACEHOLDER, options),
+        configdb,
         "--bind_ip_all",
         "--nounixsocket",
+    ]
+
+
+def configdb_file(options: ClusterOptions, router_job_name: str) -> str:
+    """``<log_dir>/<router job name>.configdb``: where the router's job reads its ``--configdb``."""
+    return os.path.join(options.log_dir, f"{router_job_name}.configdb")
+
+
+def router_wait_lines(options: ClusterOptions, router_job_name: str) -> list[str]:
+    """Shell lines: wait (polling, up to ``startup_timeout``) for the file holding the config servers' address."""
+    path = shlex.quote(configdb_file(options, router_job_name))
+    limit = int(options.startup_timeout)
+    return [
+        "# The config server's node is known once it runs: the cluster writes its address here when the config",
+        "# server and every shard are PRIMARY (this job waits in the queue with theirs meanwhile).",
+        f"configdb_file={path}",
+        'echo "mspass_cluster: db-router waiting for the config servers\' address in $configdb_file"',
+        "waited=0",
+        'while [ ! -s "$configdb_file" ]; do',
+        f'    if [ "$waited" -ge {limit * 5} ]; then',
+        f'        echo "mspass_cluster: no config server address after {limit} s (startup_timeout); stopping" >&2',
+        "        exit 1",
+        "    fi",
+        "    sleep 0.2",
+        "    waited=$((waited + 1))",
+        "done",
+        'configdb=$(cat "$configdb_file")',
     ]
 
 

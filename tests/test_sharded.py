@@ -44,7 +44,7 @@ def test_parts_ports_and_command_lines():
         "--wiredTigerCacheSizeGB", "0.5", "--replSet", "shard1", "--shardsvr",
     ]  # fmt: skip
     assert sharding.member_argv(options, "db-config", 0, 0.5)[-3:] == ["--replSet", "cfg", "--configsvr"]
-    assert sharding.router_argv(options, "n1") == [
+    assert sharding.router_argv(options, sharding.config_string("n1", options)) == [
         "mongos", "--port", "28100", "--configdb", "cfg/n1:28101", "--bind_ip_all", "--nounixsocket",
     ]  # fmt: skip
     assert sharding.add_shard_command(1, "n4", options) == {"addShard": "shard1/n4:28103", "name": "shard1"}
@@ -60,7 +60,8 @@ def test_previewed_scripts_run_each_part():
     shard = MsPASSCluster.job_script("db-shard", db_shards=2, db_port=28100, db_command=["mongod"])
     assert "mongod --port 28102 --dbpath" in shard and "--replSet shard0 --shardsvr" in shard
     router = MsPASSCluster.job_script("db-router", db_shards=2, db_port=28100)
-    assert "mongos --port 28100 --configdb 'cfg/<config-server-node>:28101'" in router
+    assert 'mongos --port 28100 --configdb "$configdb" --bind_ip_all' in router
+    assert 'configdb=$(cat "$configdb_file")' in router
 
 
 @pytest.mark.parametrize(
@@ -252,22 +253,24 @@ BED_PORT = 28150
 
 
 def bed_options(work_dir, **extra):
-    return dict(
-        nodes=1,
-        work_dir=str(work_dir),
-        security=False,
-        walltime="10",
-        exclusive=False,
-        cores=1,
-        memory="1GiB",
-        db_memory="300MiB",
-        db_shards=2,
-        db_port=BED_PORT,
-        db_command=NX_MONGOD,
-        db_router_command=MONGOS,
-        startup_timeout=600,
+    return {
+        **dict(
+            nodes=1,
+            work_dir=str(work_dir),
+            security=False,
+            walltime="10",
+            exclusive=False,
+            cores=1,
+            memory="1GiB",
+            db_memory="300MiB",
+            db_shards=2,
+            db_port=BED_PORT,
+            db_command=NX_MONGOD,
+            db_router_command=MONGOS,
+            startup_timeout=600,
+        ),
         **extra,
-    )
+    }
 
 
 def exit_time(log_path: str) -> str:
@@ -277,6 +280,7 @@ def exit_time(log_path: str) -> str:
     return found[-1][1]
 
 
+@pytest.mark.timeout(900)  # three clusters in turn; a shared bed's queue can hold each for minutes
 def test_sharded_database_on_the_bed_starts_serves_stops_in_order_and_restarts_on_other_nodes(
     slurm_testbed, shared_dir
 ):
@@ -285,8 +289,8 @@ def test_sharded_database_on_the_bed_starts_serves_stops_in_order_and_restarts_o
         assert cluster.db_address == f"mongodb://{service.router.job.node}:{BED_PORT}/"  # the router's
         steps = [what for what, _ in service.timeline]
         # Each replica set was initiated, then polled until PRIMARY, before the router existed.
-        assert steps.index("router submitted") > max(steps.index(f"shard {i} PRIMARY") for i in (0, 1))
-        assert steps.index("router submitted") > steps.index("config server PRIMARY")
+        told = steps.index("router told the config servers")
+        assert told > max(steps.index(f"{part} PRIMARY") for part in ("shard 0", "shard 1", "config server"))
         db = cluster.get_db_client().get_database("mspass")
         db.wf_TimeSeries.insert_many([{"i": i} for i in range(200)])
         assert db.wf_TimeSeries.count_documents({}) == 200

@@ -14,7 +14,8 @@ step per call):
 3. a restart on other nodes: ``config.shards`` on the config server and each
    shard's ``shardIdentity`` are pointed at the new hosts (MongoDB's restore
    procedure);
-4. the router is submitted, with the config server's node in ``--configdb``;
+4. the router's job (submitted with the others) is given the config
+   server's address in ``--configdb``;
 5. the router answers as a router (``hello.msg == "isdbgrid"``); every shard
    missing from ``listShards`` is added (``addShard``), then ``listShards``
    must hold them all;
@@ -32,6 +33,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import time
 from dataclasses import dataclass, field
 
@@ -42,7 +44,7 @@ from .. import dbdir, sharding
 from ..config import parse_walltime
 from ..db import connection_string
 from ..errors import ConfigError, JobFailedError
-from ..files import file_mode
+from ..files import file_mode, write_file
 from ..jobs import JOB_STOP_TIMEOUT, JobPhase, TrackedJob, server_exit_status, tail
 from .database import DatabaseService
 
@@ -111,6 +113,8 @@ class ShardedDatabaseService(DatabaseService):
         ]
         self.router = Part(sharding.ROUTER_ROLE, name=sharding.job_name(cluster_name, sharding.ROUTER_ROLE))
         self._failure: JobFailedError | None = None
+        #: The router's job has its --configdb (written once the config server and every shard are PRIMARY).
+        self._router_told = False
         self._lost: JobFailedError | None = None
         self._started: float | None = None
         #: (what, seconds since submit) of each step done, in order (the benchmark reads it).
@@ -152,10 +156,14 @@ class ShardedDatabaseService(DatabaseService):
             mode=file_mode(self.options),
         )
         self._started = time.monotonic()
-        members = [self.config, *self.shards]
-        jobs = await asyncio.gather(*(self.launcher.submit(p.role, p.name) for p in members))
-        for part, job in zip(members, jobs):
+        # All at once, the router too: it waits in the queue with the others, then for its configdb file.
+        configdb = sharding.configdb_file(self.options, self.router.name)
+        if os.path.exists(configdb):
+            os.remove(configdb)
+        jobs = await asyncio.gather(*(self.launcher.submit(p.role, p.name) for p in self.parts))
+        for part, job in zip(self.parts, jobs):
             part.job, part.waiting = job, "its job to run"
+        self.job = self.router.job
         dbdir.claim(
             self.options.db_dir,
             self.cluster_name,
@@ -175,15 +183,16 @@ class ShardedDatabaseService(DatabaseService):
         await asyncio.gather(
             *(self._step(p, self._advance_member) for p in members if not p.ready and self._running(p))
         )
-        if self._failure is None and all(p.ready for p in members) and self.router.job is None:
+        if self._failure is None and all(p.ready for p in members) and not self._router_told:
             await self._step(self.config, self._point_registry)
             if self._failure is not None:
                 return False
-            self.launcher.know(db_config_host=self.host_of(self.config.job))
-            self.router.job = self.job = await self.launcher.submit(sharding.ROUTER_ROLE, self.router.name)
-            self.router.waiting = "its job to run"
-            self._mark("router submitted")
-        if self._failure is None and self._running(self.router) and not self.router.ready:
+            configdb = sharding.config_string(self.host_of(self.config.job), self.options)
+            write_file(sharding.configdb_file(self.options, self.router.name), configdb + "\n", file_mode(self.options))
+            self._router_told = True
+            self.router.waiting = f"starting with --configdb {configdb}"
+            self._mark("router told the config servers")
+        if self._failure is None and self._router_told and self._running(self.router) and not self.router.ready:
             await self._step(self.router, self._advance_router)
         if self.router.ready and self.uri is None:
             host = self.host_of(self.router.job)
@@ -358,9 +367,11 @@ class ShardedDatabaseService(DatabaseService):
             if part.ready:
                 continue
             if part.job is None:
-                parts.append(f"the {part.label} (submitted once the config server and every shard are PRIMARY)")
-            elif part.job.state.kind != "running":
+                continue
+            if part.job.state.kind != "running":
                 parts.append(part.job.describe())
+            elif part is self.router and not self._router_told:
+                parts.append(f"{part.job.describe()}, waiting for the config server and every shard to be PRIMARY")
             else:
                 parts.append(f"{part.job.describe()}, {part.waiting}")
         return "; ".join(parts)
