@@ -68,6 +68,8 @@ class Part:
     job: TrackedJob | None = None
     #: PRIMARY (config server, shard) or configured (router).
     ready: bool = False
+    #: Its job was seen running (the timeline has it).
+    seen_running: bool = False
     #: What the part waits for now, in words.
     waiting: str = "not submitted yet"
     client: pymongo.MongoClient | None = field(default=None, repr=False)
@@ -179,6 +181,10 @@ class ShardedDatabaseService(DatabaseService):
             return True
         if self._failure is not None:
             return False
+        for part in self.parts:
+            if not part.seen_running and self._running(part):
+                part.seen_running = True
+                self._mark(f"{part.label} job running on {part.job.node}")
         members = [self.config, *self.shards]
         await asyncio.gather(
             *(self._step(p, self._advance_member) for p in members if not p.ready and self._running(p))
