@@ -222,8 +222,6 @@ def shard_collection_commands(options: ClusterOptions) -> list[dict]:
 
 def check_options(options: ClusterOptions, secure: bool) -> None:
     """ConfigError, before anything is submitted, for what a sharded database cannot do (yet)."""
-    if options.db_shards < 0:
-        raise ConfigError(f"db_shards={options.db_shards} is negative; give 0 (one server) or the number of shards.")
     if options.db_storage == "node-local":
         raise ConfigError(
             "db_shards with db_storage='node-local' is not supported: the shards keep their data in "
