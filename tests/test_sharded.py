@@ -353,3 +353,147 @@ def test_a_shard_job_that_fails_stops_the_start_with_its_role_job_and_log(slurm_
     assert "shard1" in error.log_tail
     name = re.search(r"\((mspass-[0-9a-f]+)-db-shard1\)", str(error)).group(1)
     assert [n for n in slurm_output("squeue", "--noheader", "--format=%j").split() if n.startswith(name)] == []
+
+
+# ------------------------------------------------------------ the exact command sequence (mockupdb)
+MOCK_PORT = 28140
+
+
+class Recorder:
+    """MockupDB servers standing for the config server, the shards and the router; every command logged in order."""
+
+    def __init__(self, shards, fail=None):
+        from mockupdb import MockupDB
+
+        self.log = []
+        self.fail = fail or {}
+        self.servers = []
+        self.status_calls = {}
+        labels = [("router", MOCK_PORT, True), ("cfg", MOCK_PORT + 1, False)]
+        labels += [(f"shard{i}", MOCK_PORT + 2 + i, False) for i in range(shards)]
+        for label, port, mongos in labels:
+            server = MockupDB(port=port, request_timeout=10)
+            server.autoresponds(self.handler(label, mongos))
+            server.run()
+            self.servers.append(server)
+
+    def handler(self, label, mongos):
+        hello = {"ismaster": True, "isWritablePrimary": True, "maxWireVersion": 21, "minWireVersion": 0}
+        if mongos:
+            hello["msg"] = "isdbgrid"
+
+        def respond(request):
+            name = request.command_name
+            if name.lower() in ("ismaster", "hello"):  # the driver's handshakes and the router check alike
+                return request.ok(**hello)
+            if name == "endSessions":
+                return request.ok()
+            self.log.append((label, name, dict(request.doc)))
+            if (label, name) in self.fail:
+                return request.reply(ok=0, **self.fail[(label, name)])
+            if name == "replSetGetStatus":
+                calls = self.status_calls[label] = self.status_calls.get(label, 0) + 1
+                if calls == 1:
+                    return request.reply(ok=0, code=94, errmsg="no replset config has been received")
+                return request.ok(myState=2 if calls == 2 else 1)
+            if name == "find":
+                return request.ok(cursor={"id": 0, "firstBatch": [], "ns": "x.y"})
+            if name == "listShards":
+                added = [doc["name"] for lab, cmd, doc in self.log if lab == label and cmd == "addShard"]
+                return request.ok(shards=[{"_id": n, "host": n} for n in added])
+            return request.ok()
+
+        return respond
+
+    def commands(self, label):
+        return [name for lab, name, _ in self.log if lab == label]
+
+    def stop(self):
+        for server in self.servers:
+            server.stop()
+
+
+def run_steps(service, recorder_parts=None):
+    """Drive the service's steps as its probe does, without Slurm: every part 'runs' on localhost."""
+    from types import SimpleNamespace
+
+    from mspass_cluster.services.sharded import StepFailed
+
+    for part in service.parts:
+        part.job = SimpleNamespace(node="localhost", job_id=f"9{part.index}", role=part.role, unit="job",
+                                   name=part.name, log_path="/dev/null", state=SimpleNamespace(value="RUNNING"))  # fmt: skip
+    service._started = time.monotonic()
+    for part in [service.config, *service.shards]:
+        for _ in range(10):
+            service._advance_member(part)
+            if part.ready:
+                break
+    service._point_registry(service.config)
+    for _ in range(5):
+        service._advance_router(service.router)
+        if service.router.ready:
+            return
+    raise StepFailed("test", "the router never got ready")
+
+
+def mock_service():
+    import logging
+    from types import SimpleNamespace
+
+    from mspass_cluster.services.sharded import ShardedDatabaseService
+
+    options = resolve_options(db_port=MOCK_PORT, db_shards=2, security=False, backend="local")
+    launcher = SimpleNamespace(detail=logging.DEBUG, context=SimpleNamespace(heartbeat=None), backend=None)
+    return ShardedDatabaseService(options, launcher, "c-1")
+
+
+def test_the_exact_command_sequence_initiate_poll_primary_then_route():
+    recorder = Recorder(shards=2)
+    service = mock_service()
+    try:
+        run_steps(service)
+    finally:
+        service._close_clients()
+        recorder.stop()
+    polled = ["replSetGetStatus", "replSetInitiate", "replSetGetStatus", "replSetGetStatus", "find"]
+    assert recorder.commands("cfg") == polled
+    assert recorder.commands("shard0") == recorder.commands("shard1") == polled
+    initiate = next(doc for lab, name, doc in recorder.log if lab == "cfg" and name == "replSetInitiate")
+    assert initiate["replSetInitiate"] == {
+        "_id": "cfg",
+        "version": 1,
+        "members": [{"_id": 0, "host": f"localhost:{MOCK_PORT + 1}"}],
+        "configsvr": True,
+    }
+    assert recorder.commands("router") == [
+        "listShards", "addShard", "addShard", "listShards", "enableSharding",
+        "shardCollection", "shardCollection", "shardCollection",
+    ]  # fmt: skip
+    adds = [doc for lab, name, doc in recorder.log if name == "addShard"]
+    assert [(d["addShard"], d["name"]) for d in adds] == [
+        (f"shard0/localhost:{MOCK_PORT + 2}", "shard0"),
+        (f"shard1/localhost:{MOCK_PORT + 3}", "shard1"),
+    ]
+    assert all(doc["$db"] == "admin" for lab, name, doc in recorder.log if lab == "router")
+    # Every addShard came after every shard's PRIMARY answer (the last replSetGetStatus).
+    order = [(lab, name) for lab, name, _ in recorder.log]
+    last_primary = max(i for i, (lab, name) in enumerate(order) if name == "replSetGetStatus")
+    assert min(i for i, (lab, name) in enumerate(order) if name == "addShard") > last_primary
+
+
+def test_a_refused_add_shard_stops_the_sequence_with_the_servers_reply():
+    from mspass_cluster.services.sharded import StepFailed
+
+    reply = {"code": 133, "errmsg": "Could not find host matching read preference for set shard1"}
+    recorder = Recorder(shards=2, fail={("router", "addShard"): reply})
+    service = mock_service()
+    try:
+        with pytest.raises(StepFailed) as info:
+            run_steps(service)
+    finally:
+        service._close_clients()
+        recorder.stop()
+    assert info.value.step.startswith("addShard shard0/") and info.value.reply["code"] == 133
+    assert "enableSharding" not in recorder.commands("router")
+    error = service._step_failure(service.router, info.value)
+    assert "db-router job 90" in str(error) and "Could not find host" in str(error) and error.role == "db-router"
