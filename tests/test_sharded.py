@@ -9,8 +9,9 @@ database's primary shard. They implement the commands the cluster sends as
 MongoDB documents them, with their error replies and the states a real
 server passes through (not PRIMARY for a while after ``replSetInitiate``,
 ``addShard`` refused while a shard is not PRIMARY or unreachable), so that a
-missing poll or a wrong order fails here. Chunk migration and balancing are
-not modelled and not verified.
+missing poll or a wrong order fails here. MockupDB servers (the last tests)
+pin the exact sequence of commands the cluster sends. Chunk migration and
+balancing are not modelled and not verified.
 """
 
 from __future__ import annotations
