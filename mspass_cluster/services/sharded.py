@@ -190,8 +190,7 @@ class ShardedDatabaseService(DatabaseService):
             *(self._step(p, self._advance_member) for p in members if not p.ready and self._running(p))
         )
         if self._failure is None and all(p.ready for p in members) and not self._router_told:
-            await self._step(self.config, self._point_registry)
-            if self._failure is not None:
+            if not await self._step(self.config, self._point_registry):
                 return False
             configdb = sharding.config_string(self.host_of(self.config.job), self.options)
             write_file(sharding.configdb_file(self.options, self.router.name), configdb + "\n", file_mode(self.options))
@@ -237,14 +236,19 @@ class ShardedDatabaseService(DatabaseService):
             )
         return part.client
 
-    async def _step(self, part: Part, advance) -> None:
-        """Run one step of ``part`` in a thread; a failed command becomes the start's failure."""
+    async def _step(self, part: Part, advance) -> bool:
+        """Run one step of ``part`` in a thread; True when it ran through. A failed command fails the start."""
         try:
             await asyncio.to_thread(advance, part)
+            return True
         except ConnectionFailure as exc:
             part.waiting = f"not answering yet ({str(exc).split(',')[0]})"
         except StepFailed as exc:
             self._failure = self._step_failure(part, exc)
+        except OperationFailure as exc:  # a read or write of the step itself (config.shards, shardIdentity, hello)
+            step = advance.__name__.strip("_").replace("_", " ")
+            self._failure = self._step_failure(part, StepFailed(step, exc.details))
+        return False
 
     def _command(self, part: Part, step: str, command: dict, not_yet=()) -> dict | None:
         """``command`` on ``part``'s admin database; None for a reply in ``not_yet`` (poll again), else StepFailed."""
