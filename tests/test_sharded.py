@@ -92,15 +92,17 @@ class Servers:
         self.tmp = tmp_path
         self.procs: list[subprocess.Popen] = []
 
-    def start(self, argv, name):
+    def start(self, argv, name, env=None):
         log = open(self.tmp / f"{name}.log", "w")
-        self.procs.append(subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT))
+        self.procs.append(subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=env))
         return self.procs[-1]
 
-    def mongod(self, port, name, *args, wait=True):
+    def mongod(self, port, name, *args, wait=True, election=None):
         path = self.tmp / name
         path.mkdir(exist_ok=True)
-        self.start([*NX_MONGOD, "--port", str(port), "--dbpath", str(path), "--bind_ip", "127.0.0.1", *args], name)
+        env = None if election is None else {**os.environ, "MSPASS_STANDIN_ELECTION_SECONDS": str(election)}
+        argv = [*NX_MONGOD, "--port", str(port), "--dbpath", str(path), "--bind_ip", "127.0.0.1", *args]
+        self.start(argv, name, env)
         return answering(port) if wait else None
 
     def stop(self):
@@ -112,16 +114,20 @@ class Servers:
 
 
 def answering(port, direct=True, seconds=20.0):
-    client = pymongo.MongoClient(f"mongodb://localhost:{port}/", directConnection=direct, serverSelectionTimeoutMS=500)
-    deadline = time.monotonic() + seconds
-    while True:
-        try:
-            client.admin.command("ping")
-            return client
-        except pymongo.errors.ConnectionFailure:
-            if time.monotonic() > deadline:
-                raise
-            time.sleep(0.1)
+    """A client of the server on ``port`` once it answers ``ping`` (polled every 0.1 s)."""
+    uri = f"mongodb://localhost:{port}/"
+    with pymongo.MongoClient(uri, directConnection=direct, serverSelectionTimeoutMS=300) as probe:
+        deadline = time.monotonic() + seconds
+        while True:
+            try:
+                probe.admin.command("ping")
+                break
+            except pymongo.errors.ConnectionFailure:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.1)
+    # A generous selection timeout: after a "not primary" reply pymongo rediscovers the server first.
+    return pymongo.MongoClient(uri, directConnection=direct, serverSelectionTimeoutMS=5000)
 
 
 @pytest.fixture
@@ -147,7 +153,8 @@ def wait_primary(client):
 
 def test_replica_set_member_passes_through_the_states_mongod_does(servers):
     port = LOCAL_PORT
-    shard = servers.mongod(port, "shard0", "--replSet", "shard0", "--shardsvr")
+    # A slower election than the stand-in's 1.5 s, so that a busy machine still sees the states before PRIMARY.
+    shard = servers.mongod(port, "shard0", "--replSet", "shard0", "--shardsvr", election=4)
     admin = shard.admin
     assert code_of(lambda: admin.command("replSetGetStatus")) == 94  # NotYetInitialized
     assert code_of(lambda: shard.x.y.insert_one({})) == 10107  # not primary: a write before initiation fails
