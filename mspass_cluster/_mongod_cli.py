@@ -18,6 +18,10 @@ command-line errors, an unrecognised option included; the addresses
 unsupported ``--tlsMode``, TLS files without ``--tlsMode``, a TLS mode without
 ``--tlsCertificateKeyFile``).
 
+``--replSet``, ``--configsvr`` and ``--shardsvr`` make the server a
+one-member replica set of a sharded cluster: :mod:`mspass_cluster._mongod_replset`
+answers the replica-set and sharding commands.
+
 What is not: every other mongod option is refused as unrecognised, ``--fork``
 and ``--tlsMode allowTLS``/``preferTLS`` with messages of their own (the
 package must never daemonise its database, and it never mixes TLS with plain
@@ -84,9 +88,12 @@ class MongodOptions:
         "tlsMode": (str, False),
         "tlsCertificateKeyFile": (str, False),
         "tlsCAFile": (str, False),
+        "replSet": (str, False),
     }
     #: Options without a value.
-    SWITCHES: ClassVar[frozenset[str]] = frozenset({"bind_ip_all", "nounixsocket", "auth", "fork", "version", "help"})
+    SWITCHES: ClassVar[frozenset[str]] = frozenset(
+        {"bind_ip_all", "nounixsocket", "auth", "fork", "version", "help", "configsvr", "shardsvr"}
+    )
     SHORT_SWITCHES: ClassVar[dict[str, str]] = {"h": "help"}
     USAGE: ClassVar[str] = """\
 Options (the subset of mongod's that the embedded nx-27017 database honours):
@@ -109,6 +116,10 @@ Options (the subset of mongod's that the embedded nx-27017 database honours):
   --tlsCertificateKeyFile arg  PEM file with the server's certificate and key
   --tlsCAFile arg              PEM file of the CA that signs client
                                certificates
+  --replSet arg                replica set name (see _mongod_replset: the
+                               replica-set and sharding commands)
+  --configsvr                  a config server of a sharded cluster
+  --shardsvr                   a shard of a sharded cluster
   --version                    print the version and exit
   -h [ --help ]                print this help and exit
 """
@@ -127,6 +138,9 @@ Options (the subset of mongod's that the embedded nx-27017 database honours):
     tlsMode: str = "disabled"
     tlsCertificateKeyFile: str | None = None
     tlsCAFile: str | None = None
+    replSet: str | None = None
+    configsvr: bool = False
+    shardsvr: bool = False
     fork: bool = False
     version: bool = False
     help: bool = False
@@ -240,10 +254,10 @@ def parse_command_line(argv: Sequence[str], options: type[MongodOptions] = Mongo
     >>> opts = parse_command_line(["--port=27018", "--bind_ip_all", "--nounixsocket"])
     >>> opts.effective_port, opts.bind_ip_all, opts.given
     (27018, True, ['port', 'bind_ip_all', 'nounixsocket'])
-    >>> parse_command_line(["--replSet", "rs0"])
+    >>> parse_command_line(["--master"])
     Traceback (most recent call last):
     ...
-    mspass_cluster._mongod_cli.CommandLineError: Error parsing command line: unrecognised option '--replSet'
+    mspass_cluster._mongod_cli.CommandLineError: Error parsing command line: unrecognised option '--master'
     """
     opts = options(argv=list(argv))
     tokens = list(argv)

@@ -50,7 +50,15 @@ from .roles import (
     service_environment,
 )
 from .security import ClusterCredentials
-from .services import DatabaseService, NodeAdaptive, Supervisor, WorkerJob, WorkerNodes, node_of_worker
+from .services import (
+    DatabaseService,
+    NodeAdaptive,
+    ShardedDatabaseService,
+    Supervisor,
+    WorkerJob,
+    WorkerNodes,
+    node_of_worker,
+)
 from .services.attached import AttachedDatabase, find_database
 from .status import ClusterView, render_html, render_text, view_of
 from .worker_env import EnvironmentPlugin, PublishedEnvironment
@@ -139,7 +147,9 @@ class MsPASSCluster(SpecCluster):
             self.database = (
                 AttachedDatabase(shared, self.options, self._launcher, name)
                 if shared is not None
-                else DatabaseService(self.options, self._launcher, name, local=self.backend == "local", tls=tls)
+                else (ShardedDatabaseService if self.options.db_shards else DatabaseService)(
+                    self.options, self._launcher, name, local=self.backend == "local", tls=tls
+                )
             )
             self.database.refuse_a_directory_in_use()
         except BaseException:

@@ -43,8 +43,10 @@ Not faithful -- never use it to test administrative behaviour:
   only through nx-27017's pid file (``--pidfilepath``, default
   ``<dbpath>/nx-27017.pid``), with status 1. A busy port also ends it with
   status 1 and a traceback, not 48.
-* SIGTERM and SIGINT stop it with status 0; no replication or sharding; one
-  request at a time, so no performance conclusions.
+* SIGTERM and SIGINT stop it with status 0; one request at a time, so no
+  performance conclusions. With ``--replSet`` it is a one-member replica set
+  whose commands :mod:`mspass_cluster._mongod_replset` answers (no oplog, no
+  replication); ``mspass_cluster._mongos`` routes to such shards.
 * ``--wiredTigerCacheSizeGB`` and ``--nounixsocket`` are accepted and ignored.
 * Run in-process, nx-27017's server loop is replaced at one seam
   (``nx_27017.daemon.run_server_threaded``, nx-27017 0.8.1) by
@@ -67,6 +69,7 @@ from typing import Any, Callable
 
 from . import _mongod_cli as cli
 from . import _mongod_log as mlog
+from . import _mongod_replset as replset
 from . import _mongod_security as security
 
 NX_DISTRIBUTION = "nx-27017"
@@ -118,11 +121,23 @@ class GatedHandler:
         The server's one handler.
     session : mspass_cluster._mongod_security.ConnectionSession
         This connection's access state.
+    member : mspass_cluster._mongod_replset.ReplicaSetMember, optional
+        The server's replica-set state: past the access control, it answers the replica-set commands and
+        refuses writes unless PRIMARY.
     """
 
-    def __init__(self, handler: Any, session: security.ConnectionSession):
+    def __init__(
+        self, handler: Any, session: security.ConnectionSession, member: replset.ReplicaSetMember | None = None
+    ):
         self._handler = handler
         self._session = session
+        self._member = member
+
+    def _respond(self, name: str, db: str, body: dict[str, Any], execute: Callable[[], dict | None]) -> dict | None:
+        if self._member is None:
+            return self._session.respond(name, db, body, execute)
+        member = self._member
+        return self._session.respond(name, db, body, lambda: member.respond(name, db, body, execute))
 
     def __getattr__(self, name: str) -> Any:
         # Connection bookkeeping (increment_connections, close_streams_for_connection, ...) is the handler's.
@@ -148,7 +163,7 @@ class GatedHandler:
                 _, docs = self._handler.handle_query(msg)
                 return docs[0] if docs else None
 
-            reply = self._session.respond(next(iter(command), ""), db, command, execute)
+            reply = self._respond(next(iter(command), ""), db, command, execute)
             return msg["request_id"], [] if reply is None else [reply]
         refusal = self._session.check("find", db, {"find": collection, "filter": query})
         if refusal is not None:
@@ -163,7 +178,17 @@ class GatedHandler:
             return run(msg)  # nx-27017's own answer to a message without a command
         name = next(iter(body))
         db = body.get("$db", "test")
-        reply = self._session.respond(name, db, body, lambda: run(msg)[1])
+        # A write's documents may travel beside its body (OP_MSG document sequence); the gates see them in it.
+        sequences = {
+            field: docs
+            for kind, payload in msg["sections"]
+            if kind == "payload" and isinstance(payload, dict)
+            for field, docs in payload.items()
+            if field not in body
+        }
+        if sequences:
+            body = {**body, **sequences}
+        reply = self._respond(name, db, body, lambda: run(msg)[1])
         return msg["request_id"], reply
 
 
@@ -172,7 +197,12 @@ def _log_access(severity: str, log_id: int, message: str, attr: dict[str, Any]) 
 
 
 async def serve(
-    host: str, port: int, handler: Any, ssl_context: ssl.SSLContext | None, access: security.AccessControl
+    host: str,
+    port: int,
+    handler: Any,
+    ssl_context: ssl.SSLContext | None,
+    access: security.AccessControl,
+    member: replset.ReplicaSetMember | None = None,
 ) -> None:
     """nx-27017's ``run_server``, with TLS and the access control on every connection.
 
@@ -187,6 +217,8 @@ async def serve(
         required) before it is served; None for plain TCP.
     access : mspass_cluster._mongod_security.AccessControl
         The server's access control; one session per connection.
+    member : mspass_cluster._mongod_replset.ReplicaSetMember, optional
+        The server's replica-set state (``--replSet``).
     """
     from nx_27017 import server as nx_server
 
@@ -199,7 +231,7 @@ async def serve(
         open_writers.add(writer)
         try:
             # Looked up at call time, as nx-27017's own run_server does.
-            await nx_server.handle_client(reader, writer, GatedHandler(handler, session))
+            await nx_server.handle_client(reader, writer, GatedHandler(handler, session, member))
         finally:
             open_writers.discard(writer)
 
@@ -225,6 +257,7 @@ def _run_nx(
     nx_args: list[str],
     ssl_context: ssl.SSLContext | None,
     access: security.AccessControl,
+    member: replset.ReplicaSetMember | None = None,
 ) -> int:
     """Run nx-27017's console entry point in this process, its server loop replaced by :func:`serve`."""
     from nx_27017 import daemon
@@ -239,7 +272,7 @@ def _run_nx(
         # nx-27017's default asyncio path; nx_args never ask for --threaded.
         if nx_server.uvloop is not None:
             nx_server.uvloop.install()
-        asyncio.run(serve(host, port, handler, ssl_context, access))
+        asyncio.run(serve(host, port, handler, ssl_context, access, member))
 
     daemon.run_server_threaded = run_server_threaded
     nx_main = pkgutil.resolve_name(entry_point.value)
@@ -299,7 +332,8 @@ def main() -> int:
         {"entryPoint": entry_point.value, "args": nx_args, "tlsMode": opts.tlsMode, "auth": opts.auth},
     )
     log.close()
-    return _run_nx(entry_point, nx_args, ssl_context, security.AccessControl(users, auth=opts.auth))
+    member = replset.ReplicaSetMember(opts) if opts.replSet or opts.configsvr or opts.shardsvr else None
+    return _run_nx(entry_point, nx_args, ssl_context, security.AccessControl(users, auth=opts.auth), member)
 
 
 if __name__ == "__main__":

@@ -357,7 +357,7 @@ class JobLauncher:
         return ids
 
 
-_EXIT_LINE = re.compile(r"mspass_cluster: (\w+) exited with status (\d+)")
+_EXIT_LINE = re.compile(r"mspass_cluster: ([\w-]+) exited with status (\d+)")
 
 
 def server_exit_status(log_path: str) -> int | None:

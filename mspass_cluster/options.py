@@ -289,6 +289,35 @@ OPTIONS: tuple[Option, ...] = (
         "With ``db_storage='node-local'``: the directory on the database node's own disk that holds the copy, an absolute path or ``$VARIABLE[/path]`` evaluated on the node. Default: ``$TMPDIR``, else ``/tmp``.",
         kind="node_path",
     ),
+    # --- sharded database (issue 12)
+    Option(
+        "db_shards",
+        0,
+        "Shards of a sharded database: 0 (default) runs one server (the ``db`` job); N >= 1 runs a config server "
+        "(``db-config``), N shards (``db-shard``, one job each) and a router (``db-router``, ``mongos``, on "
+        "``db_port``: the address the cluster hands out), each a replica set of one member on "
+        "``<db_dir>/config`` and ``<db_dir>/shard<i>``; see Sharded database.",
+        kind="int",
+    ),
+    Option(
+        "db_shard_database",
+        "mspass",
+        "With ``db_shards``: the database whose collections ``db_shard_collections`` shards.",
+    ),
+    Option(
+        "db_shard_collections",
+        ["wf_TimeSeries:_id", "wf_Seismogram:_id", "wf_miniseed:_id"],
+        "With ``db_shards``: the collections to shard and their shard keys, as ``collection:field`` (a hashed "
+        "key) or ``collection:field1,field2`` (a ranged key), e.g. ``fs.chunks:files_id,n`` for GridFS sample data.",
+        kind="list",
+    ),
+    Option(
+        "db_router_command",
+        ["mongos"],
+        "With ``db_shards``: the router program and leading arguments (a list); the cluster adds ``--port``, "
+        "``--configdb``, ``--bind_ip_all``.",
+        kind="list",
+    ),
     # --- waiting and watching
     Option(
         "startup_timeout",
@@ -364,6 +393,10 @@ class ClusterOptions:
     db_extra_directives: list
     db_storage: str
     db_local_dir: str | None
+    db_shards: int
+    db_shard_database: str
+    db_shard_collections: list
+    db_router_command: list
     startup_timeout: float
     poll_interval: float
     command_timeout: float

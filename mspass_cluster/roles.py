@@ -7,6 +7,10 @@ Two roles run in Slurm jobs:
 ``worker``
     ``dask worker`` with ``processes`` worker processes sharing one node.
 
+A sharded database (``db_shards``) replaces ``db`` with three roles (see
+:mod:`mspass_cluster.sharding`): ``db-config`` (the config server),
+``db-shard`` (one job per shard) and ``db-router`` (``mongos``).
+
 The notebook process hosts the Dask scheduler (MsPASS's ``scheduler`` role).
 One more role is submitted on its own, from a laptop, by ``mspass-cluster lab``:
 
@@ -25,7 +29,7 @@ from importlib import resources
 
 from dask.utils import format_bytes, parse_bytes
 
-from . import containers, dbstorage
+from . import containers, dbstorage, sharding
 from ._version import __version__
 from .config import ClusterOptions, parse_walltime
 from .files import cluster_umask, directory_bytes
@@ -51,7 +55,7 @@ __all__ = [
     "frontend_script",
 ]
 
-ROLES = ("db", "worker")
+ROLES = ("db", "worker", *sharding.SHARDED_ROLES)
 
 #: Placeholder used in scripts previewed before the scheduler exists.
 SCHEDULER_PLACEHOLDER = "tcp://<scheduler-address>:<port>"
@@ -576,7 +580,7 @@ def build_job_script(
     Parameters
     ----------
     options : ClusterOptions
-    role : {"db", "worker"}
+    role : {"db", "worker", "db-config", "db-shard", "db-router"}
     cluster_id : str
         The cluster's unique id.
     job_name : str
@@ -633,6 +637,27 @@ def build_job_script(
         )
         setup = [cd, *open_files_lines(role)]
         argv = db_argv(options, local, tls, containers.RawShell('"$db_job_dir/data"') if node_local else None)
+    elif role in sharding.SHARDED_ROLES:
+        directives = build_directives(
+            job_name=job_name,
+            output=output,
+            walltime=options.db_walltime,
+            cores=options.db_cores,
+            memory=options.db_memory,
+            exclusive=False,
+            partition=options.db_partition,
+            account=options.account,
+            qos=options.qos,
+            extra=[*options.job_extra_directives, *options.db_extra_directives, *extra_directives],
+        )
+        setup = [cd, *open_files_lines("db")]
+        if role == sharding.ROUTER_ROLE:
+            setup += sharding.router_wait_lines(options, job_name)
+            argv = sharding.router_argv(options, containers.RawShell('"$configdb"'))
+        else:
+            index = sharding.shard_index(job_name)
+            setup.append(shlex.join(["mkdir", "-p", sharding.member_dbpath(options, role, index)]))
+            argv = sharding.member_argv(options, role, index, db_cache_gb(options.db_memory))
     elif role == "worker":
         directives = build_directives(
             job_name=job_name,

@@ -93,7 +93,7 @@ def coerce(option: Option, value):
             if isinstance(item, str):
                 check_text(f"{name}[{index}]", item, tab=name in TAB_ALLOWED)
     if option.kind == "int":
-        minimum = 0 if name in ("scheduler_port", "db_restarts") else 1
+        minimum = 0 if name in ("scheduler_port", "db_restarts", "db_shards") else 1
         number = _check_int(name, value, minimum)
         if name.endswith("_port") and number > 65535:
             raise ConfigError(

@@ -234,10 +234,10 @@ def test_nx_bad_values_of_the_clusters_options_exit_2(args, message):
     assert message in result.stderr
 
 
-@pytest.mark.parametrize("option", ["--replSet", "--setParameter", "--unixSocketPrefix", "--quiet", "--keyFile"])
+@pytest.mark.parametrize("option", ["--setParameter", "--unixSocketPrefix", "--quiet", "--keyFile"])
 def test_nx_refuses_mongod_options_it_would_not_honour(option):
-    # The embedded database accepts only what the cluster gives mongod; anything
-    # else would be silently ignored, so it is refused as mongod refuses a typo.
+    # The embedded database accepts only what the cluster gives mongod (--replSet, --configsvr and --shardsvr
+    # included: the sharded roles give them, see test_sharded.py); anything else would be silently ignored, so it is refused as mongod refuses a typo.
     result = run_once(NX, option, "x") if option != "--quiet" else run_once(NX, option)
     assert result.returncode == 2
     assert f"Error parsing command line: unrecognised option '{option}'" in result.stderr

@@ -122,7 +122,7 @@ class Supervisor:
                     logger.log(self.launcher.detail, "%s", job.describe())
                     if self.closing:
                         continue
-                    (self.database if job.role == "db" else self.workers).on_change(job)
+                    (self.database if job.role.split("-")[0] == "db" else self.workers).on_change(job)
             if self.closing:
                 return
             try:
