@@ -42,7 +42,7 @@ class WorkerJob(ProcessInterface):
 
     async def start(self):
         try:
-            self.job = await self.launcher.submit("worker", self.name)
+            self.job = await self.launcher.submit_together("worker", self.name)
         except BaseException:
             self.status = Status.failed
             raise
