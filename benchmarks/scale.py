@@ -43,7 +43,7 @@ from . import probes
 from .bench import _configure_logging, machine_info, median, ordered, ratio
 from .tools import JobqueueTool, MsPASSTool
 
-log = logging.getLogger("bench")
+log = logging.getLogger("benchmarks")
 
 #: Extra seconds per Slurm command in the busy-controller model: Slurm 23.02's per-user RPC rate limit,
 #: when on, refills 2 tokens a second (rl_refill_rate, docs: slurm.conf), so a user past the bucket of 30
@@ -158,12 +158,15 @@ class ScaleRun:
             self.leftovers.append({"tag": tag, "jobs": sorted(left)})
             probes.wait_until(lambda: not probes.queued_jobs(tag), 120, 0.5)
 
-    def sizes(self, sizes, repeat: int, delay: float = 0.0) -> list:
+    def sizes(self, sizes, repeat: int, delay: float = 0.0, cap: float = 900.0, save=None) -> list:
+        """Every tool at every size, interleaved; ``save(records)`` after each cluster (a run cut short keeps them)."""
         records, index = [], 0
         for nodes in sizes:
             for _ in range(repeat):
                 for tool in ordered(self.tools, index):
-                    records.append(self.one(tool, nodes, delay=delay))
+                    records.append(self.one(tool, nodes, delay=delay, timeout=cap))
+                    if save is not None:
+                        save(records)
                 index += 1
         return records
 
@@ -313,6 +316,12 @@ def main(argv=None) -> int:
     parser.add_argument("--only", default="idle,busy", help="idle, busy, limit")
     parser.add_argument("--limit-nodes", type=int, default=24)
     parser.add_argument("--limit-cap", type=float, default=120.0)
+    parser.add_argument(
+        "--ready-cap",
+        type=float,
+        default=240.0,
+        help="longest wait for dask-jobqueue's workers (it has no error of its own when some die)",
+    )
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     parser.add_argument("--report", action="store_true", help="only write scale.md and scale.png from scale.json")
     parser.add_argument("--verbose", action="store_true")
@@ -329,14 +338,32 @@ def main(argv=None) -> int:
         results["meta"] = machine_info()
         results["command"] = "python -m benchmarks.scale " + " ".join(argv if argv is not None else sys.argv[1:])
         results["delay"] = args.delay
+        earlier = list(results["runs"])
+
+        def save(fresh):
+            replaced = {(r["delay"], r["nodes"]) for r in fresh}
+            results["runs"] = [r for r in earlier if (r["delay"], r["nodes"]) not in replaced] + fresh
+            json_path.write_text(json.dumps(results, indent=1, default=str))
+
         fresh = []
         if "idle" in only:
-            fresh += run.sizes([int(s) for s in args.sizes.split(",") if s], args.repeat)
+            fresh += run.sizes(
+                [int(s) for s in args.sizes.split(",") if s],
+                args.repeat,
+                cap=args.ready_cap,
+                save=lambda r: save(fresh + r),
+            )
         if "busy" in only:
-            fresh += run.sizes([int(s) for s in args.busy_sizes.split(",") if s], 1, delay=args.delay)
+            base = list(fresh)
+            fresh += run.sizes(
+                [int(s) for s in args.busy_sizes.split(",") if s],
+                1,
+                delay=args.delay,
+                cap=args.ready_cap,
+                save=lambda r: save(base + r),
+            )
         if fresh:
-            replaced = {(r["delay"], r["nodes"]) for r in fresh}
-            results["runs"] = [r for r in results["runs"] if (r["delay"], r["nodes"]) not in replaced] + fresh
+            save(fresh)
         if "limit" in only:
             config = subprocess.run(["scontrol", "show", "config"], capture_output=True, text=True).stdout
             cap = re.search(r"^MaxJobCount\s*=\s*(\d+)", config, re.M)
