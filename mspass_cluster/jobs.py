@@ -21,10 +21,10 @@ import time
 from collections import deque
 from dataclasses import dataclass, field
 
-from .errors import CommandError, JobFailedError, SlurmUnavailableError
+from .errors import CommandError, JobFailedError, SlurmUnavailableError, SubmitError
 from .files import file_mode, write_file
-from .roles import ScriptContext
-from .slurm import JobState, JobStatus, expand_job_id
+from .roles import ScriptContext, build_worker_array_script
+from .slurm import JobState, JobStatus, array_task_id, build_job_count_argv, expand_job_id, format_array_indices
 
 __all__ = ["JOB_STOP_TIMEOUT", "JobPhase", "JobLauncher", "TrackedJob", "tail", "error_lines", "server_exit_status"]
 
@@ -186,6 +186,8 @@ class JobLauncher:
         self._canceller: asyncio.Task | None = None
         self._silent_since: float | None = None
         self._silence_warned = 0.0
+        self._together: list[tuple[str, str, asyncio.Future]] = []
+        self._said_no_array = False
 
     @property
     def options(self):
@@ -219,6 +221,133 @@ class JobLauncher:
         self.jobs[job_id] = job
         logger.log(self.detail, "Submitted %s %s %s (%s); log: %s", role, unit, job_id, name, job.log_path)
         return job
+
+    async def submit_together(self, role: str, name: str) -> TrackedJob:
+        """Like :meth:`submit`, but the calls made in the same turn of the event loop go together (:meth:`submit_many`).
+
+        Dask's ``SpecCluster`` starts every new worker node of a ``scale()``
+        at once; gathered here, they reach Slurm as one job array.
+        """
+        loop = asyncio.get_running_loop()
+        future = loop.create_future()
+        self._together.append((role, name, future))
+        if len(self._together) == 1:
+            loop.create_task(self._submit_gathered())
+        return await future
+
+    async def _submit_gathered(self) -> None:
+        for _ in range(3):  # every start of this turn has joined after these
+            await asyncio.sleep(0)
+        batch, self._together = self._together, []
+        for role in dict.fromkeys(r for r, _, _ in batch):
+            mine = [(n, f) for r, n, f in batch if r == role]
+            try:
+                jobs = await self.submit_many(role, [n for n, _ in mine])
+            except BaseException as exc:  # every node of the batch learns why
+                for _, future in mine:
+                    if not future.done():
+                        future.set_exception(exc)
+                if not isinstance(exc, Exception):
+                    raise
+                continue
+            for (_, future), job in zip(mine, jobs):
+                if not future.done():
+                    future.set_result(job)
+
+    async def submit_many(self, role: str, names: list[str]) -> list[TrackedJob]:
+        """Submit the jobs ``names`` of ``role``: one job array on Slurm (``worker_submission="array"``), else one by one.
+
+        Each array task keeps its own script (``<log_dir>/<name>.sh``), log
+        and id (``<array id>_<i>``), so it is polled, cancelled and replaced
+        as a job of its own. Before submitting, the controller's limits
+        (``scontrol show config``) are read once: an array whose highest
+        index reaches ``MaxArraySize`` is submitted as separate jobs instead
+        (logged once), and nodes that ``MaxJobCount`` leaves no room for are
+        refused here with the numbers, instead of an ``sbatch`` that retries
+        for minutes.
+        """
+        if not names:
+            return []
+        site = getattr(self.backend, "site_limits", None)
+        limits = await site() if site is not None else None
+        if limits is not None and limits.max_job_count and len(names) * 10 >= limits.max_job_count:
+            await self._check_room(names, limits)
+        indices = [_node_index(name) for name in names]
+        arrays = (
+            self.options.worker_submission == "array"
+            and getattr(self.backend, "arrays", False)
+            and role == "worker"
+            and None not in indices
+        )
+        if arrays and limits is not None and not limits.arrays:
+            arrays = self._no_array(f"this site disables job arrays (MaxArraySize={limits.max_array_size})")
+        elif arrays and limits is not None and limits.max_array_size and max(indices) >= limits.max_array_size:
+            arrays = self._no_array(
+                f"worker node {max(indices)} is beyond this site's highest array index "
+                f"(MaxArraySize={limits.max_array_size}, so at most {limits.max_array_size - 1})"
+            )
+        if not arrays:
+            return list(await asyncio.gather(*(self.submit(role, name) for name in names)))
+        self.know(cluster_size=max(self.context.cluster_size, len(self.active()) + len(names)))
+        cluster_name = names[0].rsplit("-", 2)[0]
+        mode = file_mode(self.options)
+        for name in names:
+            script, _ = self.script(role, name)
+            write_file(os.path.join(self.options.log_dir, f"{name}.sh"), script, mode)
+        script, array_name, output = build_worker_array_script(self.options, cluster_name, indices)
+        spec = format_array_indices(indices)
+        path = os.path.join(self.options.log_dir, f"{array_name}-{min(indices)}-{max(indices)}.sh")
+        write_file(path, script, mode)
+        unit = self.backend.unit
+        what = f"{role} {unit} array of {len(names)} node(s) {array_name} [{spec}]"
+        array_id = await self.backend.submit(path, what, output, role)
+        jobs = []
+        for name, index in zip(names, indices):
+            job_id = array_task_id(array_id, index)
+            log_path = os.path.join(self.options.log_dir, f"{name}-{job_id}.out")
+            job = TrackedJob(role, name, job_id, log_path, os.path.join(self.options.log_dir, f"{name}.sh"), unit=unit)
+            self.jobs[job_id] = job
+            jobs.append(job)
+        logger.log(
+            self.detail,
+            "Submitted %d %s node(s) as job array %s [%s]; script: %s",
+            len(names),
+            role,
+            array_id,
+            spec,
+            path,
+        )
+        return jobs
+
+    def _no_array(self, why: str) -> bool:
+        if not self._said_no_array:
+            self._said_no_array = True
+            logger.warning(
+                "Worker nodes go to Slurm as separate jobs, one sbatch each, not as one job array: %s. "
+                "Nothing to do; set worker_submission='jobs' to choose this yourself.",
+                why,
+            )
+        return False
+
+    async def _check_room(self, names: list[str], limits) -> None:
+        """Refuse nodes the controller has no room for (``MaxJobCount``), with the numbers and the ways out."""
+        held = await self.backend.jobs_held()
+        if held is None or held + len(names) <= limits.max_job_count:
+            return
+        room = max(0, limits.max_job_count - held)
+        age = f"{limits.min_job_age} s" if limits.min_job_age else "MinJobAge"
+        raise SubmitError(
+            build_job_count_argv(),
+            0,
+            reason=(
+                f"{len(names)} worker node(s) asked for, but Slurm's controller holds at most {limits.max_job_count} "
+                f"jobs (MaxJobCount, every user's and every array task counted, ended ones for {age}) and holds "
+                f"{held} now: room for {room}. Each worker node is one job, also in a job array, so nothing was "
+                f"submitted. Ask for {room} or fewer, wait for jobs to leave the queue, or run the cluster inside one "
+                "allocation (backend='allocation', e.g. `mspass-cluster submit --nodes <N+1> notebook.ipynb`), "
+                "which is one job however many nodes."
+            ),
+        )
 
     def active(self) -> list[TrackedJob]:
         """Jobs that have not ended (as far as the last poll knows)."""
@@ -355,6 +484,12 @@ class JobLauncher:
             except CommandError as exc:
                 logger.error("Could not cancel jobs %s: %s", ids, exc)
         return ids
+
+
+def _node_index(name: str) -> int | None:
+    """The number at the end of a worker node's name (``mspass-ab-worker-7`` gives 7), or None."""
+    tail = name.rsplit("-", 1)[-1]
+    return int(tail) if tail.isdigit() else None
 
 
 _EXIT_LINE = re.compile(r"mspass_cluster: ([\w-]+) exited with status (\d+)")

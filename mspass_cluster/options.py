@@ -44,7 +44,7 @@ class Option:
     default: Any
     doc: str
     env: str | tuple | None = None
-    kind: str = "str"  # str, choice, int, bool, list, path, node_path, memory, walltime, float, lifetime
+    kind: str = "str"  # str, choice, int, bool, list, path, node_path, memory, walltime, float, lifetime, ready
     #: Keys of dask-jobqueue's ``jobqueue.slurm`` section with this meaning; a deprecated name after the
     #: current one is read only when the current one is unset, as dask-jobqueue does.
     jobqueue: tuple = ()
@@ -241,6 +241,18 @@ OPTIONS: tuple[Option, ...] = (
         "Seconds the database and the workers keep running after this notebook stopped refreshing its heartbeat file (a crashed kernel) before they stop cleanly.",
         kind="int",
     ),
+    Option(
+        "worker_submission",
+        "array",
+        "How worker nodes reach Slurm on the `slurm` backend. `array`: the nodes of one start or `scale()` as one job array, one `sbatch` however many (each task is still a node of its own: watched, scaled down and replaced one by one); the cluster falls back to `jobs`, and says why, where the site's `MaxArraySize` is too small. `jobs`: one `sbatch` per node. Other backends submit nothing.",
+        kind="choice",
+    ),
+    Option(
+        "ready_workers",
+        None,
+        "Start-up is done when the database answers and this many worker nodes are ready (a whole number, e.g. `118`) or this share of them (`0.9`, or `'90%'`); the rest join as they start, and the log says what they wait for. Unset: every worker node.",
+        kind="ready",
+    ),
     # --- database role
     Option(
         "database",
@@ -341,7 +353,12 @@ OPTIONS: tuple[Option, ...] = (
 )
 
 _BY_NAME = {o.name: o for o in OPTIONS}
-CHOICES = {"container_runtime": RUNTIMES, "backend": ("auto", "slurm", "allocation", "local"), "db_storage": STORAGES}
+CHOICES = {
+    "container_runtime": RUNTIMES,
+    "backend": ("auto", "slurm", "allocation", "local"),
+    "db_storage": STORAGES,
+    "worker_submission": ("array", "jobs"),
+}
 
 
 @dataclass(frozen=True)
@@ -382,6 +399,8 @@ class ClusterOptions:
     worker_lifetime: str
     death_timeout: int
     orphan_timeout: int
+    worker_submission: str
+    ready_workers: Any
     database: str | None
     db_command: list
     db_port: int

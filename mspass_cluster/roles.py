@@ -33,8 +33,9 @@ from . import containers, dbstorage, sharding
 from ._version import __version__
 from .config import ClusterOptions, parse_walltime
 from .files import cluster_umask, directory_bytes
+from .guardrails import worker_timeout_environment
 from .security import CredentialFiles
-from .slurm import build_directives
+from .slurm import build_directives, format_array_indices
 
 __all__ = [
     "ROLES",
@@ -49,6 +50,7 @@ __all__ = [
     "role_environment",
     "render_job_script",
     "build_job_script",
+    "build_worker_array_script",
     "ScriptContext",
     "FRONTEND",
     "FrontendSpec",
@@ -574,6 +576,7 @@ def build_job_script(
     tls: CredentialFiles | None = None,
     extra_directives=(),
     db_data_bytes: int = 0,
+    cluster_size: int = 1,
 ) -> tuple[str, str]:
     """The complete job script for ``role`` and its ``--output`` pattern.
 
@@ -604,6 +607,10 @@ def build_job_script(
         The size of ``<db_dir>/data`` now: with ``db_storage="node-local"``
         it sizes the notice Slurm gives the database job before its walltime
         (:func:`mspass_cluster.dbstorage.signal_directive`) to copy back.
+    cluster_size : int
+        Worker nodes the cluster is being brought to: beyond 300 worker
+        processes a worker's connect timeout grows with it
+        (:func:`mspass_cluster.guardrails.connect_timeout`).
 
     Returns
     -------
@@ -659,18 +666,7 @@ def build_job_script(
             setup.append(shlex.join(["mkdir", "-p", sharding.member_dbpath(options, role, index)]))
             argv = sharding.member_argv(options, role, index, db_cache_gb(options.db_memory))
     elif role == "worker":
-        directives = build_directives(
-            job_name=job_name,
-            output=output,
-            walltime=options.walltime,
-            cores=options.cores,
-            memory=options.memory,
-            exclusive=options.exclusive,
-            partition=options.partition,
-            account=options.account,
-            qos=options.qos,
-            extra=[*options.job_extra_directives, *extra_directives],
-        )
+        directives = worker_directives(options, job_name, output, extra_directives)
         setup = [cd, shlex.join(["mkdir", "-p", options.worker_dir]), *open_files_lines(role)]
         argv = worker_argv(options, scheduler_address, job_name, tls, local)
     else:
@@ -678,6 +674,8 @@ def build_job_script(
     exports = role_environment(
         options, role, cluster_id=cluster_id, scheduler_address=scheduler_address, db_host=db_host, tls=tls
     )
+    if role == "worker":
+        exports.update(worker_timeout_environment(cluster_size * options.processes))
     wrap = None
     if options.in_container:
 
@@ -723,6 +721,70 @@ def build_job_script(
     return script, output
 
 
+def worker_directives(options: ClusterOptions, job_name: str, output: str, extra=(), output_codes: str = "j") -> list:
+    """The ``#SBATCH`` lines of a worker node's job (or of each task of a job array of them)."""
+    return build_directives(
+        job_name=job_name,
+        output=output,
+        walltime=options.walltime,
+        cores=options.cores,
+        memory=options.memory,
+        exclusive=options.exclusive,
+        partition=options.partition,
+        account=options.account,
+        qos=options.qos,
+        extra=[*options.job_extra_directives, *extra],
+        output_codes=output_codes,
+    )
+
+
+def build_worker_array_script(options: ClusterOptions, cluster_name: str, indices) -> tuple[str, str, str]:
+    r"""One job array for the worker nodes ``<cluster_name>-worker-<i>``, ``i`` in ``indices``.
+
+    Task ``i`` of the array runs worker node ``i``'s own job script
+    (``<log_dir>/<cluster_name>-worker-<i>.sh``, written beside it and the
+    same as a job of its own would run), so every node keeps its script,
+    its log and its Dask worker names; the array only brings them to Slurm
+    in one submission. Its ``#SBATCH`` lines are a worker node's, with
+    ``--array`` and a log per task, ``<cluster_name>-worker-<i>-<array job
+    id>_<i>.out``, which is ``<node name>-<task's job id>.out``.
+
+    Returns
+    -------
+    script : str
+    name : str
+        The array's job name (``<cluster_name>-workers``).
+    output_pattern : str
+        The log path with Slurm's ``%a`` (task) and ``%A`` (array job id).
+
+    Examples
+    --------
+    >>> from mspass_cluster.config import resolve_options
+    >>> script, name, output = build_worker_array_script(resolve_options(log_dir="/l", walltime="10"), "c", [3, 4, 7])
+    >>> print("\n".join(line for line in script.splitlines() if "--array" in line or line.startswith("exec")))
+    #SBATCH --array=3-4,7
+    exec bash /l/c-worker-"${SLURM_ARRAY_TASK_ID:?this script runs as a Slurm job array}".sh
+    >>> name, output
+    ('c-workers', '/l/c-worker-%a-%A_%a.out')
+    """
+    spec = format_array_indices(indices)
+    name = f"{cluster_name}-workers"
+    output = os.path.join(options.log_dir, f"{cluster_name}-worker-%a-%A_%a.out")
+    directives = worker_directives(options, name, output, [f"--array={spec}"], output_codes="aA")
+    umask = cluster_umask(options)
+    node_script = shlex.quote(os.path.join(options.log_dir, f"{cluster_name}-worker-"))
+    lines = [
+        "#!/usr/bin/env bash",
+        *directives,
+        "#",
+        f"# mspass_cluster {__version__}: worker nodes {spec} of cluster {cluster_name}, submitted together as one",
+        "# Slurm job array. Task <i> runs worker node <i>'s own job script, beside this one.",
+        *([f"umask {umask:03o}"] if umask is not None else []),
+        f'exec bash {node_script}"${{SLURM_ARRAY_TASK_ID:?this script runs as a Slurm job array}}".sh',
+    ]
+    return "\n".join(lines) + "\n", name, output
+
+
 @dataclasses.dataclass(frozen=True)
 class ScriptContext:
     """Everything a cluster's job scripts are rendered from, fixed once known (immutable).
@@ -741,6 +803,8 @@ class ScriptContext:
     db_host: str | None = None
     #: The credentials' files (``security``), or None for an open cluster.
     tls: CredentialFiles | None = None
+    #: Worker nodes the cluster is being brought to (connect timeouts grow with it beyond 300 processes).
+    cluster_size: int = 1
 
     def knowing(self, **facts) -> "ScriptContext":
         """This context with ``facts`` (``scheduler_address=``, ``db_host=``) added."""
@@ -764,6 +828,7 @@ class ScriptContext:
             heartbeat=self.heartbeat,
             tls=self.tls,
             extra_directives=directives,
+            cluster_size=self.cluster_size,
             db_data_bytes=directory_bytes(os.path.join(self.options.db_dir, "data")) if node_local else 0,
         )
 

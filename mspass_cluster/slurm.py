@@ -53,6 +53,7 @@ __all__ = [
     "build_sbatch_argv",
     "build_squeue_argv",
     "build_squeue_mine_argv",
+    "build_squeue_named_argv",
     "build_scontrol_job_argv",
     "build_sacct_argv",
     "build_scancel_argv",
@@ -65,6 +66,15 @@ __all__ = [
     "parse_squeue_mine",
     "parse_scontrol_job",
     "parse_sacct",
+    "format_array_indices",
+    "array_task_id",
+    "build_config_argv",
+    "parse_site_limits",
+    "SiteLimits",
+    "build_job_count_argv",
+    "refused_for_load",
+    "explain_reason",
+    "LIMIT_REASONS",
 ]
 
 
@@ -91,14 +101,22 @@ def quote_directive(value: str) -> str:
     return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
 
 
-def output_directive(pattern: str) -> str:
+def output_directive(pattern: str, codes: str = "j") -> str:
     """``--output=`` for a log path in which only the file name's ``%j`` is Slurm's (a ``%`` in a folder is not).
+
+    ``codes``: the letters of Slurm's replacements kept in the file name
+    (``"aA"`` for an array's task and array job ids).
 
     >>> output_directive("/s/100%j/x-%j.out")
     '--output=/s/100%%j/x-%j.out'
+    >>> output_directive("/s/1%/w-%a-%A_%a.out", codes="aA")
+    '--output=/s/1%%/w-%a-%A_%a.out'
     """
     folder, name = os.path.split(pattern)
-    escaped = os.path.join(folder.replace("%", "%%"), name.replace("%", "%%").replace("%%j", "%j"))
+    name = name.replace("%", "%%")
+    for code in codes:
+        name = name.replace("%%" + code, "%" + code)
+    escaped = os.path.join(folder.replace("%", "%%"), name)
     return "--output=" + quote_directive(escaped)
 
 
@@ -124,8 +142,9 @@ def build_directives(
     account: str | None = None,
     qos: str | None = None,
     extra: list | tuple = (),
+    output_codes: str = "j",
 ) -> list[str]:
-    """``#SBATCH`` lines for a one-node, one-task job.
+    """``#SBATCH`` lines for a one-node, one-task job (or each task of a job array).
 
     Parameters
     ----------
@@ -140,13 +159,15 @@ def build_directives(
         As Slurm names them.
     extra
         More options, written as given, last so they win.
+    output_codes
+        Slurm's replacements kept in ``output``'s file name (see :func:`output_directive`).
 
     Examples
     --------
     >>> build_directives(job_name="j", output="/l/j-%j.out", walltime="10", cores=2, memory="1GiB")
     ['#SBATCH --job-name=j', '#SBATCH --output=/l/j-%j.out', '#SBATCH --nodes=1', '#SBATCH --ntasks=1', '#SBATCH --cpus-per-task=2', '#SBATCH --mem=1G', '#SBATCH --time=10']
     """
-    options = [f"--job-name={job_name}", output_directive(output), "--nodes=1", "--ntasks=1"]
+    options = [f"--job-name={job_name}", output_directive(output, output_codes), "--nodes=1", "--ntasks=1"]
     if cores is not None:
         options.append(f"--cpus-per-task={cores}")
     if memory is not None:
@@ -249,10 +270,15 @@ _SQUEUE_FORMAT = "%i|%T|%r|%N|%L"
 
 
 def build_squeue_argv(job_ids) -> list[str]:
-    """One ``squeue`` call for all ``job_ids``, including recently ended jobs."""
+    """One ``squeue`` call for all ``job_ids``, including recently ended jobs.
+
+    ``--array`` lists every task of a job array on a line of its own
+    (``123_4``), also while the tasks still pend together as one record.
+    """
     return [
         "squeue",
         "--noheader",
+        "--array",
         "--states=all",
         f"--jobs={','.join(str(j) for j in job_ids)}",
         f"--format={_SQUEUE_FORMAT}",
@@ -310,6 +336,11 @@ def parse_squeue_mine(stdout: str) -> list[JobStatus]:
     return statuses
 
 
+def build_squeue_named_argv(job_name: str) -> list[str]:
+    """``squeue`` for the calling user's jobs named ``job_name``: their ids (an array's own id, ``%F``), one a line."""
+    return ["squeue", "--me", "--noheader", f"--name={job_name}", "--format=%F"]
+
+
 def build_scontrol_job_argv(job_id) -> list[str]:
     return ["scontrol", "--oneliner", "show", "job", str(job_id)]
 
@@ -346,7 +377,7 @@ def parse_sacct(stdout: str) -> dict[str, JobStatus]:
     statuses = {}
     for line in stdout.splitlines():
         parts = line.strip().split("|")
-        if len(parts) != 4 or not parts[0].isdigit():
+        if len(parts) != 4 or not re.fullmatch(r"\d+(_\d+)?", parts[0]):
             continue
         job_id, state, exit_code, nodes = parts
         nodes = "" if nodes in ("None assigned", "(null)") else nodes
@@ -403,3 +434,169 @@ def parse_node_room(stdout: str) -> NodeRoom | None:
         )
     except (KeyError, ValueError):
         return None
+
+
+# ------------------------------------------------------------------ job arrays
+def format_array_indices(indices) -> str:
+    """``--array``'s index list for ``indices``, consecutive runs as ranges.
+
+    >>> format_array_indices([7, 0, 1, 2, 5])
+    '0-2,5,7'
+    """
+    ordered = sorted(set(int(i) for i in indices))
+    if not ordered:
+        raise ValueError("no array index")
+    runs, start, last = [], ordered[0], ordered[0]
+    for index in ordered[1:] + [None]:
+        if index is not None and index == last + 1:
+            last = index
+            continue
+        runs.append(str(start) if start == last else f"{start}-{last}")
+        if index is not None:
+            start = last = index
+    return ",".join(runs)
+
+
+def array_task_id(array_job_id: str, index: int) -> str:
+    """The id Slurm gives one task of a job array (``squeue``, ``scancel`` and ``scontrol`` take it).
+
+    >>> array_task_id("872", 5)
+    '872_5'
+    """
+    return f"{array_job_id}_{int(index)}"
+
+
+# ------------------------------------------------------------------ site limits
+def build_config_argv() -> list[str]:
+    """``scontrol show config``: the controller's limits, read before submitting."""
+    return ["scontrol", "show", "config"]
+
+
+@dataclass(frozen=True)
+class SiteLimits:
+    """What the controller allows, from ``scontrol show config`` (None: not said).
+
+    ``max_array_size``: the highest array index is one less (``MaxArraySize``,
+    default 1001); ``max_job_count``: jobs the controller holds at once, every
+    array task counting as one and ended jobs until ``MinJobAge``
+    (``MaxJobCount``, default 10,000); ``rate_limited``: Slurm 23.02's per-user
+    RPC rate limit is on (``SlurmctldParameters=rl_enable``).
+    """
+
+    max_array_size: int | None = None
+    max_job_count: int | None = None
+    min_job_age: int | None = None
+    message_timeout: int | None = None
+    rate_limited: bool = False
+
+    @property
+    def arrays(self) -> bool:
+        """Whether this site takes job arrays at all (``MaxArraySize=0`` or 1 leave no usable index)."""
+        return self.max_array_size is None or self.max_array_size > 1
+
+
+def parse_site_limits(stdout: str) -> SiteLimits:
+    r"""The :class:`SiteLimits` in ``scontrol show config`` output.
+
+    >>> parse_site_limits("MaxArraySize            = 1001\nMaxJobCount             = 10000\n"
+    ...                   "MessageTimeout          = 10 sec\nMinJobAge = 300 sec\nSlurmctldParameters = rl_enable,x")
+    SiteLimits(max_array_size=1001, max_job_count=10000, min_job_age=300, message_timeout=10, rate_limited=True)
+    """
+    fields = {}
+    for line in stdout.splitlines():
+        key, sep, value = line.partition("=")
+        if sep:
+            fields[key.strip()] = value.strip()
+
+    def number(key):
+        match = re.match(r"\d+", fields.get(key, ""))
+        return int(match.group()) if match else None
+
+    return SiteLimits(
+        max_array_size=number("MaxArraySize"),
+        max_job_count=number("MaxJobCount"),
+        min_job_age=number("MinJobAge"),
+        message_timeout=number("MessageTimeout"),
+        rate_limited="rl_enable" in fields.get("SlurmctldParameters", ""),
+    )
+
+
+def build_job_count_argv() -> list[str]:
+    """``squeue`` listing every job the controller holds (every user, every task, ended ones too): one id a line."""
+    return ["squeue", "--noheader", "--array", "--states=all", "--format=%i"]
+
+
+_LOAD_WORDS = re.compile(
+    r"temporarily unavailable|temporarily unable|try again|rate.?limit|too many|socket timed out|timed out"
+    r"|slurm_receive_msg|zero bytes were transmitted|unable to contact slurm controller|not responding",
+    re.I,
+)
+
+
+def refused_for_load(text: str) -> bool:
+    """True when a Slurm command failed because the controller is busy or away, not because of what was asked.
+
+    Such a call is worth trying again after a pause: "Resource temporarily
+    unavailable" (the controller's queue of RPCs, or ``MaxJobCount``, is
+    full), "Socket timed out", Slurm 23.02's RPC rate limit, a controller
+    that did not answer.
+
+    >>> refused_for_load("sbatch: error: Batch job submission failed: Resource temporarily unavailable")
+    True
+    >>> refused_for_load("sbatch: error: Batch job submission failed: Invalid account or account/partition combination specified")
+    False
+    """
+    return bool(_LOAD_WORDS.search(text))
+
+
+#: Pending reasons that are limits of the site, your account or your QOS, in words, with what to do.
+LIMIT_REASONS = {
+    "QOSMaxJobsPerUserLimit": (
+        "your QOS lets you run only so many jobs at once (MaxJobsPerUser); each worker node is a job, so it starts "
+        "when one of yours ends. `sacctmgr show qos format=name,maxjobspu` shows the limit; fewer nodes, "
+        "ready_workers=, or one allocation (backend='allocation') fit within it"
+    ),
+    "QOSMaxSubmitJobPerUserLimit": (
+        "your QOS lets you queue only so many jobs (MaxSubmitJobsPerUser); fewer nodes, or one allocation "
+        "(backend='allocation'), fit within it"
+    ),
+    "AssocMaxJobsLimit": (
+        "your account (association) lets you run only so many jobs at once (MaxJobs); each worker node is a job, so "
+        "it starts when one of yours ends. `sacctmgr show assoc user=$USER format=account,maxjobs` shows the limit"
+    ),
+    "AssocGrpJobsLimit": (
+        "your account's group has as many jobs running as it may (GrpJobs); it starts when one of the group's ends"
+    ),
+    "AssocMaxSubmitJobLimit": "your account lets you queue only so many jobs (MaxSubmitJobs)",
+    "QOSMaxNodePerUserLimit": (
+        "your QOS lets you hold only so many nodes at once (MaxTRESPerUser node); it starts when some are freed"
+    ),
+    "AssocGrpNodeLimit": "your account's group holds as many nodes as it may (GrpTRES node)",
+    "AssocGrpCpuLimit": "your account's group uses as many CPUs as it may (GrpTRES cpu)",
+    "QOSGrpNodeLimit": "the QOS as a whole holds as many nodes as it may (GrpTRES node)",
+    "QOSGrpCpuLimit": "the QOS as a whole uses as many CPUs as it may (GrpTRES cpu)",
+    "AssocGrpCPUMinutesLimit": "your account has used up its CPU minutes (GrpTRESMins): ask for more, or another account",
+    "AssocGrpBillingMinutes": "your account has used up its allocation (GrpTRESMins billing): another account, or more hours",
+    "PartitionNodeLimit": "the job asks for more nodes than the partition allows one job (MaxNodes)",
+    "PartitionTimeLimit": "the walltime is above the partition's MaxTime: give a shorter walltime",
+    "JobArrayTaskLimit": "the array's own limit of tasks running at once (``%`` in --array) is reached",
+    "MaxJobCount": "the controller holds as many jobs as it may (MaxJobCount)",
+    "ReqNodeNotAvail": "a node it asks for is down, drained or reserved",
+    "Resources": "the nodes it needs are busy; it starts when some free up",
+    "Priority": "jobs of higher priority are ahead of it in the queue",
+    "JobHeldUser": "it is held (scontrol release <job id> lets it go)",
+    "JobHeldAdmin": "an administrator holds it",
+    "Dependency": "it waits for another job to end (--dependency)",
+    "BeginTime": "it may not start before its --begin time",
+}
+
+
+def explain_reason(reason: str) -> str:
+    """Slurm's pending ``reason`` in words, with what to do where it is a limit; the reason itself if unknown.
+
+    >>> explain_reason("AssocMaxJobsLimit").startswith("your account")
+    True
+    >>> explain_reason("SomethingNew")
+    'SomethingNew'
+    """
+    return LIMIT_REASONS.get(reason.strip("()"), reason)

@@ -139,6 +139,8 @@ def coerce(option: Option, value):
         return str(value).strip()
     if option.kind == "lifetime":
         return _check_lifetime(name, value)
+    if option.kind == "ready":
+        return check_ready(name, value)
     if option.kind == "node_path":
         try:
             return check_local_dir(name, value)
@@ -150,6 +152,36 @@ def coerce(option: Option, value):
     if not isinstance(value, str):
         raise ConfigError(f"{name}={value!r} must be a string.")
     return _one_line(name, value)
+
+
+def check_ready(name, value):
+    """A count of worker nodes (int, 0 or more) or a share of them (a float in (0, 1], or ``'90%'``).
+
+    >>> check_ready("ready_workers", "90%"), check_ready("ready_workers", "0.5"), check_ready("ready_workers", "12")
+    (0.9, 0.5, 12)
+    """
+    if value is None:
+        return None
+    fix = f"give a number of worker nodes ({name}=100), or a share of them ({name}=0.9 or {name}='90%')."
+    if isinstance(value, bool):
+        raise ConfigError(f"{name}={value!r} is not a number; {fix}")
+    if isinstance(value, int):
+        if value < 0:
+            raise ConfigError(f"{name}={value!r} is below 0; {fix}")
+        return value
+    text = str(value).strip()
+    try:
+        if text.endswith("%"):
+            share = float(text[:-1]) / 100
+        elif isinstance(value, float) or "." in text:
+            share = float(text)
+        else:
+            return check_ready(name, int(text))
+    except ValueError:
+        raise ConfigError(f"{name}={value!r} is not a number; {fix}") from None
+    if not 0 < share <= 1:
+        raise ConfigError(f"{name}={value!r} is not a share between 0 and 1 (or 0% and 100%); {fix}")
+    return share
 
 
 def _check_security(name, value):

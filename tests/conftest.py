@@ -108,7 +108,9 @@ def queued(job_ids) -> list[str]:
     wanted = {str(job_id) for job_id in job_ids}
     if not wanted:
         return []
-    return [job_id for job_id in slurm_output("squeue", "--noheader", "--format=%i").split() if job_id in wanted]
+    return [
+        job_id for job_id in slurm_output("squeue", "--noheader", "--array", "--format=%i").split() if job_id in wanted
+    ]
 
 
 def queued_names() -> list[str]:

@@ -7,16 +7,24 @@ place commands run.
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import random
+import re
 
 from .. import slurm
 from ..commands import CommandRunner
 from ..errors import CommandError, SlurmUnavailableError, SubmitError
 from ..slurm import JobState, JobStatus
 
-__all__ = ["SlurmBackend"]
+__all__ = ["SlurmBackend", "SUBMIT_BACKOFF"]
 
 logger = logging.getLogger(__name__)
+
+#: Seconds between tries of an ``sbatch`` the controller refused for load ("Resource temporarily
+#: unavailable", "Socket timed out", a rate limit): doubling, about 30 s in all, each with up to 25 % more
+#: at random so that many notebooks refused together do not come back together.
+SUBMIT_BACKOFF = (1.0, 2.0, 4.0, 8.0, 16.0)
 
 
 class SlurmBackend:
@@ -40,6 +48,25 @@ class SlurmBackend:
 
     #: What runs a role, in words for messages.
     unit = "job"
+    #: Worker nodes can be one job array (see :meth:`JobLauncher.submit_many`).
+    arrays = True
+    #: Pauses between tries of a submission refused for load (tests shorten them).
+    backoff = SUBMIT_BACKOFF
+    _limits: slurm.SiteLimits | None = None
+
+    async def site_limits(self) -> slurm.SiteLimits:
+        """The controller's limits (``scontrol show config``), read once; empty if Slurm does not say."""
+        if self._limits is None:
+            result = await self.runner.arun(slurm.build_config_argv(), check=False)
+            self._limits = slurm.parse_site_limits(result.stdout) if result.returncode == 0 else slurm.SiteLimits()
+        return self._limits
+
+    async def jobs_held(self) -> int | None:
+        """Jobs the controller holds now (every user, every array task, ended ones not yet purged); None if unknown."""
+        result = await self.runner.arun(slurm.build_job_count_argv(), check=False)
+        if result.returncode != 0:
+            return None
+        return sum(1 for line in result.stdout.splitlines() if line.strip())
 
     async def submit(self, script_path: str, what: str, output: str = "", role: str = "") -> str:
         """Submit a script; return its job id (``output`` is already in the script's directives).
@@ -50,33 +77,80 @@ class SlurmBackend:
             With sbatch's own message when Slurm refuses the job.
         """
         argv = slurm.build_sbatch_argv(script_path)
-        try:
-            result = await self.runner.arun(argv, error_cls=SubmitError, env=self._submit_env)
-        except SubmitError as exc:
-            words = exc.stderr.strip() or exc.stdout.strip() or "(sbatch printed nothing)"
-            if slurm.controller_unreachable(words):
-                raise SlurmUnavailableError.explaining(
-                    exc,
-                    (
-                        f"Slurm's controller did not answer sbatch for the {what}: {words}\n"
-                        "Nothing is wrong with the cluster's options. `scontrol ping` shows when the "
-                        "controller is back; try again then, or ask your cluster's support."
-                    ),
-                ) from exc
-            raise SubmitError.explaining(
-                exc,
-                (
-                    f"Slurm refused the {what}: {words}\n"
-                    "Check partition, account, qos, walltime, cores and memory against "
-                    "`sinfo` and your allocation; the job script is " + script_path + "."
-                ),
-            ) from exc
+        tries = len(self.backoff) + 1
+        for attempt in range(tries):
+            try:
+                result = await self.runner.arun(argv, error_cls=SubmitError, env=self._submit_env)
+                break
+            except SubmitError as exc:
+                words = _words(exc)
+                if attempt + 1 == tries or not slurm.refused_for_load(words):
+                    self._refused(exc, words, what, script_path)
+                # An sbatch that timed out may have queued the job all the same: never submit it twice.
+                queued = await self._queued_as(_job_name(script_path))
+                if queued:
+                    logger.warning(
+                        "sbatch for the %s failed (%s), but Slurm had queued it: job %s.", what, words, queued
+                    )
+                    return queued
+                pause = self.backoff[attempt] * random.uniform(1.0, 1.25)
+                logger.warning(
+                    "Slurm refused the %s for load (%s); trying again in %.1f s (try %d of %d).",
+                    what,
+                    words.splitlines()[-1],
+                    pause,
+                    attempt + 2,
+                    tries,
+                )
+                await asyncio.sleep(pause)
         try:
             return slurm.parse_sbatch_job_id(result.stdout)
         except ValueError as exc:
             raise SubmitError(
                 argv, 0, result.stdout, result.stderr, reason=f"sbatch printed no job id for the {what}."
             ) from exc
+
+    async def _queued_as(self, job_name: str | None) -> str | None:
+        """The id of a job of ours named ``job_name`` that Slurm holds (an array's own id), or None."""
+        if not job_name:
+            return None
+        result = await self.runner.arun(slurm.build_squeue_named_argv(job_name), check=False)
+        ids = [line.strip() for line in result.stdout.splitlines() if line.strip()] if result.returncode == 0 else []
+        return ids[0] if ids else None
+
+    def _refused(self, exc: SubmitError, words: str, what: str, script_path: str):
+        """Raise the error for an sbatch refusal that trying again does not mend."""
+        if slurm.controller_unreachable(words) or slurm.refused_for_load(words):
+            raise SlurmUnavailableError.explaining(
+                exc,
+                (
+                    f"Slurm's controller did not take the {what} ({len(self.backoff) + 1} tries over "
+                    f"{sum(self.backoff):.0f} s): {words}\n"
+                    "Nothing is wrong with the cluster's options. `scontrol ping` shows when the "
+                    "controller is back; try again then, or ask your cluster's support."
+                ),
+            ) from exc
+        if _POLICY.search(words):
+            raise SubmitError.explaining(
+                exc,
+                (
+                    f"Slurm refused the {what}: {words}\n"
+                    "That is a limit of your account or QOS on jobs queued or running at once (MaxSubmitJobs, "
+                    "MaxJobs, MaxTRESPerUser): each worker node is one job, also in a job array. "
+                    "`sacctmgr show assoc user=$USER` and `sacctmgr show qos` show the limits; ask for fewer "
+                    "nodes, or run the cluster inside one allocation (backend='allocation', e.g. "
+                    "`mspass-cluster submit --nodes <N+1> notebook.ipynb`), which is one job however many "
+                    "nodes. The job script is " + script_path + "."
+                ),
+            ) from exc
+        raise SubmitError.explaining(
+            exc,
+            (
+                f"Slurm refused the {what}: {words}\n"
+                "Check partition, account, qos, walltime, cores and memory against "
+                "`sinfo` and your allocation; the job script is " + script_path + "."
+            ),
+        ) from exc
 
     async def statuses(self, job_ids) -> dict[str, JobStatus]:
         """The status of every job in ``job_ids``, with one ``squeue`` call.
@@ -164,3 +238,22 @@ class SlurmBackend:
                 result.stderr.strip() or f"exit code {result.returncode}",
             )
         return [line.strip() for line in result.stdout.splitlines() if line.strip()]
+
+
+_POLICY = re.compile(r"QOS|accounting|association|job submit limit|MaxSubmit", re.I)
+_JOB_NAME = re.compile(r"^#SBATCH\s+--job-name=(\S+)", re.M)
+
+
+def _words(exc: SubmitError) -> str:
+    """What sbatch said (or why it said nothing)."""
+    return exc.stderr.strip() or exc.stdout.strip() or str(exc).splitlines()[0] or "(sbatch printed nothing)"
+
+
+def _job_name(script_path: str) -> str | None:
+    """The ``--job-name`` directive of a job script, or None."""
+    try:
+        with open(script_path) as f:
+            match = _JOB_NAME.search(f.read(64 * 1024))
+    except OSError:
+        return None
+    return match.group(1).strip("\"'") if match else None

@@ -80,7 +80,17 @@ class Supervisor:
                 next_poll, interval = now + interval, min(interval * 1.5, self.options.poll_interval)
             db_ready = await self.database.probe()
             connected = self.workers.mark_ready()
-            if db_ready and plan() <= connected:
+            if db_ready and self.workers.ready_enough(connected, plan()):
+                if not plan() <= connected:
+                    self.workers.report_joining()  # remembers where start-up left off
+                    logger.info(
+                        "Ready with %d of %d worker node(s) (ready_workers=%s); the others join as they start. "
+                        "Waiting for %s",
+                        sum(1 for job in self.workers.jobs() if job.ready),
+                        len(self.workers.cluster.worker_spec),
+                        self.options.ready_workers,
+                        "; ".join(self.workers.waiting_for(connected)),
+                    )
                 return
             summary = self.waiting_for(connected)
             if summary != last_summary or now - last_logged > 60:
@@ -117,6 +127,7 @@ class Supervisor:
             changed = await self.launcher.poll_riding_outages(give_up=False)
             if changed is not None:
                 self.workers.mark_ready()
+                self.workers.report_joining()
                 self.database.warn_before_walltime()
                 for job in changed:
                     logger.log(self.launcher.detail, "%s", job.describe())

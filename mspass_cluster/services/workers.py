@@ -10,8 +10,10 @@ when a job ends (replace it, or report it).
 
 from __future__ import annotations
 
+import collections
 import logging
 import math
+import time
 
 from dask.utils import parse_bytes
 from distributed.core import Status
@@ -19,8 +21,14 @@ from distributed.deploy import Adaptive
 from distributed.deploy.spec import ProcessInterface
 
 from ..errors import ConfigError, JobFailedError
+from ..guardrails import raise_open_files
 from ..jobs import JOB_STOP_TIMEOUT, JobLauncher, TrackedJob, tail
-from ..slurm import JobState
+from ..slurm import JobState, explain_reason
+
+#: Pending reasons that are the queue's ordinary business, not a limit a user can act on.
+ORDINARY_REASONS = {"", "None", "Resources", "Priority"}
+#: Worker nodes listed one by one in "Waiting for ..."; more are counted by state and reason.
+LISTED_NODES = 4
 
 __all__ = ["WorkerJob", "WorkerNodes", "NodeAdaptive", "node_of_worker"]
 
@@ -42,7 +50,7 @@ class WorkerJob(ProcessInterface):
 
     async def start(self):
         try:
-            self.job = await self.launcher.submit("worker", self.name)
+            self.job = await self.launcher.submit_together("worker", self.name)
         except BaseException:
             self.status = Status.failed
             raise
@@ -96,6 +104,9 @@ class WorkerNodes:
         self.partition_nodes = partition_nodes
         #: Failures of worker jobs not yet raised to the user (by ``wait_for_workers``).
         self.failures: list[JobFailedError] = []
+        self._joining_said: tuple[int, int] | None = None
+        self._joining_at = 0.0
+        raise_open_files(self.options.nodes * self.options.processes)
 
     # ------------------------------------------------------------ what is there
     def jobs(self) -> list[TrackedJob]:
@@ -120,13 +131,83 @@ class WorkerNodes:
         return connected
 
     def waiting_for(self, connected: set) -> list[str]:
-        """What start-up still waits for from each worker node."""
-        texts = []
-        for job in self.jobs():
-            if not job.ready:
+        """What start-up still waits for from the worker nodes: each one, or counts by state and reason when many.
+
+        Pending reasons that are limits (``QOSMaxJobsPerUserLimit``,
+        ``AssocMaxJobsLimit``...) are followed by what they mean and what to do.
+        """
+        waiting = [job for job in self.jobs() if not job.ready]
+        if len(waiting) <= LISTED_NODES:
+            texts = []
+            for job in waiting:
                 names = self.worker_names(job.name)
-                texts.append(f"{job.describe()}, {len(names & connected)}/{len(names)} workers connected")
+                text = f"{job.describe()}, {len(names & connected)}/{len(names)} workers connected"
+                reason = job.status.reason if job.status else ""
+                if reason not in ORDINARY_REASONS and explain_reason(reason) != reason:
+                    text += f": {explain_reason(reason)}"
+                texts.append(text)
+            return texts
+        groups = collections.Counter(
+            (job.state.value, job.status.reason if job.status else "", job.phase.value) for job in waiting
+        )
+        texts = []
+        for (state, reason, phase), count in sorted(groups.items(), key=lambda item: -item[1]):
+            text = f"{count} worker node(s) {phase} ({state}"
+            if reason:
+                text += f", {reason}"
+                if reason not in ORDINARY_REASONS and explain_reason(reason) != reason:
+                    text += f": {explain_reason(reason)}"
+            text += ")"
+            if phase == "running":
+                text += " whose workers have not all connected yet"
+            texts.append(text)
         return texts
+
+    def needed(self, planned: int) -> int:
+        """Worker nodes that must be ready before start-up is done (``ready_workers``), of ``planned``."""
+        wanted = self.options.ready_workers
+        if wanted is None:
+            return planned
+        if isinstance(wanted, float):
+            return min(planned, math.ceil(wanted * planned - 1e-9))
+        return min(planned, wanted)
+
+    def ready_enough(self, connected: set, planned_workers: set) -> bool:
+        """Every planned worker connected, or as many worker nodes ready as ``ready_workers`` asks."""
+        if planned_workers <= connected:
+            return True
+        if self.options.ready_workers is None:
+            return False
+        ready = sum(1 for job in self.jobs() if job.ready)
+        return ready >= self.needed(len(self.cluster.worker_spec))
+
+    def report_joining(self) -> None:
+        """After a start with ``ready_workers``: say how many worker nodes are ready as more join, and what the rest wait for.
+
+        A line when the count changes (at most every 10 s) and when the last one is ready.
+        """
+        if self.options.ready_workers is None:
+            return
+        planned = len(self.cluster.worker_spec)
+        jobs = self.jobs()
+        ready = sum(1 for job in jobs if job.ready)
+        now = time.monotonic()
+        said = self._joining_said
+        if said is None or said == (ready, planned):
+            self._joining_said = (ready, planned) if said is None else said
+            return
+        if ready >= planned:
+            logger.info("Every worker node is ready now: %d of %d.", ready, planned)
+        elif now - self._joining_at >= 10:
+            logger.info(
+                "%d of %d worker node(s) ready; waiting for %s",
+                ready,
+                planned,
+                "; ".join(self.waiting_for(self.connected())) or "their jobs to be submitted",
+            )
+        else:
+            return
+        self._joining_said, self._joining_at = (ready, planned), now
 
     def startup_failure(self) -> JobFailedError | None:
         """The error to raise when a worker job ended before its workers connected."""
@@ -249,6 +330,7 @@ class WorkerNodes:
         cluster = self.cluster
         if cluster.status in (Status.closing, Status.closed):
             target = 0
+        raise_open_files(target * self.options.processes)
         spec = cluster.worker_spec
         if len(spec) > target:
             connected = self.connected()
