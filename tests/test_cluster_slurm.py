@@ -578,7 +578,9 @@ class ControllerRestartAfterSubmission(CommandRunner):
 
 def test_startup_rides_out_a_controller_restart(slurm_testbed, shared_dir, caplog):
     caplog.set_level(logging.INFO, logger="mspass_cluster")
-    runner = ControllerRestartAfterSubmission(submissions=3, outage=25)  # longer than squeue retries
+    runner = ControllerRestartAfterSubmission(
+        submissions=2, outage=25
+    )  # the db job and the workers' array; longer than squeue retries
     try:
         with MsPASSCluster(nodes=2, work_dir=str(shared_dir), db_command=FAKE_MONGOD, command_runner=runner) as cluster:
             assert runner.timer is not None, "the controller was never stopped"
@@ -716,8 +718,13 @@ def test_ctrl_c_while_waiting_cancels_every_job_and_raises_keyboardinterrupt(slu
         deadline = time.monotonic() + 60
         while "PENDING (JobHeldUser)" not in log.read_text() and time.monotonic() < deadline:
             time.sleep(0.1)
-        ids = [line.split(" job ")[1].split()[0] for line in log.read_text().splitlines() if "Submitted" in line]
-        assert len(ids) == 3 and len(queued(ids)) == 3
+        lines = [line for line in log.read_text().splitlines() if "Submitted" in line]
+        # The database is a job of its own; the two worker nodes are the tasks of one job array.
+        db_ids = [line.split(" job ")[1].split()[0] for line in lines if " job array " not in line]
+        array_ids = [line.split(" job array ")[1].split()[0] for line in lines if " job array " in line]
+        assert len(db_ids) == 1 and len(array_ids) == 1, lines
+        ids = db_ids + [f"{array_ids[0]}_{k}" for k in range(2)]
+        assert len(queued(ids)) == 3, (ids, lines)
         proc.send_signal(signal.SIGINT)
         returncode = proc.wait(timeout=60)
     finally:
