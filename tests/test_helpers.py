@@ -23,7 +23,7 @@ def test_queued_fails_when_squeue_fails(tmp_path, monkeypatch):
     _failing_squeue(tmp_path, monkeypatch)
     with pytest.raises(
         RuntimeError,
-        match=r"squeue --noheader --format=%i failed with exit code 1: squeue: error: "
+        match=r"squeue --noheader (--array )?--format=%i failed with exit code 1: squeue: error: "
         r"Unable to contact slurm controller.*ci/testbed status",
     ):
         queued(["12345"])
