@@ -61,7 +61,7 @@ from .services import (
 )
 from .services.attached import AttachedDatabase, find_database
 from .status import ClusterView, render_html, render_text, view_of
-from .worker_env import EnvironmentPlugin, PublishedEnvironment
+from .worker_env import EnvironmentPlugin, PublishedEnvironment, deliver_plugin
 
 __all__ = ["MsPASSCluster"]
 
@@ -299,8 +299,7 @@ class MsPASSCluster(SpecCluster):
         errors = [r for r in results if isinstance(r, BaseException)]
         if errors:
             raise errors[0]
-        await self._supervisor.wait_ready(lambda: self.plan)
-        await self._share_db_address()
+        await self._supervisor.wait_ready(lambda: self.plan, on_database=self._share_db_address)
         self._tasks.append(asyncio.ensure_future(self._supervisor.watch()))
         self._warn_if_open()
         logger.info(
@@ -326,7 +325,21 @@ class MsPASSCluster(SpecCluster):
         self._launcher.know(db_host=self.database.host)
         self._environment.publish(self._job_environment())
         plugin = EnvironmentPlugin(self._job_environment())
-        await self.scheduler.register_worker_plugin(None, dumps(plugin), name=plugin.name, idempotent=False)
+        await self._register_worker_plugin(plugin.name, dumps(plugin))
+
+    async def _register_worker_plugin(self, name: str, plugin: bytes) -> None:
+        """Give ``plugin`` to every worker process, present and future, tolerating workers too busy to answer.
+
+        The scheduler hands it to each worker that joins later as it
+        registers. Those already connected get it over a new connection
+        each; a worker that does not answer in Dask's connect timeout (a
+        node still starting hundreds of processes) is retried in the
+        background rather than failing the cluster, see
+        :func:`~mspass_cluster.worker_env.deliver_plugin`.
+        """
+        failed = await deliver_plugin(self.scheduler, name, plugin)
+        if failed:
+            self._tasks.append(asyncio.ensure_future(deliver_plugin(self.scheduler, name, plugin, workers=failed)))
 
     async def _database_moved(self):
         """The database came back (restart or relay): re-point everything this cluster published to it.
@@ -347,9 +360,7 @@ class MsPASSCluster(SpecCluster):
             db = get_db_client(self.database.uri)
             plugin = mspass_worker_plugin(db)
             if plugin is not None:
-                await self.scheduler.register_worker_plugin(
-                    None, dumps(plugin), name=MSPASS_PLUGIN_NAME, idempotent=False
-                )
+                await self._register_worker_plugin(MSPASS_PLUGIN_NAME, dumps(plugin))
                 self._mspass_plugin_db_old, self._mspass_plugin_db = self._mspass_plugin_db, db
         seconds = self.database.back_after() or 0.0
         job = self.database.job

@@ -63,8 +63,13 @@ class Supervisor:
         parts = [self.database.waiting_for()] + self.workers.waiting_for(connected)
         return "; ".join(p for p in parts if p) or "nothing"
 
-    async def wait_ready(self, plan) -> None:
-        """Wait until the database answers and every worker of ``plan()`` connected; fail fast otherwise."""
+    async def wait_ready(self, plan, on_database=None) -> None:
+        """Wait until the database answers and every worker of ``plan()`` connected; fail fast otherwise.
+
+        ``on_database``, a coroutine function, is awaited once, as soon as the
+        database first answers: workers that join after it learn the
+        database's address when they register, with no connection of their own.
+        """
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.options.startup_timeout
         interval, next_poll, last_summary, last_logged, started = 0.25, 0.0, None, 0.0, loop.time()
@@ -79,6 +84,9 @@ class Supervisor:
                     raise error
                 next_poll, interval = now + interval, min(interval * 1.5, self.options.poll_interval)
             db_ready = await self.database.probe()
+            if db_ready and on_database is not None:
+                await on_database()
+                on_database = None
             connected = self.workers.mark_ready()
             if db_ready and self.workers.ready_enough(connected, plan()):
                 if not plan() <= connected:
