@@ -563,8 +563,16 @@ class MsPASSCluster(SpecCluster):
 
     @property
     def job_ids(self) -> dict:
-        """Every job this cluster submitted: ``{job_id: (role, name, state)}``."""
-        return {j.job_id: (j.role, j.name, j.state.value) for j in self._launcher.jobs.values()}
+        """Every job this cluster submitted: ``{job_id: (role, name, state)}``.
+
+        With ``worker_submission="steps"`` the worker nodes are ``<holder>.w<i>``
+        and each holder job is listed too, its state ``holding`` or ``released``.
+        """
+        ids = {j.job_id: (j.role, j.name, j.state.value) for j in self._launcher.jobs.values()}
+        steps = getattr(self._launcher.backend, "steps", None)
+        for holder in steps.holders.values() if steps is not None else ():
+            ids[holder.job_id] = ("worker", f"{self._name}-workers", "released" if holder.released else "holding")
+        return ids
 
     # ------------------------------------------------------------ what is true
     def view(self) -> ClusterView:

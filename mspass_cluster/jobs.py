@@ -21,9 +21,10 @@ import time
 from collections import deque
 from dataclasses import dataclass, field
 
+from .backends.steps import step_id, step_log
 from .errors import CommandError, JobFailedError, SlurmUnavailableError, SubmitError
 from .files import file_mode, write_file
-from .roles import ScriptContext, build_worker_array_script
+from .roles import ScriptContext, build_worker_array_script, build_worker_holder_script
 from .slurm import JobState, JobStatus, array_task_id, build_job_count_argv, expand_job_id, format_array_indices
 
 __all__ = ["JOB_STOP_TIMEOUT", "JobPhase", "JobLauncher", "TrackedJob", "tail", "error_lines", "server_exit_status"]
@@ -268,11 +269,14 @@ class JobLauncher:
         """
         if not names:
             return []
+        indices = [_node_index(name) for name in names]
+        steps = getattr(self.backend, "steps", None)
+        if self.options.worker_submission == "steps" and steps is not None and role == "worker" and None not in indices:
+            return await self._submit_steps(role, names, indices, steps)
         site = getattr(self.backend, "site_limits", None)
         limits = await site() if site is not None else None
         if limits is not None and limits.max_job_count and len(names) * 10 >= limits.max_job_count:
             await self._check_room(names, limits)
-        indices = [_node_index(name) for name in names]
         arrays = (
             self.options.worker_submission == "array"
             and getattr(self.backend, "arrays", False)
@@ -314,6 +318,49 @@ class JobLauncher:
             len(names),
             role,
             array_id,
+            spec,
+            path,
+        )
+        return jobs
+
+    async def _submit_steps(self, role: str, names: list[str], indices: list[int], steps) -> list[TrackedJob]:
+        """Worker nodes ``names`` as srun steps of one holder job (``worker_submission="steps"``).
+
+        See :mod:`mspass_cluster.backends.steps`: one ``sbatch`` and one
+        queued job however many nodes; each node's own script starts in it
+        as a step once it runs, with its own log and id ``<holder>.w<i>``.
+        """
+        self.know(cluster_size=max(self.context.cluster_size, len(self.active()) + len(names)))
+        cluster_name = names[0].rsplit("-", 2)[0]
+        mode = file_mode(self.options)
+        paths = []
+        for name in names:
+            script, _ = self.script(role, name)
+            paths.append(os.path.join(self.options.log_dir, f"{name}.sh"))
+            write_file(paths[-1], script, mode)
+        script, holder_name, output = build_worker_holder_script(
+            self.options, cluster_name, indices, self.context.heartbeat
+        )
+        spec = format_array_indices(indices)
+        path = os.path.join(self.options.log_dir, f"{holder_name}-{min(indices)}-{max(indices)}.sh")
+        write_file(path, script, mode)
+        what = f"{role} nodes {holder_name} [{spec}], one job of {len(names)} node(s)"
+        holder_id = await self.backend.submit(path, what, output, role)
+        jobs, tracked = [], {}
+        for name, index, script_path in zip(names, indices, paths):
+            job_id = step_id(holder_id, index)
+            log = step_log(self.options.log_dir, name, job_id)
+            tracked[job_id] = (script_path, log, f"{role} step {name}")
+            job = TrackedJob(role, name, job_id, log, script_path, unit="step")
+            self.jobs[job_id] = job
+            jobs.append(job)
+        steps.add(holder_id, tracked)
+        logger.info(
+            "Submitted %d %s node(s) as one job, %s [%s]; each node is an srun step in it once it runs "
+            "(worker_submission='steps'); script: %s",
+            len(names),
+            role,
+            holder_id,
             spec,
             path,
         )

@@ -244,7 +244,7 @@ OPTIONS: tuple[Option, ...] = (
     Option(
         "worker_submission",
         "array",
-        "How worker nodes reach Slurm on the `slurm` backend. `array`: the nodes of one start or `scale()` as one job array, one `sbatch` however many (each task is still a node of its own: watched, scaled down and replaced one by one); the cluster falls back to `jobs`, and says why, where the site's `MaxArraySize` is too small. `jobs`: one `sbatch` per node. Other backends submit nothing.",
+        "How worker nodes reach Slurm on the `slurm` backend. `array`: the nodes of one start or `scale()` as one job array, one `sbatch` however many (each task is still a node of its own: watched, scaled down and replaced one by one); the cluster falls back to `jobs`, and says why, where the site's `MaxArraySize` is too small. `jobs`: one `sbatch` per node. `steps`: the nodes of one start or `scale()` as one multi-node job, each node an `srun` step in it once it runs (one queued job however many nodes: for sites that cap jobs per user below the node count, where every array task counts; a node scaled down stays held until its job's last worker leaves). Other backends submit nothing.",
         kind="choice",
     ),
     Option(
@@ -357,7 +357,7 @@ CHOICES = {
     "container_runtime": RUNTIMES,
     "backend": ("auto", "slurm", "allocation", "local"),
     "db_storage": STORAGES,
-    "worker_submission": ("array", "jobs"),
+    "worker_submission": ("array", "jobs", "steps"),
 }
 
 

@@ -785,6 +785,84 @@ def build_worker_array_script(options: ClusterOptions, cluster_name: str, indice
     return "\n".join(lines) + "\n", name, output
 
 
+def build_worker_holder_script(
+    options: ClusterOptions, cluster_name: str, indices, heartbeat: str | None = None
+) -> tuple[str, str, str]:
+    r"""One multi-node job holding the worker nodes ``<cluster_name>-worker-<i>``, ``i`` in ``indices``.
+
+    For ``worker_submission="steps"`` (see
+    :mod:`mspass_cluster.backends.steps`): a single queued job however many
+    nodes, each node with a worker node's cores and memory. The script only
+    holds the nodes; the notebook starts each worker node's own job script in
+    it as an ``srun`` step. It ends by itself when the notebook stops
+    refreshing ``heartbeat`` for ``orphan_timeout`` seconds, so a crashed
+    kernel does not leave the nodes held until walltime.
+
+    Returns
+    -------
+    script : str
+    name : str
+        The holder's job name (``<cluster_name>-workers``, as a job array's).
+    output_pattern : str
+        Its log path, with Slurm's ``%j``.
+
+    Examples
+    --------
+    >>> from mspass_cluster.config import resolve_options
+    >>> script, name, output = build_worker_holder_script(resolve_options(log_dir="/l", walltime="10"), "c", [3, 4, 7])
+    >>> print("\n".join(line for line in script.splitlines() if "nodes" in line or "tasks" in line))
+    #SBATCH --nodes=3
+    #SBATCH --ntasks=3
+    #SBATCH --ntasks-per-node=1
+    >>> name, output
+    ('c-workers', '/l/c-workers-3-7-%j.out')
+    """
+    indices = list(indices)
+    name = f"{cluster_name}-workers"
+    output = os.path.join(options.log_dir, f"{name}-{min(indices)}-{max(indices)}-%j.out")
+    count = len(indices)
+    directives = [
+        line
+        for line in worker_directives(
+            options, name, output, [f"--nodes={count}", f"--ntasks={count}", "--ntasks-per-node=1"]
+        )
+        if line not in ("#SBATCH --nodes=1", "#SBATCH --ntasks=1")
+    ]
+    umask = cluster_umask(options)
+    limit = options.orphan_timeout
+    check = max(1, min(15, limit // 4))
+    watch = (
+        [
+            f"heartbeat={shlex.quote(heartbeat)}",
+            "while :; do",
+            f"    sleep {check}",
+            f"    age={limit}",
+            '    stamp=$(date -r "$heartbeat" +%s 2>/dev/null) && age=$(( $(date +%s) - stamp ))',
+            f'    if [ "$age" -ge {limit} ]; then',
+            '        echo "mspass_cluster: no heartbeat from the notebook for $age s ($heartbeat); '
+            'giving the nodes back"',
+            "        exit 0",
+            "    fi",
+            "done",
+        ]
+        if heartbeat
+        else ["while :; do sleep 3600; done"]
+    )
+    lines = [
+        "#!/usr/bin/env bash",
+        *directives,
+        "#",
+        f"# mspass_cluster {__version__}: holds worker nodes {format_array_indices(indices)} of cluster "
+        f"{cluster_name} (worker_submission='steps').",
+        "# The notebook starts each worker node's own job script, beside this one, as an srun step in",
+        "# this job; this script only keeps the nodes, until cancelled or orphaned.",
+        *([f"umask {umask:03o}"] if umask is not None else []),
+        'echo "mspass_cluster: holding $SLURM_JOB_NUM_NODES node(s) ($SLURM_JOB_NODELIST) for worker steps"',
+        *watch,
+    ]
+    return "\n".join(lines) + "\n", name, output
+
+
 @dataclasses.dataclass(frozen=True)
 class ScriptContext:
     """Everything a cluster's job scripts are rendered from, fixed once known (immutable).

@@ -315,3 +315,74 @@ else exec scontrol "$@"; fi
         MsPASSCluster(nodes=40, work_dir=str(shared_dir), db_port=28204, command_runner=runner, **SMALL)
     assert "40 worker node(s) asked for" in str(info.value)
     assert not list((shared_dir / "logs").glob("*-workers-*.sh")), "a worker array was written, so maybe submitted"
+
+
+# ------------------------------------------- worker_submission="steps": one job, nodes as srun steps
+def _steps_of(job_id: str) -> list[str]:
+    """Names of the running steps of job ``job_id`` (``squeue --steps``), Slurm's own batch/extern ones left out."""
+    out = slurm_output("squeue", "--steps", "--noheader", "--format=%i|%j", f"--jobs={job_id}")
+    pairs = (line.split("|", 1) for line in out.splitlines() if "|" in line)
+    return sorted(name for step, name in pairs if not step.endswith((".batch", ".extern")))
+
+
+def test_the_holder_script_asks_for_every_node_and_ends_when_the_notebook_is_gone(tmp_path):
+    from mspass_cluster.roles import build_worker_holder_script
+
+    options = resolve_options(log_dir=str(tmp_path), orphan_timeout=2, **SMALL)
+    script, name, output = build_worker_holder_script(options, "c", [0, 1, 2], str(tmp_path / "hb"))
+    assert "#SBATCH --nodes=3" in script and "#SBATCH --nodes=1" not in script and "#SBATCH --ntasks=1" not in script
+    (tmp_path / "hb").touch()
+    path = tmp_path / "holder.sh"
+    path.write_text(script)
+    started = time.monotonic()
+    # Run by hand (bash this-file): with no fresh heartbeat it gives the nodes back by itself.
+    result = subprocess.run(["bash", str(path)], capture_output=True, text=True, timeout=30)
+    assert result.returncode == 0 and "no heartbeat from the notebook" in result.stdout
+    assert time.monotonic() - started < 25
+
+
+def test_worker_nodes_as_steps_of_one_job_are_ready_scaled_and_given_back(slurm_testbed, shared_dir, caplog):
+    caplog.set_level(logging.INFO, logger="mspass_cluster")
+    runner = CommandRunner()
+    with MsPASSCluster(
+        nodes=3, worker_submission="steps", work_dir=str(shared_dir), db_port=28211, command_runner=runner, **SMALL
+    ) as cluster:
+        assert runner.calls["sbatch"] == 2  # the database's job and one job holding the three worker nodes
+        workers = [j for j in cluster._launcher.jobs.values() if j.role == "worker"]
+        holders = {j.job_id.split(".w")[0] for j in workers}
+        assert len(holders) == 1
+        (holder,) = holders
+        # One queued job for all three nodes, each node's own script an srun step of it, on three nodes.
+        assert queued([holder]) == [holder]
+        assert _steps_of(holder) == sorted(j.name for j in workers)
+        hosts = cluster.get_client().run(lambda: __import__("socket").gethostname())
+        assert len(set(hosts.values())) == 3
+        for job in workers:
+            assert os.path.basename(job.log_path) == f"{job.name}-{job.job_id}.out"
+            assert "worker starting on" in open(job.log_path).read()
+        assert any("srun step" in r.getMessage() for r in caplog.records)
+
+        cluster.scale(5)
+        cluster.wait_for_workers()
+        assert runner.calls["sbatch"] == 3  # two more nodes: one more job
+        assert len(cluster.scheduler.workers) == 5
+        second = {j.job_id.split(".w")[0] for j in cluster._launcher.jobs.values() if j.role == "worker"} - holders
+        assert len(second) == 1
+
+        # Scaled down to 2: the stopped nodes' steps end cleanly; a holder left with no worker is cancelled.
+        cluster.scale(2)
+        deadline = time.monotonic() + 90
+        while time.monotonic() < deadline:
+            steps = _steps_of(holder) + (_steps_of(next(iter(second))) if queued(second) else [])
+            if len(cluster.scheduler.workers) == 2 and len(steps) == 2 and not queued(second):
+                break
+            time.sleep(0.5)
+        else:
+            pytest.fail(
+                f"after scale(2): workers {list(cluster.scheduler.workers)}, queued {queued([holder, *second])}"
+            )
+        stopped = [j for j in cluster._launcher.jobs.values() if j.role == "worker" and j.ended]
+        assert len(stopped) == 3 and all(j.state.value in ("CANCELLED", "COMPLETED") for j in stopped), stopped
+        assert any("has no worker left" in r.getMessage() for r in caplog.records)
+    assert_nothing_left(cluster)
+    assert queued([holder]) == []

@@ -66,10 +66,14 @@ class AllocationBackend(LocalBackend):
     signal_group = False
     unit = "step"
 
-    def __init__(self, nodes: list[str], runner: CommandRunner, file_mode: int | None = None):
+    def __init__(
+        self, nodes: list[str], runner: CommandRunner, file_mode: int | None = None, job_id: str | None = None
+    ):
         super().__init__(file_mode)
         self.nodes = list(nodes)
         self.runner = runner
+        #: The job the steps go to when it is not this process's own (``srun --jobid``): every node a worker's.
+        self.job_id = job_id
         self._step_names: dict[str, str] = {}
 
     async def cancel(self, job_ids, signal: str | None = None) -> None:
@@ -90,7 +94,14 @@ class AllocationBackend(LocalBackend):
     def _running_steps(self) -> dict[str, str]:
         """Step ids of this allocation's running steps, by step name."""
         result = self.runner.run(
-            ["squeue", "--steps", "--noheader", "--format=%i|%j", f"--jobs={os.environ['SLURM_JOB_ID']}"], check=False
+            [
+                "squeue",
+                "--steps",
+                "--noheader",
+                "--format=%i|%j",
+                f"--jobs={self.job_id or os.environ['SLURM_JOB_ID']}",
+            ],
+            check=False,
         )
         pairs = (line.strip().split("|", 1) for line in result.stdout.splitlines() if "|" in line)
         return {name: step for step, name in pairs}
@@ -98,14 +109,16 @@ class AllocationBackend(LocalBackend):
     @property
     def worker_capacity(self) -> int:
         """How many worker nodes fit: one per node after the first (one if there is only one node)."""
+        if self.job_id is not None:
+            return len(self.nodes)
         return max(1, len(self.nodes) - 1)
 
     def _placement(self, script_path: str, role: str) -> tuple[list[str], str]:
-        if role == "db" or len(self.nodes) == 1:
+        if self.job_id is None and (role == "db" or len(self.nodes) == 1):
             node = self.nodes[0]
         else:
             busy = {self._nodes[j] for j, p in self._procs.items() if p.poll() is None}
-            free = [n for n in self.nodes[1:] if n not in busy]
+            free = [n for n in self.nodes[0 if self.job_id is not None else 1 :] if n not in busy]
             if not free:
                 raise ConfigError(
                     f"All {self.worker_capacity} worker nodes of this allocation ({', '.join(self.nodes[1:])}) are in "
@@ -115,6 +128,7 @@ class AllocationBackend(LocalBackend):
         name = os.path.basename(script_path)[: -len(".sh")]
         argv = [
             "srun",
+            *([f"--jobid={self.job_id}"] if self.job_id is not None else []),
             "--nodes=1",
             "--ntasks=1",
             f"--nodelist={node}",

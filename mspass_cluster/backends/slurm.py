@@ -16,6 +16,7 @@ from .. import slurm
 from ..commands import CommandRunner
 from ..errors import CommandError, SlurmUnavailableError, SubmitError
 from ..slurm import JobState, JobStatus
+from .steps import HeldSteps, is_step
 
 __all__ = ["SlurmBackend", "SUBMIT_BACKOFF"]
 
@@ -45,6 +46,8 @@ class SlurmBackend:
         # sbatch passes the umask of its caller, or this variable when set, to the job: Slurm creates the
         # --output file with it before the script's own `umask` line runs.
         self._submit_env = None if umask is None else {"SLURM_UMASK": f"{umask:04o}"}
+        #: Worker nodes run as srun steps of holder jobs (``worker_submission="steps"``).
+        self.steps = HeldSteps(runner, None if umask is None else 0o666 & ~umask)
 
     #: What runs a role, in words for messages.
     unit = "job"
@@ -162,6 +165,13 @@ class SlurmBackend:
         job_ids = list(job_ids)
         if not job_ids:
             return {}
+        steps = [j for j in job_ids if is_step(j)]
+        if steps:  # their holder jobs are asked in the same squeue
+            job_ids = [j for j in job_ids if not is_step(j)]
+            holders = self.steps.holder_ids(steps)
+            found = await self.statuses(job_ids + holders) if job_ids or holders else {}
+            found.update(await self.steps.statuses(steps, found))
+            return {j: s for j, s in found.items() if j not in holders or j in job_ids}
         result = await self.runner.arun(slurm.build_squeue_argv(job_ids), check=False)
         found = slurm.parse_squeue(result.stdout)
         if result.returncode != 0 and not found and "Invalid job id" not in result.stderr:
@@ -180,6 +190,11 @@ class SlurmBackend:
 
     async def final_statuses(self, job_ids) -> dict[str, JobStatus]:
         """Final state and exit code of ended jobs (sacct, else scontrol)."""
+        steps = [j for j in job_ids if is_step(j)]
+        if steps:
+            found = await self.statuses(steps)
+            job_ids = [j for j in job_ids if not is_step(j)]
+            return {**found, **(await self.final_statuses(job_ids) if job_ids else {})}
         found: dict[str, JobStatus] = {}
         if self._sacct_works is not False:
             result = await self.runner.arun(slurm.build_sacct_argv(job_ids), check=False)
@@ -195,17 +210,35 @@ class SlurmBackend:
         return found
 
     async def cancel(self, job_ids, signal: str | None = None) -> None:
-        """``scancel`` the jobs (or only send them ``signal``); jobs already gone are fine."""
+        """``scancel`` the jobs (or only send them ``signal``); jobs already gone are fine.
+
+        Steps of holder jobs are stopped as steps (see :class:`~mspass_cluster.backends.steps.HeldSteps`).
+        """
+        job_ids = list(job_ids)
+        steps = [j for j in job_ids if is_step(j)]
+        if steps:
+            await self.steps.cancel(steps, signal)
+            job_ids = [j for j in job_ids if not is_step(j)]
         if job_ids:
             await self.runner.arun(slurm.build_scancel_argv(job_ids, signal), check=False)
 
     def cancel_now(self, job_ids) -> None:
-        """Synchronous ``scancel``, for interpreter exit and other last resorts."""
+        """Synchronous ``scancel``, for interpreter exit and other last resorts (a step: its whole holder job)."""
+        job_ids = list(job_ids)
+        holders = self.steps.holder_ids([j for j in job_ids if is_step(j)])
+        job_ids = [j for j in job_ids if not is_step(j)] + holders
         if job_ids:
             self.runner.run(slurm.build_scancel_argv(job_ids), check=False, timeout=30)
 
     def signal_now(self, job_ids, signal: str = "TERM") -> None:
         """Synchronous: send ``signal`` to every process of the jobs and return at once."""
+        job_ids = list(job_ids)
+        steps = [j for j in job_ids if is_step(j)]
+        if steps:  # started steps are asked to stop; holders whose steps never started are cancelled
+            job_ids = [j for j in job_ids if not is_step(j)]
+            unstarted = self.steps.signal_now(steps)
+            if unstarted:
+                self.runner.run(slurm.build_scancel_argv(unstarted), check=False, timeout=10)
         if job_ids:
             self.runner.run(slurm.build_scancel_argv(job_ids, signal), check=False, timeout=10)
 
