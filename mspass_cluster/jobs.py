@@ -390,9 +390,10 @@ class JobLauncher:
                 f"{len(names)} worker node(s) asked for, but Slurm's controller holds at most {limits.max_job_count} "
                 f"jobs (MaxJobCount, every user's and every array task counted, ended ones for {age}) and holds "
                 f"{held} now: room for {room}. Each worker node is one job, also in a job array, so nothing was "
-                f"submitted. Ask for {room} or fewer, wait for jobs to leave the queue, or run the cluster inside one "
-                "allocation (backend='allocation', e.g. `mspass-cluster submit --nodes <N+1> notebook.ipynb`), "
-                "which is one job however many nodes."
+                f"submitted. Ask for {room} or fewer, wait for jobs to leave the queue, or set "
+                "worker_submission='steps': the worker nodes of a start or scale() go as one job, each node an srun "
+                "step in it (or run the whole cluster inside one allocation: `mspass-cluster submit --nodes <N+1> "
+                "notebook.ipynb`)."
             ),
         )
 

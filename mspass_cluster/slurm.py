@@ -554,11 +554,11 @@ LIMIT_REASONS = {
     "QOSMaxJobsPerUserLimit": (
         "your QOS lets you run only so many jobs at once (MaxJobsPerUser); each worker node is a job, so it starts "
         "when one of yours ends. `sacctmgr show qos format=name,maxjobspu` shows the limit; fewer nodes, "
-        "ready_workers=, or one allocation (backend='allocation') fit within it"
+        "ready_workers=, or worker_submission='steps' (every worker node in one job) fit within it"
     ),
     "QOSMaxSubmitJobPerUserLimit": (
-        "your QOS lets you queue only so many jobs (MaxSubmitJobsPerUser); fewer nodes, or one allocation "
-        "(backend='allocation'), fit within it"
+        "your QOS lets you queue only so many jobs (MaxSubmitJobsPerUser); fewer nodes, or "
+        "worker_submission='steps' (every worker node in one job), fit within it"
     ),
     "AssocMaxJobsLimit": (
         "your account (association) lets you run only so many jobs at once (MaxJobs); each worker node is a job, so "
@@ -567,7 +567,10 @@ LIMIT_REASONS = {
     "AssocGrpJobsLimit": (
         "your account's group has as many jobs running as it may (GrpJobs); it starts when one of the group's ends"
     ),
-    "AssocMaxSubmitJobLimit": "your account lets you queue only so many jobs (MaxSubmitJobs)",
+    "AssocMaxSubmitJobLimit": (
+        "your account lets you queue only so many jobs (MaxSubmitJobs); worker_submission='steps' puts every "
+        "worker node in one job"
+    ),
     "QOSMaxNodePerUserLimit": (
         "your QOS lets you hold only so many nodes at once (MaxTRESPerUser node); it starts when some are freed"
     ),

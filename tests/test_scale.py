@@ -71,7 +71,7 @@ def test_a_refusal_for_load_is_told_apart_from_a_refusal_of_the_job(stderr, load
 
 def test_pending_reasons_that_are_limits_are_said_in_words_with_what_to_do():
     words = explain_reason("QOSMaxJobsPerUserLimit")
-    assert "MaxJobsPerUser" in words and "sacctmgr" in words and "backend='allocation'" in words
+    assert "MaxJobsPerUser" in words and "sacctmgr" in words and "worker_submission='steps'" in words
     assert "sacctmgr show assoc" in explain_reason("AssocMaxJobsLimit")
     assert explain_reason("(JobHeldUser)").startswith("it is held")
     assert explain_reason("SomethingNewInSlurm25") == "SomethingNewInSlurm25"
@@ -311,10 +311,18 @@ else exec scontrol "$@"; fi
 """,
     )
     runner = _Through("scontrol", shim)
-    with pytest.raises(SubmitError, match=r"holds at most \d+ jobs \(MaxJobCount.*backend='allocation'") as info:
+    with pytest.raises(SubmitError, match=r"holds at most \d+ jobs \(MaxJobCount.*worker_submission='steps'") as info:
         MsPASSCluster(nodes=40, work_dir=str(shared_dir), db_port=28204, command_runner=runner, **SMALL)
     assert "40 worker node(s) asked for" in str(info.value)
     assert not list((shared_dir / "logs").glob("*-workers-*.sh")), "a worker array was written, so maybe submitted"
+    # The way out the message gives: every worker node in one job, which the same limit holds.
+    before = runner.calls["sbatch"]
+    with MsPASSCluster(
+        nodes=4, worker_submission="steps", work_dir=str(shared_dir), db_port=28205, command_runner=runner, **SMALL
+    ) as cluster:
+        assert len(cluster.scheduler.workers) == 4
+        assert runner.calls["sbatch"] == before + 2  # the database's job, one job for the four worker nodes
+    assert_nothing_left(cluster)
 
 
 # ------------------------------------------- worker_submission="steps": one job, nodes as srun steps

@@ -141,9 +141,9 @@ class SlurmBackend:
                     "That is a limit of your account or QOS on jobs queued or running at once (MaxSubmitJobs, "
                     "MaxJobs, MaxTRESPerUser): each worker node is one job, also in a job array. "
                     "`sacctmgr show assoc user=$USER` and `sacctmgr show qos` show the limits; ask for fewer "
-                    "nodes, or run the cluster inside one allocation (backend='allocation', e.g. "
-                    "`mspass-cluster submit --nodes <N+1> notebook.ipynb`), which is one job however many "
-                    "nodes. The job script is " + script_path + "."
+                    "nodes, or set worker_submission='steps' (the nodes of a start or scale() as one job, each "
+                    "an srun step in it), or run the cluster inside one allocation (`mspass-cluster submit "
+                    "--nodes <N+1> notebook.ipynb`). The job script is " + script_path + "."
                 ),
             ) from exc
         raise SubmitError.explaining(
