@@ -345,6 +345,11 @@ def build_scontrol_job_argv(job_id) -> list[str]:
     return ["scontrol", "--oneliner", "show", "job", str(job_id)]
 
 
+def build_scontrol_jobs_argv() -> list[str]:
+    """Every job the controller holds, one per line (one call for the final state of many jobs)."""
+    return ["scontrol", "--oneliner", "show", "job"]
+
+
 def parse_scontrol_job(stdout: str) -> JobStatus | None:
     """The status in ``scontrol --oneliner show job`` output, or None if absent."""
     fields = dict(re.findall(r"(\w+)=(\S*)", stdout))
@@ -359,6 +364,27 @@ def parse_scontrol_job(stdout: str) -> JobStatus | None:
         nodes="" if nodes == "(null)" else nodes,
         exit_code=fields.get("ExitCode"),
     )
+
+
+def parse_scontrol_jobs(stdout: str) -> dict[str, JobStatus]:
+    """Every job in ``scontrol --oneliner show job`` output (all jobs, one per line), by id.
+
+    An array task is found under its own id and as ``<array id>_<task>``.
+
+    >>> line = "JobId=12 ArrayJobId=10 ArrayTaskId=2 JobName=w JobState=COMPLETED Reason=None ExitCode=0:0 NodeList=n1"
+    >>> sorted(parse_scontrol_jobs(line + "\\n"))
+    ['10_2', '12']
+    """
+    found = {}
+    for line in stdout.splitlines():
+        status = parse_scontrol_job(line)
+        if status is None:
+            continue
+        found[status.job_id] = status
+        array = re.search(r"\bArrayJobId=(\d+) ArrayTaskId=(\d+)\b", line)
+        if array:
+            found[f"{array.group(1)}_{array.group(2)}"] = status
+    return found
 
 
 def build_sacct_argv(job_ids) -> list[str]:

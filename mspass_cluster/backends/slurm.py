@@ -201,6 +201,12 @@ class SlurmBackend:
             self._sacct_works = result.returncode == 0
             if self._sacct_works:
                 found.update(slurm.parse_sacct(result.stdout))
+        missing = [j for j in job_ids if j not in found]
+        if len(missing) > 1:  # one call for all of them: a teardown asks for every job at once
+            result = await self.runner.arun(slurm.build_scontrol_jobs_argv(), check=False)
+            if result.returncode == 0:
+                every = slurm.parse_scontrol_jobs(result.stdout)
+                found.update({j: every[j] for j in missing if j in every})
         for job_id in job_ids:
             if job_id in found:
                 continue
