@@ -408,13 +408,16 @@ class JobLauncher:
         """
         active = self.active() if job_ids is None else [self.jobs[j] for j in job_ids if j in self.jobs]
         statuses = await self.backend.statuses([j.job_id for j in active])
+        # Jobs squeue lists as ended but without an exit code: asked together, one call (a teardown ends them all).
+        unfinished = [j for j, s in statuses.items() if s.state.kind == "ended" and s.exit_code is None]
+        if unfinished:
+            finals = await self.backend.final_statuses(unfinished)
+            statuses.update({j: s for j, s in finals.items() if j in statuses})
         changed = []
         for job in active:
             new = statuses.get(job.job_id)
             if new is None:
                 continue
-            if new.state.kind == "ended" and new.exit_code is None:
-                new = (await self.backend.final_statuses([job.job_id])).get(job.job_id, new)
             old = job.status
             job.status = new
             if old is None or (old.state, old.reason, old.nodes) != (new.state, new.reason, new.nodes):
