@@ -104,18 +104,21 @@ class ScaleRun:
         self.counter += 1
         return f"scale-{tool.name}-{os.getpid() % 1000}-{self.counter}"
 
-    def one(self, tool, nodes: int, *, delay: float = 0.0, timeout: float = 900.0) -> dict:
-        """Start, hold ``steady`` s, close one cluster; its times and the controller's RPCs in each phase."""
+    def one(self, tool, nodes: int, *, delay: float = 0.0, timeout: float = 900.0, label: str = "", **options) -> dict:
+        """Start, hold ``steady`` s, close one cluster; its times and the controller's RPCs in each phase.
+
+        ``options`` go to ``MsPASSCluster`` (``label`` names the variant in the record's ``tool``).
+        """
         tag = self.tag(tool)
         foreign = {j: n for j, n in probes.queued_jobs().items() if not n.startswith("scale-")}
         saved_path = os.environ["PATH"]
         if delay:
             os.environ["PATH"] = f"{busy_shims(self.scratch / tag / 'shims', delay)}{os.pathsep}{saved_path}"
-        record = {"tool": tool.name, "nodes": nodes, "delay": delay, "foreign_jobs": len(foreign)}
+        record = {"tool": label or tool.name, "nodes": nodes, "delay": delay, "foreign_jobs": len(foreign)}
         s0 = sdiag()
         started = time.perf_counter()
         try:
-            running = tool.start(nodes, tag, **({"timeout": timeout} if tool.name == "jobqueue" else {}))
+            running = tool.start(nodes, tag, **({"timeout": timeout} if tool.name == "jobqueue" else options))
         except Exception as exc:  # recorded; the jobs are cancelled below
             os.environ["PATH"] = saved_path
             record.update(
@@ -171,10 +174,17 @@ class ScaleRun:
         return records
 
     def limit(self, nodes: int, cap: float) -> list:
-        """Each tool asked for ``nodes`` worker nodes on a bed whose controller holds fewer jobs."""
+        """Each tool asked for ``nodes`` worker nodes on a bed whose controller holds fewer jobs.
+
+        MsPASSCluster twice: as it is by default (a job array, refused with the
+        numbers), and with the way out its message gives,
+        ``worker_submission="steps"`` (one job for every worker node).
+        """
         records = []
         for tool in self.tools:
             records.append(self.one(tool, nodes, timeout=cap))
+        mspass = next(t for t in self.tools if t.name == "mspass")
+        records.append(self.one(mspass, nodes, label="mspass (worker_submission='steps')", worker_submission="steps"))
         return records
 
 
