@@ -810,7 +810,7 @@ def build_worker_holder_script(
     --------
     >>> from mspass_cluster.config import resolve_options
     >>> script, name, output = build_worker_holder_script(resolve_options(log_dir="/l", walltime="10"), "c", [3, 4, 7])
-    >>> print("\n".join(line for line in script.splitlines() if "nodes" in line or "tasks" in line))
+    >>> print("\n".join(line for line in script.splitlines() if line.startswith(("#SBATCH --n", "#SBATCH --ntasks"))))
     #SBATCH --nodes=3
     #SBATCH --ntasks=3
     #SBATCH --ntasks-per-node=1
