@@ -188,6 +188,23 @@ class ScaleRun:
         return records
 
 
+def job_limit_words(config: str, max_job_count) -> str:
+    """The job limit the bed enforces now, in words: the user's sacctmgr limits with accounting, else MaxJobCount."""
+    if "accounting_storage/slurmdbd" in config:
+        user = os.environ.get("USER") or "root"
+        out = subprocess.run(
+            ["sacctmgr", "--noheader", "--parsable2", "list", "assoc", f"user={user}", "format=maxsubmit,maxjobs"],
+            capture_output=True,
+            text=True,
+        ).stdout.split()
+        submit, running = (out[0].split("|") + ["", ""])[:2] if out else ("", "")
+        return (
+            f"{user} may queue at most {submit or 'any number of'} jobs (sacctmgr MaxSubmitJobs) and run "
+            f"{running or 'any number'} (MaxJobs), accounting enforced (slurmdbd)"
+        )
+    return f"the controller holds at most {max_job_count.group(1) if max_job_count else '?'} jobs (MaxJobCount)"
+
+
 def summarise(records: list) -> list:
     """Rows per (delay, nodes): medians of both tools and their ratio."""
     rows = {}
@@ -254,12 +271,14 @@ def write_markdown(results: dict, path: Path) -> Path:
         types = ", ".join(f"{k} {v}" for k, v in r["rpc_start"]["type"].items())
         users = ", ".join(f"{k} {v}" for k, v in r["rpc_start"]["user"].items())
         lines.append(f"* {r['tool']}, {r['nodes']} node(s), +{r['delay']} s: {types} (by user: {users})")
-    if results.get("limit"):
-        lim = results["limit"]
+    for key in ("limit", "limit_accounting"):
+        if not results.get(key):
+            continue
+        lim = results[key]
+        what = lim.get("limit") or f"the controller holds at most {lim['max_job_count']} jobs (MaxJobCount)"
         lines += [
             "",
-            f"## Job limit: {lim['nodes']} worker nodes asked for, the controller holds at most "
-            f"{lim['max_job_count']} jobs (MaxJobCount)",
+            f"## Job limit: {lim['nodes']} worker nodes asked for, {what}",
             "",
             "| tool | outcome | after (s) | submit RPCs |",
             "|---|---|---|---|",
@@ -327,6 +346,11 @@ def main(argv=None) -> int:
     parser.add_argument("--limit-nodes", type=int, default=24)
     parser.add_argument("--limit-cap", type=float, default=120.0)
     parser.add_argument(
+        "--limit-key",
+        default="limit",
+        help="where the job-limit run goes in scale.json: `limit` (MaxJobCount) or `limit_accounting` (sacctmgr)",
+    )
+    parser.add_argument(
         "--ready-cap",
         type=float,
         default=240.0,
@@ -377,9 +401,10 @@ def main(argv=None) -> int:
         if "limit" in only:
             config = subprocess.run(["scontrol", "show", "config"], capture_output=True, text=True).stdout
             cap = re.search(r"^MaxJobCount\s*=\s*(\d+)", config, re.M)
-            results["limit"] = {
+            results[args.limit_key] = {
                 "nodes": args.limit_nodes,
                 "max_job_count": int(cap.group(1)) if cap else None,
+                "limit": job_limit_words(config, cap),
                 "runs": run.limit(args.limit_nodes, args.limit_cap),
             }
         results["leftovers"] = (results.get("leftovers") or []) + run.leftovers
