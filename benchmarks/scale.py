@@ -280,6 +280,8 @@ def write_markdown(results: dict, path: Path) -> Path:
             "",
             f"## Job limit: {lim['nodes']} worker nodes asked for, {what}",
             "",
+            f"Run {lim.get('date', '?')}: `{lim.get('command', '?')}`.",
+            "",
             "| tool | outcome | after (s) | submit RPCs |",
             "|---|---|---|---|",
         ]
@@ -369,9 +371,9 @@ def main(argv=None) -> int:
         scratch = out / "scratch" / "scale"
         scratch.mkdir(parents=True, exist_ok=True)
         run = ScaleRun(scratch, args.steady)
-        results["meta"] = machine_info()
-        results["command"] = "python -m benchmarks.scale " + " ".join(argv if argv is not None else sys.argv[1:])
-        results["delay"] = args.delay
+        command = "python -m benchmarks.scale " + " ".join(argv if argv is not None else sys.argv[1:])
+        if only & {"idle", "busy"}:  # the table's run; a job-limit run keeps its own below
+            results["meta"], results["command"], results["delay"] = machine_info(), command, args.delay
         earlier = list(results["runs"])
 
         def save(fresh):
@@ -405,6 +407,8 @@ def main(argv=None) -> int:
                 "nodes": args.limit_nodes,
                 "max_job_count": int(cap.group(1)) if cap else None,
                 "limit": job_limit_words(config, cap),
+                "command": command,
+                "date": machine_info().get("date"),
                 "runs": run.limit(args.limit_nodes, args.limit_cap),
             }
         results["leftovers"] = (results.get("leftovers") or []) + run.leftovers
