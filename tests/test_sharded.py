@@ -76,12 +76,23 @@ def test_previewed_scripts_run_each_part():
 )
 def test_options_a_sharded_database_cannot_honour_are_refused(options, words):
     with pytest.raises(ConfigError, match=re.escape(words)):
-        sharding.check_options(resolve_options(db_shards=2, **options), secure=False)
+        sharding.check_options(resolve_options(db_shards=2, **options))
 
 
-def test_security_is_refused_before_anything_is_submitted(tmp_path):
-    with pytest.raises(ConfigError, match="db_shards with security is not supported yet"):
-        MsPASSCluster(backend="local", work_dir=str(tmp_path), db_shards=2)
+def test_secure_parts_require_tls_and_member_certificates_and_the_router_makes_the_user():
+    member = "--clusterAuthMode x509 --tlsClusterFile '<work_dir>/.mspass_cluster/<cluster>/db-member.pem'"
+    tls = "--tlsMode requireTLS --tlsCertificateKeyFile '<work_dir>/.mspass_cluster/<cluster>/db-server.pem'"
+    for role in ("db-config", "db-shard"):
+        script = MsPASSCluster.job_script(role, db_shards=2, db_port=28500, db_command=["mongod"])
+        assert f"--auth {tls}" in script and member in script and "--tlsAllowInvalidHostnames" in script
+        assert "MSPASS_DB_USERS_END" not in script  # the users live on the config server, made through the router
+    router = MsPASSCluster.job_script("db-router", db_shards=2, db_port=28500)
+    assert f'--configdb "$configdb" --bind_ip_all --nounixsocket {tls}' in router and member in router
+    assert "--auth" not in router  # mongos has no --auth: x.509 membership turns its access control on
+    assert "MSPASS_DB_USERS_END" in router and "--port 28500" in router.split("MSPASS_DB_USERS_END")[0]
+    assert "#SBATCH --job-name=mspass-preview-db-router\n" in router  # the previewed part's own name
+    open_router = MsPASSCluster.job_script("db-router", db_shards=2, db_port=28500, security=False)
+    assert "--tls" not in open_router and "MSPASS_DB_USERS_END" not in open_router
 
 
 # ------------------------------------------------------------ the stand-ins' commands
@@ -257,6 +268,121 @@ def test_router_refuses_wrong_orders_and_routes_data_to_the_primary_shard(server
     with pytest.raises(pymongo.errors.PyMongoError):
         admin.command("shutdown")
     assert servers.procs[3].wait(timeout=20) == 0
+
+
+# ------------------------------------------------------------ the stand-ins' security (loopback)
+SECURE_PORT = 28500  # this test's: 28500 router, 28501 config server, 28502 shard
+
+
+def tls_client(port, pem, ca, authenticate=False, **extra):
+    """A pymongo client over TLS presenting ``pem``; MONGODB-X509 with it if ``authenticate``."""
+    auth = dict(authMechanism="MONGODB-X509", authSource="$external") if authenticate else {}
+    return pymongo.MongoClient(
+        f"mongodb://127.0.0.1:{port}/", directConnection=True, tls=True, tlsCAFile=ca, tlsCertificateKeyFile=pem,
+        tlsAllowInvalidHostnames=True, **{"serverSelectionTimeoutMS": 3000, **auth, **extra},
+    )  # fmt: skip
+
+
+def refusal(call):
+    """The exception ``call()`` raises (the test fails if it raises none)."""
+    try:
+        call()
+    except pymongo.errors.PyMongoError as exc:
+        return exc
+    pytest.fail(f"{call} was not refused")
+
+
+def test_secure_standins_refuse_strangers_and_admit_only_members_and_the_clusters_user(servers, tmp_path):
+    """Config server, shard (stand-ins for mongod) and router (stand-in for mongos) with TLS and x.509 membership."""
+    from importlib import resources
+
+    from mspass_cluster.security import ClusterCredentials
+
+    tls = ClusterCredentials.create(str(tmp_path / "cred"), cluster="secure").files
+    stranger = ClusterCredentials.create(str(tmp_path / "other"), cluster="stranger").files  # another CA
+    options = resolve_options(db_port=SECURE_PORT, db_shards=1, db_dir=str(tmp_path / "db"), db_command=NX_MONGOD,
+                              db_router_command=MONGOS, backend="local")  # fmt: skip
+    for role in ("db-config", "db-shard"):
+        os.makedirs(sharding.member_dbpath(options, role, 0))
+        argv = sharding.member_argv(options, role, 0, 0.25, tls)
+        argv[argv.index("--bind_ip_all")] = "--bind_ip=127.0.0.1"
+        servers.start(argv, role)
+    service = mock_service(SECURE_PORT, 1, tls)
+    router = sharding.router_argv(options, sharding.config_string("localhost", options), tls)
+    try:
+        for part in [service.config, *service.shards]:
+            started = time.monotonic()
+            while not part.ready:  # initiated and polled as a member (the member certificate, __system)
+                try:
+                    run_part(service, part)
+                except pymongo.errors.ConnectionFailure:
+                    assert time.monotonic() - started < 30, f"the {part.label} never answered"
+                time.sleep(0.2)
+        servers.start(router, "router")
+        deadline = time.monotonic() + 30
+        while not service.router.ready:
+            try:
+                service._advance_router(service.router)  # addShard etc. through the router, as a member
+            except pymongo.errors.ConnectionFailure:
+                assert time.monotonic() < deadline, "the router never answered"
+                time.sleep(0.2)
+        users = subprocess.run(
+            [sys.executable, str(resources.files("mspass_cluster") / "templates" / "db_users.py"), "--port", str(SECURE_PORT),
+             "--ca", tls.db_ca_file, "--cert", tls.db_client_pem, "--subject", tls.db_user, "--timeout", "30"],
+            capture_output=True, text=True, timeout=60,
+        )  # fmt: skip
+        assert users.returncode == 0, users.stderr
+    finally:
+        service._close_clients()
+
+    owner = tls_client(SECURE_PORT, tls.db_client_pem, tls.db_ca_file, authenticate=True)
+    owner.mspass.wf_TimeSeries.insert_many([{"i": i} for i in range(20)])
+    assert owner.mspass.wf_TimeSeries.count_documents({}) == 20  # forwarded to the shard on a member link
+    assert owner.admin.command("usersInfo", {"forAllDBs": True})["users"][0]["user"] == tls.db_user
+
+    for label, port in (("router", SECURE_PORT), ("config server", SECURE_PORT + 1), ("shard", SECURE_PORT + 2)):
+        plain = pymongo.MongoClient(f"mongodb://127.0.0.1:{port}/", directConnection=True, serverSelectionTimeoutMS=800)
+        assert isinstance(refusal(lambda: plain.admin.command("ping")), pymongo.errors.ServerSelectionTimeoutError)
+        # Another CA's client certificate (the server's own not even checked): the server ends the handshake.
+        alien = pymongo.MongoClient(f"mongodb://127.0.0.1:{port}/", directConnection=True, tls=True,
+                                    tlsCertificateKeyFile=stranger.db_client_pem, tlsAllowInvalidCertificates=True,
+                                    serverSelectionTimeoutMS=800)  # fmt: skip
+        failed = refusal(lambda: alien.admin.command("ping"))
+        assert isinstance(failed, pymongo.errors.ServerSelectionTimeoutError), label
+        assert any(w in str(failed).lower() for w in ("alert", "reset", "eof", "closed")), f"{label}: {failed}"
+        anonymous = tls_client(port, tls.db_client_pem, tls.db_ca_file)  # the CA's certificate, not authenticated
+        assert anonymous.admin.command("ping")["ok"] == 1  # mongod answers ping unauthenticated
+        refused = refusal(lambda: anonymous.mspass.wf_TimeSeries.find_one())
+        assert (refused.code, refused.details["codeName"]) == (13, "Unauthorized"), label
+        assert "requires authentication" in refused.details["errmsg"]
+        # The localhost exception is closed: the first user exists (it lives on the config server).
+        closed = refusal(lambda: anonymous["$external"].command("createUser", "CN=x,O=y", roles=[]))
+        assert closed.code == 13, f"{label}: {closed}"
+        for client in (plain, alien, anonymous):
+            client.close()
+
+    # A member is recognised by its certificate's O/OU, not by being on the CA: the client certificate is not one.
+    as_member = tls_client(SECURE_PORT + 2, tls.db_member_pem, tls.db_ca_file, authenticate=True)
+    assert as_member.admin.command("connectionStatus")["authInfo"]["authenticatedUsers"] == [
+        {"user": "__system", "db": "local"}
+    ]
+    as_member_with_client_cert = tls_client(SECURE_PORT + 2, tls.db_client_pem, tls.db_ca_file, authenticate=True)
+    assert as_member_with_client_cert.admin.command("connectionStatus")["authInfo"]["authenticatedUsers"] == [
+        {"user": tls.db_user, "db": "$external"}  # the shard-local user that closed the shard's localhost exception
+    ]
+    stranger_on_shard = tls_client(SECURE_PORT + 2, tls.db_server_pem, tls.db_ca_file, authenticate=True)
+    failed = refusal(lambda: stranger_on_shard.admin.command("ping"))  # the CA's, but neither member nor user
+    assert "Authentication failed" in str(failed) and "18" in str(failed)
+    member_like = refusal(
+        lambda: owner["$external"].command("createUser", "CN=evil,OU=mspass-member,O=mspass_cluster", roles=[])
+    )
+    assert member_like.code == 2 and "internal cluster member" in member_like.details["errmsg"]
+    for client in (owner, as_member, as_member_with_client_cert, stranger_on_shard):
+        client.close()
+    # The router reached the shard as a member: the shard's log has the router's member authentication.
+    shard_log = (tmp_path / "db-shard.log").read_text()
+    assert "'principalName': 'CN=mspass-db-member,OU=mspass-member,O=mspass_cluster'" in shard_log
+    assert "'user': '__system', 'isClusterMember': True" in shard_log
 
 
 # ------------------------------------------------------------ the test bed
@@ -444,15 +570,32 @@ def run_steps(service, recorder_parts=None):
     raise StepFailed("test", "the router never got ready")
 
 
-def mock_service():
+def mock_service(port=None, shards=2, tls=None):
     import logging
     from types import SimpleNamespace
 
     from mspass_cluster.services.sharded import ShardedDatabaseService
 
-    options = resolve_options(db_port=MOCK_PORT, db_shards=2, security=False, backend="local")
+    options = resolve_options(db_port=port or MOCK_PORT, db_shards=shards, security=False, backend="local")
     launcher = SimpleNamespace(detail=logging.DEBUG, context=SimpleNamespace(heartbeat=None), backend=None)
-    return ShardedDatabaseService(options, launcher, "c-1")
+    service = ShardedDatabaseService(options, launcher, "c-1", tls=tls)
+    if tls is not None:
+        fake_jobs(service)
+    return service
+
+
+def fake_jobs(service):
+    """Every part 'runs' on localhost (no Slurm)."""
+    from types import SimpleNamespace
+
+    for part in service.parts:
+        part.job = SimpleNamespace(node="localhost", job_id=f"9{part.index}", role=part.role, unit="job",
+                                   name=part.name, log_path="/dev/null", state=SimpleNamespace(value="RUNNING"))  # fmt: skip
+    service._started = time.monotonic()
+
+
+def run_part(service, part):
+    service._advance_member(part)
 
 
 def test_the_exact_command_sequence_initiate_poll_primary_then_route():

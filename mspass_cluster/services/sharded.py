@@ -42,7 +42,7 @@ from pymongo.errors import ConnectionFailure, OperationFailure
 
 from .. import dbdir, sharding
 from ..config import parse_walltime
-from ..db import connection_string
+from ..db import connection_string, ping
 from ..errors import ConfigError, JobFailedError
 from ..files import file_mode, write_file
 from ..jobs import JOB_STOP_TIMEOUT, JobPhase, TrackedJob, server_exit_status, tail
@@ -99,15 +99,19 @@ class ShardedDatabaseService(DatabaseService):
     """A sharded database: a config server, ``db_shards`` shards and a router, each a job.
 
     Parameters are those of :class:`DatabaseService`. Raises ConfigError for
-    options a sharded database cannot honour (``security``, node-local
-    storage), before anything is submitted.
+    options a sharded database cannot honour (node-local storage), before
+    anything is submitted. With ``tls`` (``security``) the cluster reaches
+    the config server and the shards as a member (the member certificate,
+    MONGODB-X509: MongoDB's ``__system``), and is ready once this cluster's
+    client user, which the router's job creates on its node, authenticates
+    through the router.
     """
 
     role = sharding.ROUTER_ROLE
 
     def __init__(self, options, launcher, cluster_name, local=False, tls=None):
-        sharding.check_options(options, secure=tls is not None)
-        super().__init__(options, launcher, cluster_name, local=local, tls=None)
+        sharding.check_options(options)
+        super().__init__(options, launcher, cluster_name, local=local, tls=tls)
         self.config = Part(sharding.CONFIG_ROLE, name=sharding.job_name(cluster_name, sharding.CONFIG_ROLE))
         self.shards = [
             Part(sharding.SHARD_ROLE, i, sharding.job_name(cluster_name, sharding.SHARD_ROLE, i))
@@ -117,6 +121,8 @@ class ShardedDatabaseService(DatabaseService):
         self._failure: JobFailedError | None = None
         #: The router's job has its --configdb (written once the config server and every shard are PRIMARY).
         self._router_told = False
+        #: With security: the client user (made by the router's job) authenticated through the router.
+        self._user_ready = False
         self._lost: JobFailedError | None = None
         self._started: float | None = None
         #: (what, seconds since submit) of each step done, in order (the benchmark reads it).
@@ -199,9 +205,22 @@ class ShardedDatabaseService(DatabaseService):
             self._mark("router told the config servers")
         if self._failure is None and self._router_told and self._running(self.router) and not self.router.ready:
             await self._step(self.router, self._advance_router)
+        if self.router.ready and self.uri is None and self.tls is not None and not self._user_ready:
+            uri = self.uri_for(self.host_of(self.router.job))
+            refused = await asyncio.to_thread(ping, uri, STEP_TIMEOUT)
+            if refused is not None:
+                self.router.waiting = (
+                    "this cluster's user is being set up on the router's node"
+                    if "AuthenticationFailed" in refused
+                    else f"the cluster's client is refused: {refused}"
+                )
+                return False
+            self._user_ready = True
+            self._mark("the cluster's user authenticates through the router")
         if self.router.ready and self.uri is None:
             host = self.host_of(self.router.job)
-            self.uri = self.address = connection_string(host, self.options.db_port)
+            self.uri = self.uri_for(host)
+            self.address = connection_string(host, self.options.db_port)
             self.router.job.ready = True
             for part in (self.config, *self.shards):
                 part.job.ready = True
@@ -227,8 +246,21 @@ class ShardedDatabaseService(DatabaseService):
         if part.client is None:
             host = self.host_of(part.job)
             port = sharding.member_port(self.options, part.role, part.index)
+            member = {}
+            if self.tls is not None:
+                # As a member (x.509 membership, MongoDB's __system): replSetInitiate, addShard and the
+                # restore steps need a member's privileges before any user exists.
+                member = {
+                    "tls": True,
+                    "tlsCAFile": self.tls.db_ca_file,
+                    "tlsCertificateKeyFile": self.tls.db_member_pem,
+                    "tlsAllowInvalidHostnames": True,
+                    "authMechanism": "MONGODB-X509",
+                    "authSource": "$external",
+                }
             part.client = pymongo.MongoClient(
                 f"mongodb://{host}:{port}/",
+                **member,
                 directConnection=part.role != sharding.ROUTER_ROLE,
                 serverSelectionTimeoutMS=int(STEP_TIMEOUT * 1000),
                 connectTimeoutMS=int(STEP_TIMEOUT * 1000),
@@ -283,12 +315,31 @@ class ShardedDatabaseService(DatabaseService):
                 raise StepFailed("replSetGetStatus", exc.details) from exc
             return
         if status.get("myState") == 1:
+            if self.tls is not None and part.role == sharding.SHARD_ROLE:
+                self._shard_local_user(part)
             part.ready = True
             part.waiting = "PRIMARY"
             self._mark(f"{part.label} PRIMARY")
         else:
             state = next((m.get("stateStr") for m in status.get("members", []) if m.get("self")), status.get("myState"))
             part.waiting = f"{state}, not PRIMARY yet"
+
+    def _shard_local_user(self, part: Part) -> None:
+        """This cluster's user on a shard too, which closes the shard's own localhost exception.
+
+        MongoDB applies the localhost exception to each shard separately (its
+        users are not the cluster's, which live on the config server) and
+        recommends a shard-local user for that reason.
+        """
+        external = self._client(part)["$external"]
+        if external.command("usersInfo", self.tls.db_user)["users"]:
+            return
+        try:
+            external.command("createUser", self.tls.db_user, roles=[{"role": "root", "db": "admin"}])
+        except OperationFailure as exc:
+            if exc.code != 51003:  # made meanwhile: fine
+                raise StepFailed(f"createUser {self.tls.db_user} (shard-local)", exc.details) from exc
+        self._mark(f"{part.label}: shard-local user")
 
     def _point_registry(self, part: Part) -> None:
         """After a move to other nodes: ``config.shards`` and each shard's ``shardIdentity`` name the new hosts."""
