@@ -27,6 +27,7 @@ import pymongo
 import pytest
 from conftest import NX_MONGOD, assert_nothing_left, queued, slurm_output
 from pymongo.errors import NotPrimaryError, OperationFailure
+from test_security import security_users  # noqa: F401  (the fixture: the intruder is a real second Unix user)
 
 from mspass_cluster import MsPASSCluster, sharding
 from mspass_cluster.config import resolve_options
@@ -473,6 +474,107 @@ def test_sharded_database_on_the_bed_starts_serves_stops_in_order_and_restarts_o
     assert queued([error.job_id]) == []
     assert not [n for n in slurm_output("squeue", "--noheader", "--format=%j").split() if "-db-" in n and
                 n.startswith("mspass-") and n.split("-db-")[0] in str(error)]  # fmt: skip
+
+
+def intruder_targets(directory, token, node, port, secret):
+    """``targets.json`` for ``security_intruder.py``'s database attacks on one part (readable by the intruder)."""
+    import pwd
+
+    directory.mkdir(mode=0o755, exist_ok=True)
+    directory.chmod(0o755)
+    me = pwd.getpwuid(os.getuid())
+    path = directory / f"targets-{port}.json"
+    path.write_text(json.dumps({
+        "owner": me.pw_name, "owner_uid": me.pw_uid, "owner_home": me.pw_dir, "backend": "slurm",
+        "scheduler": "tls://127.0.0.1:1", "secret_collection": secret, "planted_collection": [secret[0], f"pwned_{token}"],
+        "db": {"host": node, "port": port, "node": node}, "files": {},
+    }))  # fmt: skip
+    path.chmod(0o644)
+    return str(path)
+
+
+def attack_parts(targets):
+    """``security_intruder.py``'s database attacks, as the intruder, in each part's node, all at once: {label: report}."""
+    import shutil
+    import tempfile
+    from concurrent.futures import ThreadPoolExecutor
+    from pathlib import Path
+
+    from test_security import intrude
+
+    directory = Path(tempfile.mkdtemp(prefix="mspass-shard-intruder-", dir="/tmp"))  # pytest's are 0700
+
+    token = f"{os.getpid()}"
+    argv = ["--token", token, "--only", "db_list,db_read,db_insert,db_drop"]
+
+    def one(item):
+        label, (node, port, secret) = item
+        path = intruder_targets(directory, token, node, port, secret)
+        return label, intrude(["attack", path, *argv, "--where", f"node:{node}"], netns=node)
+
+    try:
+        with ThreadPoolExecutor(len(targets)) as pool:
+            return dict(pool.map(one, targets.items()))
+    finally:
+        shutil.rmtree(directory)
+
+
+@pytest.mark.timeout(900)
+@pytest.mark.usefixtures("security_users")
+def test_secure_sharded_database_serves_its_owner_refuses_an_intruder_and_restarts(slurm_testbed, shared_dir):
+    """The default security with 2 shards: MsPASS through the router over TLS; another Unix user gets nothing."""
+    from conftest import require_mspasspy
+
+    require_mspasspy()
+    from mspasspy.db.database import Database
+    from test_mspasspy import synthetic_timeseries
+
+    options = bed_options(shared_dir, security=True, db_port=28550)
+    with MsPASSCluster(**options) as cluster:
+        service = cluster.database
+        router_node = service.router.job.node
+        assert service.address == f"mongodb://{router_node}:28550/"
+        assert cluster.db_address == service.uri  # the router's, with TLS and x.509: what clients are handed
+        assert service.uri.startswith(service.address + "?tls=true&") and "MONGODB-X509" in service.uri
+        steps = [what for what, _ in service.timeline]
+        assert "the cluster's user authenticates through the router" in steps
+        assert steps.index("the cluster's user authenticates through the router") > steps.index(
+            "router told the config servers"
+        )
+        db = Database(cluster.get_db_client(), "mspass")
+        ts = synthetic_timeseries("AAK", "BHZ", 0)
+        wf_id = db.save_data(ts, storage_mode="gridfs", return_data=True)["_id"]
+        back = db.read_data(wf_id, collection="wf_TimeSeries")
+        assert back.live and list(back.data) == list(ts.data)
+        # A worker reads through the router with the cluster's certificate (a Database pickled to it).
+        assert cluster.get_client().submit(lambda d: d.wf_TimeSeries.count_documents({}), db).result() == 1
+        db.secrets.insert_one({"secret": "the owner's"})
+        primary = int(db.client.config.databases.find_one({"_id": "mspass"})["primary"][len("shard") :])
+        shard = service.shards[primary]
+        reports = attack_parts(
+            {
+                "router": (router_node, 28550, ["mspass", "secrets"]),
+                "shard": (shard.job.node, 28552 + primary, ["mspass", "secrets"]),
+                "config server": (service.config.job.node, 28551, ["config", "shards"]),
+            },
+        )
+        for label, report in reports.items():
+            assert set(report) == {"db_list", "db_read", "db_insert", "db_drop"}, label
+            won = {name: r["evidence"] for name, r in report.items() if r["succeeded"]}
+            assert won == {}, f"the intruder got through the {label}: {won}"
+        assert db.secrets.find_one()["secret"] == "the owner's" and db.wf_TimeSeries.count_documents({}) == 1
+        nodes_before = {p.label: p.job.node for p in service.parts}
+    assert_nothing_left(cluster)
+
+    # Restart on the same db_dir, the config server elsewhere: members reconfigured as members, the user kept.
+    away = [f"--exclude={nodes_before['config server']}"]
+    with MsPASSCluster(**{**options, "db_extra_directives": away}) as again:
+        assert again.database.host_of(again.database.config.job) != nodes_before["config server"]
+        assert "config server" in again.database.moved
+        db = Database(again.get_db_client(), "mspass")
+        back = db.read_data(wf_id, collection="wf_TimeSeries")
+        assert back.live and list(back.data) == list(ts.data)
+    assert_nothing_left(again)
 
 
 def test_a_shard_job_that_fails_stops_the_start_with_its_role_job_and_log(slurm_testbed, shared_dir):
