@@ -53,6 +53,7 @@ __all__ = [
     "member_dbpath",
     "job_name",
     "shard_index",
+    "part_label",
     "member_argv",
     "router_argv",
     "security_args",
@@ -135,6 +136,22 @@ def security_args(tls: CredentialFiles | None, router: bool = False) -> list[str
         tls.db_member_pem,
         "--tlsAllowInvalidHostnames",
     ]
+
+
+def part_label(name: str) -> str | None:
+    """What a sharded database's job is, in words, from its job name: ``router``, ``config server``, ``shard <i>``.
+
+    None for any other job.
+
+    >>> part_label("mspass-ab12cd34-db-shard3"), part_label("mspass-ab12cd34-db-router"), part_label("c-worker-0")
+    ('shard 3', 'router', None)
+    """
+    found = re.search(r"-db-(config|router|shard(\d+))$", name)
+    if not found:
+        return None
+    if found.group(2) is not None:
+        return f"shard {found.group(2)}"
+    return {"config": "config server", "router": "router"}[found.group(1)]
 
 
 def member_argv(

@@ -16,7 +16,10 @@ balancing are not modelled and not verified.
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
+import logging
 import os
 import re
 import subprocess
@@ -29,7 +32,7 @@ from conftest import NX_MONGOD, assert_nothing_left, queued, slurm_output
 from pymongo.errors import NotPrimaryError, OperationFailure
 from test_security import security_users  # noqa: F401  (the fixture: the intruder is a real second Unix user)
 
-from mspass_cluster import MsPASSCluster, sharding
+from mspass_cluster import MsPASSCluster, cli, sharding
 from mspass_cluster.config import resolve_options
 from mspass_cluster.errors import ConfigError, JobFailedError
 
@@ -521,7 +524,7 @@ def attack_parts(targets):
 
 @pytest.mark.timeout(900)
 @pytest.mark.usefixtures("security_users")
-def test_secure_sharded_database_serves_its_owner_refuses_an_intruder_and_restarts(slurm_testbed, shared_dir):
+def test_secure_sharded_database_serves_its_owner_refuses_an_intruder_and_restarts(slurm_testbed, shared_dir, caplog):
     """The default security with 2 shards: MsPASS through the router over TLS; another Unix user gets nothing."""
     from conftest import require_mspasspy
 
@@ -564,6 +567,37 @@ def test_secure_sharded_database_serves_its_owner_refuses_an_intruder_and_restar
             assert won == {}, f"the intruder got through the {label}: {won}"
         assert db.secrets.find_one()["secret"] == "the owner's" and db.wf_TimeSeries.count_documents({}) == 1
         nodes_before = {p.label: p.job.node for p in service.parts}
+
+        # Every part, named, with its job and node: print(cluster) and mspass-cluster status.
+        shown = str(cluster)
+        for part in service.parts:
+            row = next(line for line in shown.splitlines() if line.strip().startswith(part.label + " "))
+            assert part.job.job_id in row and part.job.node in row and "ready" in row, row
+        listed = io.StringIO()
+        with contextlib.redirect_stdout(listed):
+            assert cli.main(["status"]) == 0
+        for part in service.parts:
+            row = next(line for line in listed.getvalue().splitlines() if line.split()[0] == part.job.job_id)
+            assert row.endswith(f"({part.label})") and part.job.name in row, row
+
+        # A part that ends is surfaced: the heartbeat asks Slurm at once; the error names the part, job and log.
+        gone = service.shards[1 - primary]
+        caplog.set_level(logging.ERROR, logger="mspass_cluster")
+        subprocess.run(["scancel", gone.job.job_id], check=True, timeout=30)
+        deadline = time.monotonic() + 60
+        while service.lost() is None and time.monotonic() < deadline:
+            time.sleep(0.1)
+        error = service.lost()
+        assert error is not None, f"the {gone.label}'s end was not noticed: {gone.job.describe()}"
+        text = str(error)
+        assert f"(the {gone.label} of the sharded database)" in text and gone.job.job_id in text
+        assert "Last lines of the log:" in text and gone.job.log_path in text and error.role == "db-shard"
+        assert any(r.levelno == logging.ERROR and gone.job.job_id in r.getMessage() for r in caplog.records)
+        assert "running, but its database is lost" in str(cluster) and "lost (db-shard" in str(cluster)
+        with pytest.raises(JobFailedError, match=gone.label):
+            cluster.get_db_client()
+        with pytest.raises(ConfigError, match="same db_dir"):
+            cluster.restart_database()
     assert_nothing_left(cluster)
 
     # Restart on the same db_dir, the config server elsewhere: members reconfigured as members, the user kept.

@@ -42,10 +42,11 @@ from pymongo.errors import ConnectionFailure, OperationFailure
 
 from .. import dbdir, sharding
 from ..config import parse_walltime
-from ..db import connection_string, ping
+from ..db import connection_string, ping, watch_server
 from ..errors import ConfigError, JobFailedError
 from ..files import file_mode, write_file
 from ..jobs import JOB_STOP_TIMEOUT, JobPhase, TrackedJob, server_exit_status, tail
+from ..security import db_client_uri
 from .database import DatabaseService
 
 __all__ = ["ShardedDatabaseService"]
@@ -124,6 +125,7 @@ class ShardedDatabaseService(DatabaseService):
         #: With security: the client user (made by the router's job) authenticated through the router.
         self._user_ready = False
         self._lost: JobFailedError | None = None
+        self._member_watchers: list = []
         self._started: float | None = None
         #: (what, seconds since submit) of each step done, in order (the benchmark reads it).
         self.timeline: list[tuple[str, float]] = []
@@ -463,14 +465,46 @@ class ShardedDatabaseService(DatabaseService):
         part = next(p for p in self.parts if p.job is job)
         job.error = job.failure(
             f"ended while the cluster was running (the {part.label} of the sharded database)",
-            "A sharded database needs every part: close this cluster and start a new one with the same db_dir "
-            f"({self.options.db_dir}); the data stays there.",
+            f"A sharded database needs every part, and the {part.label} is not brought back while the cluster runs "
+            "(restart_database() refuses a sharded database): close this cluster and start a new one with the same "
+            f"db_dir ({self.options.db_dir}); it finds every part's data there.",
         )
         self._lost = job.error
         logger.error("%s", job.error)
 
     def lost(self) -> JobFailedError | None:
         return self._lost
+
+    @property
+    def lost_job(self) -> TrackedJob | None:
+        """The job of the part whose end lost the sharded database, or None."""
+        return next((p.job for p in self.parts if self._lost is not None and p.job.error is self._lost), None)
+
+    async def _watch(self, uri: str) -> None:
+        """The router's heartbeat, and each config server's and shard's: a part that goes away rings the alarm."""
+        await super()._watch(uri)
+        loop = asyncio.get_running_loop()
+
+        def failed():
+            try:
+                loop.call_soon_threadsafe(self.alarm.set)
+            except RuntimeError:  # the loop is closed: nobody left to tell
+                pass
+
+        for part in (self.config, *self.shards):
+            host, port = self.host_of(part.job), sharding.member_port(self.options, part.role, part.index)
+            member_uri = (
+                connection_string(host, port)
+                if self.tls is None
+                else db_client_uri(host, port, self.tls.db_ca_file, self.tls.db_member_pem)
+            )
+            self._member_watchers.append(await asyncio.to_thread(watch_server, member_uri, failed))
+
+    def _unwatch(self) -> None:
+        super()._unwatch()
+        watchers, self._member_watchers = self._member_watchers, []
+        for watcher in watchers:
+            watcher.close()
 
     async def check(self) -> None:
         ids = [j.job_id for j in self.jobs if not j.ended]
