@@ -422,6 +422,7 @@ def exit_time(log_path: str) -> str:
 
 
 @pytest.mark.timeout(900)  # three clusters in turn; a shared bed's queue can hold each for minutes
+@pytest.mark.usefixtures("security_users")
 def test_sharded_database_on_the_bed_starts_serves_stops_in_order_and_restarts_on_other_nodes(
     slurm_testbed, shared_dir
 ):
@@ -444,6 +445,10 @@ def test_sharded_database_on_the_bed_starts_serves_stops_in_order_and_restarts_o
         )
         assert on_shard.mspass.wf_TimeSeries.count_documents({}) == 200  # the data is on its primary shard
         on_shard.close()
+        # The negative control of the secure test's intruder: without security the same attacks get through.
+        db.secrets.insert_one({"secret": "the owner's"})
+        report = attack_parts({"router": (service.router.job.node, BED_PORT, ["mspass", "secrets"])})["router"]
+        assert {name for name, r in report.items() if r["succeeded"]} == {"db_list", "db_read", "db_insert", "db_drop"}
         nodes_before = {p.label: p.job.node for p in service.parts}
         logs = {p.label: p.job.log_path for p in service.parts}
     assert_nothing_left(cluster)
