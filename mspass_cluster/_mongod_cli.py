@@ -5,7 +5,9 @@ so that the cluster starts it exactly as it starts ``mongod``. This module is
 that command line: the options :func:`mspass_cluster.roles.db_argv` emits
 (``--port``, ``--dbpath``, ``--bind_ip`` or ``--bind_ip_all``,
 ``--nounixsocket``, ``--wiredTigerCacheSizeGB``, and with security on
-``--auth``, ``--tlsMode``, ``--tlsCertificateKeyFile``, ``--tlsCAFile``), the
+``--auth``, ``--tlsMode``, ``--tlsCertificateKeyFile``, ``--tlsCAFile``, plus
+for a sharded database's members ``--clusterAuthMode x509``,
+``--tlsClusterFile`` and ``--tlsAllowInvalidHostnames``), the
 two that place nx-27017's own files (``--logpath``, ``--pidfilepath``),
 ``--version`` and ``--help``. Its log lines are in
 :mod:`mspass_cluster._mongod_log`; what the security options do is in

@@ -274,6 +274,30 @@ def test_router_refuses_wrong_orders_and_routes_data_to_the_primary_shard(server
     assert servers.procs[3].wait(timeout=20) == 0
 
 
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--clusterAuthMode", "x509"], "BadValue: clusterAuthMode x509 requires TLS"),
+        (["--clusterAuthMode", "bogus"], "BadValue: unsupported value for clusterAuthMode bogus"),
+        (["--tlsClusterFile", "m.pem"], "BadValue: need to enable TLS via the sslMode/tlsMode flag"),
+    ],
+)
+def test_member_options_are_checked_as_mongod_checks_them(argv, message):
+    from mspass_cluster import _mongod_cli
+
+    with pytest.raises(_mongod_cli.CommandLineError, match=re.escape(message)):
+        _mongod_cli.parse_command_line(argv)
+
+
+def test_the_router_standin_has_no_auth_option_and_refuses_keyfile_membership():
+    router = subprocess.run([*MONGOS, "--auth", "--configdb", "cfg/a:1"], capture_output=True, text=True, timeout=60)
+    assert router.returncode == 2 and "unrecognised option '--auth'" in router.stderr  # as mongos: no --auth
+    key_file = subprocess.run(
+        [*MONGOS, "--configdb", "cfg/a:1", "--clusterAuthMode", "keyFile"], capture_output=True, text=True, timeout=60
+    )
+    assert key_file.returncode == 2 and "use --clusterAuthMode x509" in key_file.stderr
+
+
 # ------------------------------------------------------------ the stand-ins' security (loopback)
 SECURE_PORT = 28500  # this test's: 28500 router, 28501 config server, 28502 shard
 

@@ -20,7 +20,15 @@ step per call):
    missing from ``listShards`` is added (``addShard``), then ``listShards``
    must hold them all;
 6. ``enableSharding`` of ``db_shard_database`` and ``shardCollection`` of
-   each of ``db_shard_collections``.
+   each of ``db_shard_collections``;
+7. with ``security``: the cluster's client user, which the router's job
+   creates through the router on its own node (MongoDB's localhost
+   exception; the users live on the config server), authenticates through
+   the router. Steps 1 to 6 run as a member (the member certificate, x.509
+   membership: MongoDB's ``__system``), since a replica set must be
+   initiated before it can hold a user; each shard also gets the client
+   user as a shard-local user once PRIMARY, which closes its own localhost
+   exception.
 
 A command that fails (other than the states a starting server passes
 through) fails the start at once with the part's role, job and the
@@ -437,6 +445,8 @@ class ShardedDatabaseService(DatabaseService):
                 parts.append(f"{part.job.describe()}, waiting for the config server and every shard to be PRIMARY")
             else:
                 parts.append(f"{part.job.describe()}, {part.waiting}")
+        if not parts and self.router.ready:  # security: the user the router's job makes
+            parts.append(f"{self.router.job.describe()}, {self.router.waiting}")
         return "; ".join(parts)
 
     def startup_failure(self, coming_back: bool = False) -> JobFailedError | None:
