@@ -611,6 +611,7 @@ def test_secure_sharded_database_serves_its_owner_refuses_an_intruder_and_restar
 
         # A part that ends is surfaced: the heartbeat asks Slurm at once; the error names the part, job and log.
         gone = service.shards[1 - primary]
+        gone_job = gone.job
         caplog.set_level(logging.ERROR, logger="mspass_cluster")
         subprocess.run(["scancel", gone.job.job_id], check=True, timeout=30)
         deadline = time.monotonic() + 60
@@ -625,8 +626,17 @@ def test_secure_sharded_database_serves_its_owner_refuses_an_intruder_and_restar
         assert "running, but its database is lost" in str(cluster) and "lost (db-shard" in str(cluster)
         with pytest.raises(JobFailedError, match=gone.label):
             cluster.get_db_client()
-        with pytest.raises(ConfigError, match="same db_dir"):
-            cluster.restart_database()
+        assert "cluster.restart_database()" in text  # what to do
+
+        # restart_database() brings it back: every part started again on the same data, re-pointed, data kept.
+        cluster.restart_database()
+        assert service.lost() is None and gone_job.job_id not in {p.job.job_id for p in service.parts}
+        assert all(p.job.ready for p in service.parts)
+        assert "lost" not in str(cluster).splitlines()[0]
+        db = Database(cluster.get_db_client(), "mspass")
+        assert db.read_data(wf_id, collection="wf_TimeSeries").live and db.secrets.count_documents({}) == 1
+        assert cluster.get_client().submit(lambda d: d.wf_TimeSeries.count_documents({}), db).result() == 1
+        nodes_before = {p.label: p.job.node for p in service.parts}
     assert_nothing_left(cluster)
 
     # Restart on the same db_dir, the config server elsewhere: members reconfigured as members, the user kept.

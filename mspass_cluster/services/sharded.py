@@ -51,7 +51,7 @@ from pymongo.errors import ConnectionFailure, OperationFailure
 from .. import dbdir, sharding
 from ..config import parse_walltime
 from ..db import connection_string, ping, watch_server
-from ..errors import ConfigError, JobFailedError
+from ..errors import JobFailedError
 from ..files import file_mode, write_file
 from ..jobs import JOB_STOP_TIMEOUT, JobPhase, TrackedJob, server_exit_status, tail
 from ..security import db_client_uri
@@ -475,9 +475,9 @@ class ShardedDatabaseService(DatabaseService):
         part = next(p for p in self.parts if p.job is job)
         job.error = job.failure(
             f"ended while the cluster was running (the {part.label} of the sharded database)",
-            f"A sharded database needs every part, and the {part.label} is not brought back while the cluster runs "
-            "(restart_database() refuses a sharded database): close this cluster and start a new one with the same "
-            f"db_dir ({self.options.db_dir}); it finds every part's data there.",
+            f"A sharded database needs every part, and the {part.label} is not brought back on its own: call "
+            "cluster.restart_database(), which stops the other parts cleanly and starts them all again on the same "
+            f"db_dir ({self.options.db_dir}), data kept.",
         )
         self._lost = job.error
         logger.error("%s", job.error)
@@ -525,14 +525,45 @@ class ShardedDatabaseService(DatabaseService):
             raise self._lost
 
     async def tend(self) -> bool:
-        """A sharded database is not brought back while the cluster runs (``db_restarts`` applies to ``db``)."""
-        return False
+        """One step of a start again (:meth:`restart`); True once the router answers again.
+
+        A lost part is not brought back on its own (``db_restarts`` applies
+        to the one-job database); ``restart_database()`` does it.
+        """
+        async with self._lock:
+            if not self.moving:
+                return False
+            error = self.startup_failure(coming_back=True)
+            if error is not None:
+                self.moving = False
+                self._lost = error
+                logger.error("The sharded database could not be brought back.\n%s", error)
+                return False
+            return await self.probe()
 
     async def restart(self) -> None:
-        raise ConfigError(
-            "restart_database() is not supported for a sharded database (db_shards): close the cluster and start "
-            "a new one with the same db_dir; it reconfigures the parts on their new nodes and keeps the data."
-        )
+        """Stop every part still running (router, shards, config server) cleanly, then start them all again.
+
+        The same start as the first (:meth:`probe`): on the same ``db_dir``,
+        each replica set reconfigured to its node if it moved and the shard
+        registry pointed at the new hosts, so that a lost part comes back with
+        its data; the cluster re-points what it published to the router once
+        it answers (:meth:`tend`).
+        """
+        async with self._lock:
+            await self.stop()
+            self.uri = self.address = None
+            self.moving = True
+            self._moved_since = time.monotonic()
+            for part in self.parts:
+                if part.job is not None:
+                    part.job.error = None
+                part.job, part.ready, part.seen_running, part.waiting = None, False, False, "not submitted yet"
+            self._failure = self._lost = None
+            self._router_told = self._user_ready = False
+            self.moved = []
+            self.timeline = []
+            await self.submit()
 
     def warn_before_walltime(self) -> None:
         """Warn once, minutes ahead, that the parts reach ``db_walltime`` (the sharded database then stops)."""
