@@ -35,6 +35,12 @@ through) fails the start at once with the part's role, job and the
 server's reply; a job that ends fails it with its log. Stopping is router,
 shards, config server, each with SIGTERM (a clean shutdown) and time to
 finish, in that order.
+
+Once running, every part's server is watched (pymongo's heartbeat), so a
+part whose job ends is known within seconds: the database is then lost
+(:meth:`lost`, naming the part, its job and its log) until
+``restart_database()`` (:meth:`restart`) stops the other parts and starts
+them all again on the same data.
 """
 
 from __future__ import annotations
