@@ -569,7 +569,11 @@ class ShardedDatabaseService(DatabaseService):
             self._router_told = self._user_ready = False
             self.moved = []
             self.timeline = []
-            await self.submit()
+            try:
+                await self.submit()
+            except BaseException:
+                self.moving = False  # nothing is coming back: calls must not wait for it
+                raise
 
     def warn_before_walltime(self) -> None:
         """Warn once, minutes ahead, that the parts reach ``db_walltime`` (the sharded database then stops)."""
