@@ -5,7 +5,9 @@ so that the cluster starts it exactly as it starts ``mongod``. This module is
 that command line: the options :func:`mspass_cluster.roles.db_argv` emits
 (``--port``, ``--dbpath``, ``--bind_ip`` or ``--bind_ip_all``,
 ``--nounixsocket``, ``--wiredTigerCacheSizeGB``, and with security on
-``--auth``, ``--tlsMode``, ``--tlsCertificateKeyFile``, ``--tlsCAFile``), the
+``--auth``, ``--tlsMode``, ``--tlsCertificateKeyFile``, ``--tlsCAFile``, plus
+for a sharded database's members ``--clusterAuthMode x509``,
+``--tlsClusterFile`` and ``--tlsAllowInvalidHostnames``), the
 two that place nx-27017's own files (``--logpath``, ``--pidfilepath``),
 ``--version`` and ``--help``. Its log lines are in
 :mod:`mspass_cluster._mongod_log`; what the security options do is in
@@ -56,7 +58,9 @@ _HELP_HINT = "try 'mongod --help' for more information"
 #: ``--tlsMode`` values mongod knows, and the ones the stand-ins serve.
 TLS_MODES = ("disabled", "allowTLS", "preferTLS", "requireTLS")
 SUPPORTED_TLS_MODES = ("disabled", "requireTLS")
-_TLS_FILE_OPTIONS = ("tlsCertificateKeyFile", "tlsCAFile")
+_TLS_FILE_OPTIONS = ("tlsCertificateKeyFile", "tlsCAFile", "tlsClusterFile")
+#: ``--clusterAuthMode`` values mongod knows; the stand-ins serve ``x509`` (membership by certificate).
+CLUSTER_AUTH_MODES = ("keyFile", "sendKeyFile", "sendX509", "x509")
 
 
 class CommandLineError(Exception):
@@ -88,11 +92,23 @@ class MongodOptions:
         "tlsMode": (str, False),
         "tlsCertificateKeyFile": (str, False),
         "tlsCAFile": (str, False),
+        "tlsClusterFile": (str, False),
+        "clusterAuthMode": (str, False),
         "replSet": (str, False),
     }
     #: Options without a value.
     SWITCHES: ClassVar[frozenset[str]] = frozenset(
-        {"bind_ip_all", "nounixsocket", "auth", "fork", "version", "help", "configsvr", "shardsvr"}
+        {
+            "bind_ip_all",
+            "nounixsocket",
+            "auth",
+            "fork",
+            "version",
+            "help",
+            "configsvr",
+            "shardsvr",
+            "tlsAllowInvalidHostnames",
+        }
     )
     SHORT_SWITCHES: ClassVar[dict[str, str]] = {"h": "help"}
     USAGE: ClassVar[str] = """\
@@ -116,6 +132,12 @@ Options (the subset of mongod's that the embedded nx-27017 database honours):
   --tlsCertificateKeyFile arg  PEM file with the server's certificate and key
   --tlsCAFile arg              PEM file of the CA that signs client
                                certificates
+  --tlsClusterFile arg         PEM file this member presents to the other
+                               members (x.509 membership)
+  --clusterAuthMode arg        x509: members authenticate with certificates
+                               whose O/OU/DC match this server's member
+                               certificate (keyFile modes are refused)
+  --tlsAllowInvalidHostnames   do not check other members' host names
   --replSet arg                replica set name (see _mongod_replset: the
                                replica-set and sharding commands)
   --configsvr                  a config server of a sharded cluster
@@ -138,6 +160,9 @@ Options (the subset of mongod's that the embedded nx-27017 database honours):
     tlsMode: str = "disabled"
     tlsCertificateKeyFile: str | None = None
     tlsCAFile: str | None = None
+    tlsClusterFile: str | None = None
+    clusterAuthMode: str | None = None
+    tlsAllowInvalidHostnames: bool = False
     replSet: str | None = None
     configsvr: bool = False
     shardsvr: bool = False
@@ -180,11 +205,16 @@ Options (the subset of mongod's that the embedded nx-27017 database honours):
                 ("mode", "tlsMode"),
                 ("certificateKeyFile", "tlsCertificateKeyFile"),
                 ("CAFile", "tlsCAFile"),
+                ("clusterFile", "tlsClusterFile"),
             )
             if name in given
         }
+        if self.tlsAllowInvalidHostnames:
+            tls["allowInvalidHostnames"] = True
         if tls:
             config.setdefault("net", {})["tls"] = tls
+        if self.clusterAuthMode is not None:
+            config.setdefault("security", {})["clusterAuthMode"] = self.clusterAuthMode
         return config
 
     def store(self, name: str, value: Any, shown: str) -> None:
@@ -201,6 +231,8 @@ Options (the subset of mongod's that the embedded nx-27017 database honours):
             value = [part.strip() for part in value.split(",") if part.strip()]
         if name == "tlsMode" and value not in TLS_MODES:
             raise CommandLineError(f"BadValue: unsupported value for tlsMode {value}")
+        if name == "clusterAuthMode" and value not in CLUSTER_AUTH_MODES:
+            raise CommandLineError(f"BadValue: unsupported value for clusterAuthMode {value}")
         setattr(self, name, value)
 
     def check(self) -> None:
@@ -220,6 +252,10 @@ Options (the subset of mongod's that the embedded nx-27017 database honours):
                 )
         elif self.tlsCertificateKeyFile is None:
             raise CommandLineError("BadValue: need tlsCertificateKeyFile or certificateSelector when TLS is enabled")
+        if self.clusterAuthMode in ("x509", "sendX509") and self.tlsMode == "disabled":
+            raise CommandLineError(
+                f"BadValue: clusterAuthMode {self.clusterAuthMode} requires TLS: enable it with --tlsMode"
+            )
 
 
 def _split(token: str) -> tuple[str, str | None]:
@@ -345,6 +381,12 @@ def parse_or_exit(
         # pretend to serve it.
         _fail(
             f"--tlsMode {opts.tlsMode} is not supported by this mongod stand-in: use --tlsMode requireTLS (or disabled)"
+        )
+    if opts.clusterAuthMode not in (None, "x509"):
+        # keyFile membership needs SCRAM, which the stand-ins do not serve.
+        _fail(
+            f"--clusterAuthMode {opts.clusterAuthMode} is not supported by this mongod stand-in: use "
+            "--clusterAuthMode x509"
         )
     return opts
 

@@ -26,6 +26,14 @@ refusal:
   ``AuthenticationFailed``. The localhost exception: while no user exists, a
   connection from a loopback address (or a Unix domain socket) may create
   the first user, in ``$external`` or ``admin``, and nothing else.
+* Membership by certificate (``--clusterAuthMode x509``, a sharded
+  cluster's members): MONGODB-X509 authentication with a certificate whose
+  O, OU and DC equal those of the server's own member certificate
+  (``--tlsClusterFile``, else ``--tlsCertificateKeyFile``) is the internal
+  ``__system`` user, without any user in the store; ``createUser`` of a
+  subject that would be taken for a member is refused (code 2), as mongod
+  refuses it. ``--clusterAuthMode`` implies access control, as in mongod (a
+  ``mongos`` has no ``--auth``).
 * :class:`UserStore` -- the users, answered by the gate itself
   (``createUser``, ``usersInfo``, ``dropUser``, ``connectionStatus``) and
   kept in ``<dbpath>/mongod_users.json`` (0600), so a restart on the same data
@@ -58,6 +66,7 @@ from __future__ import annotations
 import ipaddress
 import json
 import os
+import re
 import ssl
 import sys
 import threading
@@ -75,7 +84,10 @@ __all__ = [
     "UNAUTHENTICATED_COMMANDS",
     "USERS_FILE",
     "UserStore",
+    "access_control",
     "is_local",
+    "member_identity",
+    "member_identity_of_file",
     "server_ssl_context",
     "server_ssl_context_or_exit",
     "subject_name",
@@ -257,6 +269,57 @@ def _escape(value: str) -> str:
     return escaped
 
 
+#: The subject attributes that make a certificate a cluster member's (MongoDB's x.509 membership).
+_MEMBER_ATTRIBUTES = ("O", "OU", "DC")
+#: The internal user a member authenticates as.
+SYSTEM_USER = {
+    "_id": "local.__system",
+    "user": "__system",
+    "db": "local",
+    "roles": [{"role": "__system", "db": "admin"}],
+}
+
+
+def member_identity(certificate: Mapping[str, Any] | None) -> frozenset[tuple[str, str]]:
+    """The O, OU and DC of a certificate (``getpeercert()`` form): what members share and clients must not.
+
+    >>> sorted(member_identity({"subject": ((("organizationName", "m"),), (("commonName", "x"),))}))
+    [('O', 'm')]
+    """
+    if not certificate or "subject" not in certificate:
+        return frozenset()
+    return frozenset(
+        (_SHORT_NAMES.get(key, key), value)
+        for rdn in certificate["subject"]
+        for key, value in rdn
+        if _SHORT_NAMES.get(key, key) in _MEMBER_ATTRIBUTES
+    )
+
+
+def member_identity_of_file(path: str) -> frozenset[tuple[str, str]]:
+    """:func:`member_identity` of the first certificate in a PEM file (a member's ``--tlsClusterFile``)."""
+    from cryptography import x509
+
+    with open(path, "rb") as handle:
+        certificate = x509.load_pem_x509_certificate(handle.read())
+    names = {"O": "organizationName", "OU": "organizationalUnitName", "DC": "domainComponent"}
+    subject = tuple(
+        ((names[short], attribute.value),)
+        for attribute in certificate.subject
+        for short in _MEMBER_ATTRIBUTES
+        if attribute.rfc4514_attribute_name == short
+    )
+    return member_identity({"subject": subject})
+
+
+def access_control(opts: MongodOptions, store: Any) -> "AccessControl":
+    """The access control of a server's command line: ``--auth``, and ``--clusterAuthMode x509`` membership."""
+    identity = None
+    if opts.clusterAuthMode == "x509":
+        identity = member_identity_of_file(opts.tlsClusterFile or opts.tlsCertificateKeyFile)
+    return AccessControl(store, auth=bool(getattr(opts, "auth", False)) or identity is not None, members=identity)
+
+
 def is_local(peer: Any) -> bool:
     """Whether a peer address is this host's own: loopback, or a Unix domain socket.
 
@@ -379,11 +442,16 @@ class AccessControl:
     auth : bool
         ``--auth``: refuse unauthenticated commands. Without it the user
         commands still work, but nothing is enforced.
+    members : frozenset, optional
+        With ``--clusterAuthMode x509``: the O/OU/DC (:func:`member_identity`)
+        of this server's member certificate; a peer certificate with the same
+        ones authenticates as ``__system``.
     """
 
-    def __init__(self, store: UserStore, *, auth: bool):
+    def __init__(self, store: UserStore, *, auth: bool, members: frozenset[tuple[str, str]] | None = None):
         self.store = store
         self.auth = auth
+        self.members = members or None
 
     def session(
         self, peer: Any, certificate: Mapping[str, Any] | None, log: LogFunction | None = None
@@ -422,6 +490,7 @@ class ConnectionSession:
         self.local = is_local(peer)
         self.remote = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else "anonymous unix socket"
         self.subject = subject_name(certificate)
+        self.member = control.members is not None and member_identity(certificate) == control.members
         self.user: dict[str, Any] | None = None
         self._commands: dict[str, Callable[[str, dict[str, Any]], Reply]] = {
             "authenticate": self._authenticate,
@@ -455,7 +524,11 @@ class ConnectionSession:
             ``connectionStatus``, ``createUser``, ``usersInfo``,
             ``dropUser``); None for everything else.
         """
-        if self.user is not None and self._control.store.find(self.user["db"], self.user["user"]) is None:
+        if (
+            self.user is not None
+            and self.user is not SYSTEM_USER
+            and self._control.store.find(self.user["db"], self.user["user"]) is None
+        ):
             # As mongod: a user dropped meanwhile is no longer authenticated on any connection.
             self.user = None
         if self._control.auth and self.user is None and name not in UNAUTHENTICATED_COMMANDS:
@@ -512,6 +585,12 @@ class ConnectionSession:
             reason = "No verified subject name available from client"
         elif requested is not None and requested != self.subject:
             reason = "There is no x.509 client certificate matching the user."
+        elif self.member:
+            self.user = SYSTEM_USER
+            self._emit(
+                "I", 5286306, "Successfully authenticated", {**attr, "user": "__system", "isClusterMember": True}
+            )
+            return {"dbname": EXTERNAL_DB, "user": self.subject, "ok": 1.0}
         else:
             user = self._control.store.find(EXTERNAL_DB, self.subject)
             if user is not None:
@@ -556,6 +635,12 @@ class ConnectionSession:
             )
         if "pwd" in document:
             return _error("Cannot set the password of a user in the $external database", 2, "BadValue")
+        if self._control.members is not None and _identity_of_subject(name) == self._control.members:
+            return _error(
+                "Cannot create an x.509 user with a subjectname that would be recognized as an internal cluster member",
+                2,
+                "BadValue",
+            )
         if "roles" not in document:
             return _error("BSON field 'createUser.roles' is missing but a required field", 40414, "Location40414")
         roles = _parse_roles(document["roles"], db)
@@ -626,6 +711,13 @@ class ConnectionSession:
         if self.user is not None and (self.user["db"], self.user["user"]) == (db, name):
             self.user = None
         return {"ok": 1.0}
+
+
+def _identity_of_subject(subject: str) -> frozenset[tuple[str, str]]:
+    """The O/OU/DC of an RFC 2253 subject string (escaped commas kept inside their value)."""
+    parts = re.split(r"(?<!\\),", subject)
+    pairs = (part.split("=", 1) for part in parts if "=" in part)
+    return frozenset((k.strip(), v.replace("\\", "")) for k, v in pairs if k.strip() in _MEMBER_ATTRIBUTES)
 
 
 def _mechanism_unavailable(mechanism: Any) -> Reply:

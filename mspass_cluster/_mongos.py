@@ -43,12 +43,27 @@ directory moved without updating it, see the restore procedure) gets no
 command: code 96 names both. Any failure to reach the config server or a
 shard is code 133 or 6 (HostUnreachable) naming it.
 
+Security, as a ``mongos`` 7.0 with ``--tlsMode requireTLS
+--tlsCertificateKeyFile --tlsCAFile --clusterAuthMode x509 --tlsClusterFile``
+has it (:mod:`mspass_cluster._mongod_security` enforces it, as for the
+``mongod`` stand-ins): every client connection is TLS with a certificate the
+CA signed; ``--clusterAuthMode x509`` turns access control on (a ``mongos``
+has no ``--auth``), so an unauthenticated command is refused with code 13;
+a certificate with the members' O/OU/DC is ``__system``. The users live on
+the config server (``createUser``, ``usersInfo``, ``dropUser`` go there, and
+authentication looks the user up there); the localhost exception applies on
+the router's node while the config server holds no user. The router reaches
+the config server and the shards over TLS presenting its member
+certificate (``--tlsClusterFile``) and authenticates as a member, on its
+driver connections and on every forwarded link.
+
 Not faithful, and not verified here: **chunks, chunk migration and the
 balancer do not exist**; a sharded collection lives on its database's
-primary shard alone, so data is not spread across shards. No
-authentication or TLS (the sharded database does not support ``security``
-yet), no multi-shard queries, no versioned routing, no transactions across
-shards.
+primary shard alone, so data is not spread across shards. No multi-shard
+queries, no versioned routing, no transactions across shards; forwarded
+commands run on the shard as the router's ``__system`` identity, not as the
+user (a real ``mongos`` forwards the user's identity and roles; roles are
+not enforced by the stand-ins anyway).
 """
 
 from __future__ import annotations
@@ -57,8 +72,10 @@ import asyncio
 import logging
 import os
 import signal
+import ssl
 import struct
 import sys
+import time
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -67,6 +84,7 @@ import pymongo
 from pymongo.errors import OperationFailure, PyMongoError
 
 from . import _mongod_cli as cli
+from . import _mongod_security as security
 from ._mongod_replset import error
 
 logger = logging.getLogger("mspass_cluster.mongos")
@@ -86,11 +104,24 @@ class MongosOptions(cli.MongodOptions):
         **{
             k: v
             for k, v in cli.MongodOptions.VALUE_OPTIONS.items()
-            if k in ("port", "bind_ip", "logpath", "pidfilepath")
+            if k
+            in (
+                "port",
+                "bind_ip",
+                "logpath",
+                "pidfilepath",
+                "tlsMode",
+                "tlsCertificateKeyFile",
+                "tlsCAFile",
+                "tlsClusterFile",
+                "clusterAuthMode",
+            )
         },
         "configdb": (str, False),
     }
-    SWITCHES: ClassVar[frozenset[str]] = frozenset({"bind_ip_all", "nounixsocket", "version", "help"})
+    SWITCHES: ClassVar[frozenset[str]] = frozenset(
+        {"bind_ip_all", "nounixsocket", "version", "help", "tlsAllowInvalidHostnames"}
+    )
     USAGE: ClassVar[str] = """\
 Options (a subset of mongos's; this program is a stand-in, see mspass_cluster._mongos):
   --configdb arg       <config replica set>/<host:port>[,<host:port>...]
@@ -99,6 +130,15 @@ Options (a subset of mongos's; this program is a stand-in, see mspass_cluster._m
   --bind_ip_all        bind to every IPv4 address
   --logpath arg        log file instead of stdout
   --pidfilepath arg    write the process id to this file
+  --tlsMode arg        disabled (default) or requireTLS (client certificate
+                       signed by --tlsCAFile required)
+  --tlsCertificateKeyFile arg  the router's certificate and key (PEM)
+  --tlsCAFile arg      the CA that signs clients' and members' certificates
+  --clusterAuthMode arg  x509: members authenticate by certificate; turns
+                       access control on
+  --tlsClusterFile arg the member certificate the router presents to the
+                       config server and the shards
+  --tlsAllowInvalidHostnames  do not check the members' host names
   --nounixsocket       no Unix domain socket (there never is one)
   --version            print the version and exit
   -h [ --help ]        print this help and exit
@@ -166,18 +206,43 @@ def shard_address(host: str) -> str:
 class Router:
     """The sharding commands, the configuration on the config server, and where each database lives."""
 
-    def __init__(self, configdb: str):
+    def __init__(self, configdb: str, opts: MongosOptions | None = None):
         self.configdb = configdb
         self.config_set, _, hosts = configdb.partition("/")
         self.config_address = hosts.split(",")[0]
         self._clients: dict[str, pymongo.MongoClient] = {}
+        self.opts = opts
+        self.secure = opts is not None and opts.tlsMode != "disabled"
+        self.member_auth = opts is not None and opts.clusterAuthMode == "x509"
+        #: The TLS context of the router's own links to members (its member certificate), or None.
+        self.link_ssl = self._link_context() if self.secure else None
+
+    def _member_file(self) -> str:
+        return self.opts.tlsClusterFile or self.opts.tlsCertificateKeyFile
+
+    def _link_context(self) -> ssl.SSLContext:
+        context = ssl.create_default_context(cafile=self.opts.tlsCAFile)
+        context.check_hostname = not self.opts.tlsAllowInvalidHostnames
+        context.load_cert_chain(self._member_file())
+        return context
 
     def client(self, address: str) -> pymongo.MongoClient:
         if address not in self._clients:
+            secure = {}
+            if self.secure:
+                secure = {
+                    "tls": True,
+                    "tlsCAFile": self.opts.tlsCAFile,
+                    "tlsCertificateKeyFile": self._member_file(),
+                    "tlsAllowInvalidHostnames": self.opts.tlsAllowInvalidHostnames,
+                }
+            if self.member_auth:
+                secure.update(authMechanism="MONGODB-X509", authSource="$external")
             self._clients[address] = pymongo.MongoClient(
                 f"mongodb://{address}/?directConnection=true",
                 serverSelectionTimeoutMS=int(REACH_SECONDS * 1000),
                 connectTimeoutMS=int(REACH_SECONDS * 1000),
+                **secure,
             )
         return self._clients[address]
 
@@ -381,17 +446,97 @@ class Router:
             return None, self._config_failure(exc)
 
 
+class ConfigUsers:
+    """The cluster's users, kept on the config server (the interface of :class:`_mongod_security.UserStore`).
+
+    Authentication on the router looks a user up here; ``createUser``,
+    ``usersInfo`` and ``dropUser`` on the router change or read them here.
+    A user found is remembered for a second (the gate asks on every command).
+    """
+
+    REMEMBER_SECONDS = 1.0
+
+    def __init__(self, router: Router):
+        self.router = router
+        self._found: dict[tuple[str, str], tuple[float, dict[str, Any] | None]] = {}
+
+    def _db(self, name: str):
+        return self.router.client(self.router.config_address)[name]
+
+    @staticmethod
+    def _record(user: dict[str, Any]) -> dict[str, Any]:
+        record = dict(user)
+        uid = record.get("userId")
+        record["userId"] = str(uid.as_uuid() if isinstance(uid, bson.Binary) else uid)
+        return record
+
+    def _all(self) -> list[dict[str, Any]]:
+        return [self._record(u) for u in self._db("admin").command({"usersInfo": {"forAllDBs": True}})["users"]]
+
+    def empty(self) -> bool:
+        return not self._all()
+
+    def find(self, db: str, user: str) -> dict[str, Any] | None:
+        remembered = self._found.get((db, user))
+        if remembered is not None and time.monotonic() - remembered[0] < self.REMEMBER_SECONDS:
+            return remembered[1]
+        users = self._db(db).command({"usersInfo": {"user": user, "db": db}})["users"]
+        found = self._record(users[0]) if users else None
+        self._found[(db, user)] = (time.monotonic(), found)
+        return found
+
+    def select(self, predicate) -> list[dict[str, Any]]:
+        return [u for u in self._all() if predicate(u)]
+
+    def add(self, record: dict[str, Any], *, only_if_empty: bool = False) -> str:
+        if only_if_empty and not self.empty():
+            return "not-empty"
+        try:
+            self._db(record["db"]).command({"createUser": record["user"], "roles": record["roles"]})
+        except OperationFailure as exc:
+            if exc.code == 51003:
+                return "exists"
+            raise
+        self._found.pop((record["db"], record["user"]), None)
+        return "created"
+
+    def remove(self, db: str, user: str) -> bool:
+        self._found.pop((db, user), None)
+        try:
+            self._db(db).command({"dropUser": user})
+        except OperationFailure as exc:
+            if exc.code == 11:
+                return False
+            raise
+        return True
+
+
+def build_command(request_id: int, document: dict[str, Any]) -> bytes:
+    """An OP_MSG request carrying ``document``."""
+    body = struct.pack("<I", 0) + b"\0" + bson.encode(document)
+    return struct.pack("<iiii", 16 + len(body), request_id, 0, OP_MSG) + body
+
+
 _OWN = frozenset({"hello", "ismaster", "ping", "buildinfo", "endsessions", "getcmdlineopts", "shutdown"})
+_HELLO = frozenset({"hello", "ismaster"})
 
 
 class Connection:
     """One client's connection: answered here, or forwarded on this connection's own link to each server."""
 
-    def __init__(self, router: Router, opts: MongosOptions, stop: asyncio.Event, connection_id: int):
+    def __init__(
+        self,
+        router: Router,
+        opts: MongosOptions,
+        stop: asyncio.Event,
+        connection_id: int,
+        session: security.ConnectionSession,
+    ):
         self.router = router
         self.opts = opts
         self.stop = stop
         self.connection_id = connection_id
+        self.session = session
         self.links: dict[str, tuple[asyncio.StreamReader, asyncio.StreamWriter]] = {}
 
     def own(self, name: str, db: str, body: dict[str, Any]) -> dict[str, Any]:
@@ -430,7 +575,18 @@ class Connection:
     async def answer(self, opcode: int, data: bytes) -> bytes:
         request_id = struct.unpack_from("<i", data, 4)[0]
         name, db, body = parse_message(opcode, data)
-        if name.lower() in _OWN:
+        lowered = name.lower()
+        try:
+            if lowered in _HELLO:  # answered here; a speculativeAuthenticate in it is the gate's
+                reply = await asyncio.to_thread(self.session.respond, name, db, body, lambda: self.own(name, db, body))
+                return build_reply(opcode, request_id, reply)
+            # Refusals (code 13), authentication, and the users' commands (on the config server).
+            reply = await asyncio.to_thread(self.session.check, name, db, body)
+        except PyMongoError as exc:
+            return build_reply(opcode, request_id, self.router._config_failure(exc))
+        if reply is not None:
+            return build_reply(opcode, request_id, reply)
+        if lowered in _OWN:
             return build_reply(opcode, request_id, self.own(name, db, body))
         if db == "admin":
             reply = await asyncio.to_thread(self.router.command, name, body)
@@ -458,8 +614,7 @@ class Connection:
 
     async def forward(self, address: str, data: bytes) -> bytes:
         if address not in self.links:
-            host, _, port = address.rpartition(":")
-            self.links[address] = await asyncio.wait_for(asyncio.open_connection(host, int(port)), REACH_SECONDS)
+            self.links[address] = await asyncio.wait_for(self._open_link(address), REACH_SECONDS)
         reader, writer = self.links[address]
         writer.write(data)
         await writer.drain()
@@ -469,13 +624,36 @@ class Connection:
             raise ConnectionResetError(f"{address} closed the connection")
         return reply
 
+    async def _open_link(self, address: str) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        """A link to a member: over TLS with the member certificate, authenticated as a member, when secured."""
+        host, _, port = address.rpartition(":")
+        context = self.router.link_ssl
+        reader, writer = await asyncio.open_connection(
+            host, int(port), ssl=context, server_hostname=host if context is not None else None
+        )
+        if self.router.member_auth:
+            command = {"authenticate": 1, "mechanism": "MONGODB-X509", "$db": "$external"}
+            writer.write(build_command(0, command))
+            await writer.drain()
+            answer = await read_message(reader)
+            reply = bson.decode(answer[21:]) if answer is not None else {}
+            if not reply.get("ok"):
+                writer.close()
+                raise ConnectionRefusedError(f"{address} refused the router's member authentication: {reply}")
+        return reader, writer
+
     def close(self) -> None:
         for _, writer in self.links.values():
             writer.close()
 
 
-async def serve(opts: MongosOptions) -> int:
-    router = Router(opts.configdb)
+def _log_access(severity: str, log_id: int, message: str, attr: dict[str, Any]) -> None:
+    logger.log(logging.WARNING if severity == "W" else logging.INFO, "%s %s", message, attr)
+
+
+async def serve(opts: MongosOptions, ssl_context: ssl.SSLContext | None = None) -> int:
+    router = Router(opts.configdb, opts)
+    access = security.access_control(opts, ConfigUsers(router))
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
@@ -484,7 +662,10 @@ async def serve(opts: MongosOptions) -> int:
     writers: set[asyncio.StreamWriter] = set()
 
     async def on_connection(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        connection = Connection(router, opts, stop, next(counter))
+        ssl_object = writer.get_extra_info("ssl_object")
+        certificate = ssl_object.getpeercert() if ssl_object is not None else None
+        session = access.session(writer.get_extra_info("peername"), certificate, _log_access)
+        connection = Connection(router, opts, stop, next(counter), session)
         writers.add(writer)
         try:
             while not stop.is_set():
@@ -506,8 +687,15 @@ async def serve(opts: MongosOptions) -> int:
     host = (
         "0.0.0.0" if opts.bind_ip_all or any(a not in ("127.0.0.1", "localhost") for a in opts.bind_ip) else "127.0.0.1"
     )
-    server = await asyncio.start_server(on_connection, host, opts.effective_port)
-    logger.info("Waiting for connections on %s:%d (config servers %s)", host, opts.effective_port, opts.configdb)
+    server = await asyncio.start_server(on_connection, host, opts.effective_port, ssl=ssl_context)
+    logger.info(
+        "Waiting for connections on %s:%d (config servers %s; TLS %s, access control %s)",
+        host,
+        opts.effective_port,
+        opts.configdb,
+        "off" if ssl_context is None else "required",
+        "on" if access.auth else "off",
+    )
     async with server:
         await stop.wait()
     for writer in list(writers):
@@ -525,6 +713,7 @@ def main() -> int:
     if not opts.configdb or "/" not in opts.configdb:
         print("BadValue: configdb supports only replica set connection string (<set>/<host:port>)", file=sys.stderr)
         return cli.EXIT_BADOPTIONS
+    ssl_context = security.server_ssl_context_or_exit(opts)
     handlers: list[logging.Handler] = [logging.StreamHandler(sys.stdout)]
     if opts.logpath:
         handlers = [logging.FileHandler(opts.logpath)]
@@ -536,7 +725,7 @@ def main() -> int:
         with open(opts.pidfilepath, "w") as handle:
             handle.write(f"{os.getpid()}\n")
     try:
-        return asyncio.run(serve(opts))
+        return asyncio.run(serve(opts, ssl_context))
     except OSError as exc:
         logger.error("Failed to set up listener: %s", exc)
         return cli.EXIT_NET_ERROR

@@ -38,7 +38,7 @@ import re
 import signal
 import sys
 
-from . import standalone_db
+from . import sharding, standalone_db
 from .backends import choose_backend, finalise_options, open_backend
 from .backends.slurm import SlurmBackend
 from .commands import CommandRunner
@@ -73,7 +73,8 @@ __all__ = ["main", "render_submit_script"]
 
 #: Job names this package gives: clusters' roles, and submitted notebooks.
 OWN_JOB = re.compile(
-    r"^(?P<prefix>[A-Za-z0-9_.-]+?)-(?P<cluster>[0-9a-f]{8})-(shared-db|db|worker-\d+|frontend)$|^mspass-nb-"
+    r"^(?P<prefix>[A-Za-z0-9_.-]+?)-(?P<cluster>[0-9a-f]{8})-"
+    r"(shared-db|db|db-config|db-shard\d+|db-router|worker-\d+|frontend)$|^mspass-nb-"
 )
 
 #: Shortest prefix of a cluster id that ``down`` accepts, so that one stray character cannot select a cluster.
@@ -272,7 +273,8 @@ def _status(args, runner: CommandRunner) -> int:
         return 0
     print(f"{'JOBID':>10}  {'CLUSTER':8}  {'STATE':10}  {'NAME':40}  NODES/REASON")
     for job_id, name, state, where, cluster in jobs:
-        print(f"{job_id:>10}  {cluster or '-':8}  {state:10}  {name:40}  {where}")
+        part = sharding.part_label(name)  # a sharded database's router, config server or shard <i>
+        print(f"{job_id:>10}  {cluster or '-':8}  {state:10}  {name:40}  {where}" + (f"  ({part})" if part else ""))
     shared = sorted({cluster for _, name, _, _, cluster in jobs if name.endswith(standalone_db.SHARED_SUFFIX)})
     if shared:
         print(

@@ -333,7 +333,7 @@ def main() -> int:
     )
     log.close()
     member = replset.ReplicaSetMember(opts) if opts.replSet or opts.configsvr or opts.shardsvr else None
-    return _run_nx(entry_point, nx_args, ssl_context, security.AccessControl(users, auth=opts.auth), member)
+    return _run_nx(entry_point, nx_args, ssl_context, security.access_control(opts, users), member)
 
 
 if __name__ == "__main__":

@@ -660,11 +660,11 @@ def build_job_script(
         setup = [cd, *open_files_lines("db")]
         if role == sharding.ROUTER_ROLE:
             setup += sharding.router_wait_lines(options, job_name)
-            argv = sharding.router_argv(options, containers.RawShell('"$configdb"'))
+            argv = sharding.router_argv(options, containers.RawShell('"$configdb"'), tls)
         else:
             index = sharding.shard_index(job_name)
             setup.append(shlex.join(["mkdir", "-p", sharding.member_dbpath(options, role, index)]))
-            argv = sharding.member_argv(options, role, index, db_cache_gb(options.db_memory))
+            argv = sharding.member_argv(options, role, index, db_cache_gb(options.db_memory), tls)
     elif role == "worker":
         directives = worker_directives(options, job_name, output, extra_directives)
         setup = [cd, shlex.join(["mkdir", "-p", options.worker_dir]), *open_files_lines(role)]
@@ -701,7 +701,8 @@ def build_job_script(
     if role == "db":
         setup = setup + db_storage_lines(options, job_name, in_image)
         after_exit = db_copy_back_lines(options, in_image)
-    if role == "db" and tls is not None and tls.db_server_pem:
+    if role in ("db", sharding.ROUTER_ROLE) and tls is not None and tls.db_server_pem:
+        # A sharded cluster's users live on its config server: created through the router, on its node.
         after_start = db_users_lines(options, tls, in_image)
     private_dir = tls.private_dir if tls is not None else None
     watchdog = heartbeat_watchdog(heartbeat, options.orphan_timeout, private_dir) if heartbeat else []

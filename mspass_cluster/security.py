@@ -10,6 +10,13 @@ milliseconds) and signs with it one certificate per kind of peer:
 ``db-client.pem``
     Every database client: the notebook, the workers, MsPASS's ``DBClient``.
     Its subject is the database's only user (x.509 authentication).
+``db-member.pem``
+    A sharded database's members (config server, shards, router) to one
+    another (``--tlsClusterFile``, ``--clusterAuthMode x509``), and the
+    cluster itself when it initiates and configures them. Its O and OU
+    (``mspass_cluster``, ``mspass-member``) are every member's and differ
+    from the client's OU, as MongoDB requires: a certificate with the
+    member's O/OU/DC authenticates as the internal ``__system`` user.
 
 The CA's private key never leaves this process's memory: nobody, the owner
 included, can mint another certificate this cluster trusts, so a peer that
@@ -35,12 +42,14 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-__all__ = ["ClusterCredentials", "CredentialFiles", "db_client_uri", "DB_CLIENT_OU"]
+__all__ = ["ClusterCredentials", "CredentialFiles", "db_client_uri", "DB_CLIENT_OU", "DB_MEMBER_OU"]
 
 #: Organisation of every certificate; the roles differ in their OU.
 ORGANISATION = "mspass_cluster"
 #: OU of database clients: it must differ from the server's, or MongoDB takes a client for a cluster member.
 DB_CLIENT_OU = "mspass-client"
+#: OU of a sharded database's members (x.509 membership): the same for all of them, not a client's.
+DB_MEMBER_OU = "mspass-member"
 #: How long the certificates are valid: far beyond any walltime.
 VALIDITY = datetime.timedelta(days=30)
 
@@ -136,6 +145,8 @@ class CredentialFiles:
         the database runs without TLS (a ``distributed.Security`` given for Dask only).
     db_user : str
         The x.509 user the database's first-user script creates.
+    db_member_pem : str or None
+        A sharded database's member certificate and key (x.509 membership).
     private_dir : str
         The cluster's own directory of credentials, removed with the cluster.
     """
@@ -149,6 +160,7 @@ class CredentialFiles:
     db_user: str | None = None
     #: The cluster's own private directory holding these files (None in previews).
     private_dir: str | None = None
+    db_member_pem: str | None = None
 
     @classmethod
     def placeholder(cls) -> "CredentialFiles":
@@ -162,6 +174,7 @@ class CredentialFiles:
             f"{d}/db-client.pem",
             f"{d}/ca.pem",
             f"CN={getpass.getuser()},OU={DB_CLIENT_OU},O={ORGANISATION}",
+            db_member_pem=f"{d}/db-member.pem",
         )
 
     def db_uri(self, host: str, port: int) -> str:
@@ -193,7 +206,7 @@ class ClusterCredentials:
     ----------
     directory : str
         The private directory (0700) holding the files.
-    ca_file, worker_pem, db_server_pem, db_client_pem : str
+    ca_file, worker_pem, db_server_pem, db_client_pem, db_member_pem : str
         Paths of ``ca.pem`` and the role files (certificate and key in one PEM each).
     db_user : str
         The database clients' subject as MongoDB names the x.509 user (RFC 2253).
@@ -205,6 +218,7 @@ class ClusterCredentials:
     db_server_pem: str
     db_client_pem: str
     db_user: str
+    db_member_pem: str
     _scheduler_cert: str
     _scheduler_key: str
     _client_cert: str
@@ -228,13 +242,15 @@ class ClusterCredentials:
         authority = _Authority(cluster or os.path.basename(directory.rstrip(os.sep)) or "cluster")
         os.makedirs(directory, mode=0o700, exist_ok=True)
         paths = {
-            name: os.path.join(directory, name) for name in ("ca.pem", "worker.pem", "db-server.pem", "db-client.pem")
+            name: os.path.join(directory, name)
+            for name in ("ca.pem", "worker.pem", "db-server.pem", "db-client.pem", "db-member.pem")
         }
         _write_private(paths["ca.pem"], _pem_cert(authority.cert))
         for filename, subject in (
             ("worker.pem", _name("mspass-dask-worker", "mspass-dask")),
             ("db-server.pem", _name("mspass-db", "mspass-server")),
             ("db-client.pem", _name(user, DB_CLIENT_OU)),
+            ("db-member.pem", _name("mspass-db-member", DB_MEMBER_OU)),
         ):
             key, cert = authority.issue(subject)
             _write_private(paths[filename], cert + key)
@@ -247,6 +263,7 @@ class ClusterCredentials:
             db_server_pem=paths["db-server.pem"],
             db_client_pem=paths["db-client.pem"],
             db_user=_name(user, DB_CLIENT_OU).rfc4514_string(),
+            db_member_pem=paths["db-member.pem"],
             _scheduler_cert=scheduler_cert.decode(),
             _scheduler_key=scheduler_key.decode(),
             _client_cert=client_cert.decode(),
@@ -265,6 +282,7 @@ class ClusterCredentials:
             db_ca_file=self.ca_file,
             db_user=self.db_user,
             private_dir=self.directory,
+            db_member_pem=self.db_member_pem,
         )
 
     def dask_security(self):

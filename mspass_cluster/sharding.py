@@ -16,6 +16,17 @@ sleeps):
    name>.configdb``, which it does once the config server and every shard
    are PRIMARY (the node is known only then).
 
+With ``security`` (the default) every part requires TLS with a certificate
+from the cluster's CA (``--tlsMode requireTLS``, ``--tlsCertificateKeyFile``
+the database server's, ``--tlsCAFile``), and the members authenticate one
+another by certificate (``--clusterAuthMode x509``, ``--tlsClusterFile`` the
+member certificate, whose O/OU are every member's and not a client's). The
+config server and the shards also run with ``--auth`` (a ``mongos`` has no
+such option: x.509 membership turns its access control on). Host names are
+not checked (``--tlsAllowInvalidHostnames``): the certificates are made
+before Slurm chooses the nodes, and only this cluster's CA, whose key never
+leaves the notebook's memory, signs them (see :mod:`mspass_cluster.security`).
+
 Each replica set has one member. Set names are fixed (``cfg``,
 ``shard<i>``), not per cluster, so that a later cluster on the same
 ``db_dir`` finds its data under the same names.
@@ -29,6 +40,7 @@ import shlex
 
 from .config import ClusterOptions
 from .errors import ConfigError
+from .security import CredentialFiles
 
 __all__ = [
     "CONFIG_ROLE",
@@ -41,8 +53,10 @@ __all__ = [
     "member_dbpath",
     "job_name",
     "shard_index",
+    "part_label",
     "member_argv",
     "router_argv",
+    "security_args",
     "configdb_file",
     "router_wait_lines",
     "config_string",
@@ -99,7 +113,50 @@ def shard_index(name: str) -> int:
     return int(found.group(1)) if found else 0
 
 
-def member_argv(options: ClusterOptions, role: str, index: int, cache_gb: float) -> list[str]:
+def security_args(tls: CredentialFiles | None, router: bool = False) -> list[str]:
+    """TLS, x.509 membership and (not on the router, which has no ``--auth``) access control; [] without ``tls``.
+
+    >>> from mspass_cluster.security import CredentialFiles
+    >>> " ".join(security_args(CredentialFiles.placeholder(), router=True)).replace("<work_dir>/.mspass_cluster/<cluster>/", "")
+    '--tlsMode requireTLS --tlsCertificateKeyFile db-server.pem --tlsCAFile ca.pem --clusterAuthMode x509 --tlsClusterFile db-member.pem --tlsAllowInvalidHostnames'
+    """
+    if tls is None or not tls.db_server_pem:
+        return []
+    return [
+        *([] if router else ["--auth"]),
+        "--tlsMode",
+        "requireTLS",
+        "--tlsCertificateKeyFile",
+        tls.db_server_pem,
+        "--tlsCAFile",
+        tls.db_ca_file,
+        "--clusterAuthMode",
+        "x509",
+        "--tlsClusterFile",
+        tls.db_member_pem,
+        "--tlsAllowInvalidHostnames",
+    ]
+
+
+def part_label(name: str) -> str | None:
+    """What a sharded database's job is, in words, from its job name: ``router``, ``config server``, ``shard <i>``.
+
+    None for any other job.
+
+    >>> part_label("mspass-ab12cd34-db-shard3"), part_label("mspass-ab12cd34-db-router"), part_label("c-worker-0")
+    ('shard 3', 'router', None)
+    """
+    found = re.search(r"-db-(config|router|shard(\d+))$", name)
+    if not found:
+        return None
+    if found.group(2) is not None:
+        return f"shard {found.group(2)}"
+    return {"config": "config server", "router": "router"}[found.group(1)]
+
+
+def member_argv(
+    options: ClusterOptions, role: str, index: int, cache_gb: float, tls: CredentialFiles | None = None
+) -> list[str]:
     """The command line of the config server or of shard ``index``: ``db_command`` as a one-member replica set."""
     replica = (
         ["--replSet", CONFIG_SET, "--configsvr"]
@@ -117,6 +174,7 @@ def member_argv(options: ClusterOptions, role: str, index: int, cache_gb: float)
         "--wiredTigerCacheSizeGB",
         f"{cache_gb:g}",
         *replica,
+        *security_args(tls),
     ]
 
 
@@ -125,7 +183,7 @@ def config_string(config_host: str, options: ClusterOptions) -> str:
     return f"{CONFIG_SET}/{config_host}:{member_port(options, CONFIG_ROLE)}"
 
 
-def router_argv(options: ClusterOptions, configdb: str) -> list[str]:
+def router_argv(options: ClusterOptions, configdb: str, tls: CredentialFiles | None = None) -> list[str]:
     """The router's command line (``db_router_command``), on ``db_port``, with ``--configdb configdb``."""
     return [
         *options.db_router_command,
@@ -135,6 +193,7 @@ def router_argv(options: ClusterOptions, configdb: str) -> list[str]:
         configdb,
         "--bind_ip_all",
         "--nounixsocket",
+        *security_args(tls, router=True),
     ]
 
 
@@ -220,17 +279,12 @@ def shard_collection_commands(options: ClusterOptions) -> list[dict]:
     ]
 
 
-def check_options(options: ClusterOptions, secure: bool) -> None:
+def check_options(options: ClusterOptions) -> None:
     """ConfigError, before anything is submitted, for what a sharded database cannot do (yet)."""
     if options.db_storage == "node-local":
         raise ConfigError(
             "db_shards with db_storage='node-local' is not supported: the shards keep their data in "
             f"{options.db_dir}/shard<i>. Use db_storage='shared' (the default)."
-        )
-    if secure:
-        raise ConfigError(
-            "db_shards with security is not supported yet (no TLS or authentication between the router, the "
-            "config server and the shards). Use security=False on a trusted network, or db_shards=0."
         )
     if not options.db_router_command:
         raise ConfigError("db_router_command is empty; give the router program, e.g. db_router_command=['mongos'].")

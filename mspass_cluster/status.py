@@ -12,6 +12,8 @@ from dataclasses import dataclass, field
 
 from distributed.core import Status
 
+from .sharding import part_label
+
 __all__ = ["ClusterView", "JobRow", "view_of", "render_text", "render_html", "format_seconds"]
 
 
@@ -29,6 +31,8 @@ class JobRow:
     time_left: int | None
     log_path: str
     error: str | None = None  #: first line of its failure, if it failed
+    #: What the job is, in words: its role, or the part of a sharded database (``router``, ``shard 1``...).
+    label: str = ""
 
 
 @dataclass(frozen=True)
@@ -52,13 +56,22 @@ def view_of(cluster) -> ClusterView:
     jobs = list(cluster._launcher.jobs.values())
     if cluster.db_job is not None and cluster.db_job not in jobs:
         jobs.append(cluster.db_job)  # a shared database's job (database=): shown, though not this cluster's
-    jobs.sort(key=lambda j: (j.role != "db", j.submitted))
+    # The database first (a sharded one's parts in their start order: config server, shards, router), then workers.
+    jobs.sort(
+        key=lambda j: (
+            not j.role.startswith("db"),
+            j.role == "db-router",
+            j.name if j.role.startswith("db") else "",
+            j.submitted,
+        )
+    )
     running = cluster.status == Status.running
     status, db_address = "running" if running else cluster.status.name, cluster.database.address
     lost = cluster.database.lost()
     if lost is not None:
         # A database named by a connection string has no job to describe.
-        db_address = f"lost ({cluster.db_job.describe() if cluster.db_job else str(lost).splitlines()[0]})"
+        gone = getattr(cluster.database, "lost_job", None) or cluster.db_job  # a sharded database's lost part
+        db_address = f"lost ({gone.describe() if gone else str(lost).splitlines()[0]})"
         if running:
             status = "running, but its database is lost"
     elif getattr(cluster.database, "moving", False):
@@ -87,6 +100,7 @@ def view_of(cluster) -> ClusterView:
                 j.node,
                 j.time_left,
                 j.log_path,
+                label=part_label(j.name) or j.role,
             )
             for j in jobs
         ],
@@ -123,10 +137,11 @@ def render_text(view: ClusterView) -> str:
     ]
     lines += [f"  PROBLEM   {p}" for p in view.problems]
     if view.jobs:
-        lines.append(f"  {'role':6} {view.jobs[0].unit:>8} {'state':28} {'node':10} {'left':>8}  log")
+        width = max(6, *(len(job.label or job.role) for job in view.jobs))
+        lines.append(f"  {'role':{width}} {view.jobs[0].unit:>8} {'state':28} {'node':10} {'left':>8}  log")
         for job in view.jobs:
             lines.append(
-                f"  {job.role:6} {job.job_id:>8} {_state(job)[:28]:28} {job.node or '—':10} "
+                f"  {job.label or job.role:{width}} {job.job_id:>8} {_state(job)[:28]:28} {job.node or '—':10} "
                 f"{format_seconds(job.time_left):>8}  {job.log_path}"
             )
     return "\n".join(lines)
@@ -149,7 +164,7 @@ def render_html(view: ClusterView) -> str:
     link = f'<a href="{e(view.dashboard)}" target="_blank">{e(view.dashboard)}</a>' if view.dashboard else "—"
     rows = "".join(
         "<tr>"
-        f"<td>{e(j.role)}</td><td>{e(j.job_id)}</td><td>{e(j.name)}</td>"
+        f"<td>{e(j.label or j.role)}</td><td>{e(j.job_id)}</td><td>{e(j.name)}</td>"
         f'<td style="color:{_COLOURS.get(j.phase, "inherit")}"><b>{e(j.phase)}</b>'
         f"{' ' + e(j.detail) if j.detail and j.detail.lower() != j.phase else ''}</td>"
         f"<td>{e(j.node or '—')}</td><td>{e(format_seconds(j.time_left))}</td>"

@@ -16,7 +16,10 @@ balancing are not modelled and not verified.
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
+import logging
 import os
 import re
 import subprocess
@@ -27,8 +30,9 @@ import pymongo
 import pytest
 from conftest import NX_MONGOD, assert_nothing_left, queued, slurm_output
 from pymongo.errors import NotPrimaryError, OperationFailure
+from test_security import security_users  # noqa: F401  (the fixture: the intruder is a real second Unix user)
 
-from mspass_cluster import MsPASSCluster, sharding
+from mspass_cluster import MsPASSCluster, cli, sharding
 from mspass_cluster.config import resolve_options
 from mspass_cluster.errors import ConfigError, JobFailedError
 
@@ -76,12 +80,23 @@ def test_previewed_scripts_run_each_part():
 )
 def test_options_a_sharded_database_cannot_honour_are_refused(options, words):
     with pytest.raises(ConfigError, match=re.escape(words)):
-        sharding.check_options(resolve_options(db_shards=2, **options), secure=False)
+        sharding.check_options(resolve_options(db_shards=2, **options))
 
 
-def test_security_is_refused_before_anything_is_submitted(tmp_path):
-    with pytest.raises(ConfigError, match="db_shards with security is not supported yet"):
-        MsPASSCluster(backend="local", work_dir=str(tmp_path), db_shards=2)
+def test_secure_parts_require_tls_and_member_certificates_and_the_router_makes_the_user():
+    member = "--clusterAuthMode x509 --tlsClusterFile '<work_dir>/.mspass_cluster/<cluster>/db-member.pem'"
+    tls = "--tlsMode requireTLS --tlsCertificateKeyFile '<work_dir>/.mspass_cluster/<cluster>/db-server.pem'"
+    for role in ("db-config", "db-shard"):
+        script = MsPASSCluster.job_script(role, db_shards=2, db_port=28500, db_command=["mongod"])
+        assert f"--auth {tls}" in script and member in script and "--tlsAllowInvalidHostnames" in script
+        assert "MSPASS_DB_USERS_END" not in script  # the users live on the config server, made through the router
+    router = MsPASSCluster.job_script("db-router", db_shards=2, db_port=28500)
+    assert f'--configdb "$configdb" --bind_ip_all --nounixsocket {tls}' in router and member in router
+    assert "--auth" not in router  # mongos has no --auth: x.509 membership turns its access control on
+    assert "MSPASS_DB_USERS_END" in router and "--port 28500" in router.split("MSPASS_DB_USERS_END")[0]
+    assert "#SBATCH --job-name=mspass-preview-db-router\n" in router  # the previewed part's own name
+    open_router = MsPASSCluster.job_script("db-router", db_shards=2, db_port=28500, security=False)
+    assert "--tls" not in open_router and "MSPASS_DB_USERS_END" not in open_router
 
 
 # ------------------------------------------------------------ the stand-ins' commands
@@ -259,6 +274,145 @@ def test_router_refuses_wrong_orders_and_routes_data_to_the_primary_shard(server
     assert servers.procs[3].wait(timeout=20) == 0
 
 
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--clusterAuthMode", "x509"], "BadValue: clusterAuthMode x509 requires TLS"),
+        (["--clusterAuthMode", "bogus"], "BadValue: unsupported value for clusterAuthMode bogus"),
+        (["--tlsClusterFile", "m.pem"], "BadValue: need to enable TLS via the sslMode/tlsMode flag"),
+    ],
+)
+def test_member_options_are_checked_as_mongod_checks_them(argv, message):
+    from mspass_cluster import _mongod_cli
+
+    with pytest.raises(_mongod_cli.CommandLineError, match=re.escape(message)):
+        _mongod_cli.parse_command_line(argv)
+
+
+def test_the_router_standin_has_no_auth_option_and_refuses_keyfile_membership():
+    router = subprocess.run([*MONGOS, "--auth", "--configdb", "cfg/a:1"], capture_output=True, text=True, timeout=60)
+    assert router.returncode == 2 and "unrecognised option '--auth'" in router.stderr  # as mongos: no --auth
+    key_file = subprocess.run(
+        [*MONGOS, "--configdb", "cfg/a:1", "--clusterAuthMode", "keyFile"], capture_output=True, text=True, timeout=60
+    )
+    assert key_file.returncode == 2 and "use --clusterAuthMode x509" in key_file.stderr
+
+
+# ------------------------------------------------------------ the stand-ins' security (loopback)
+SECURE_PORT = 28500  # this test's: 28500 router, 28501 config server, 28502 shard
+
+
+def tls_client(port, pem, ca, authenticate=False, **extra):
+    """A pymongo client over TLS presenting ``pem``; MONGODB-X509 with it if ``authenticate``."""
+    auth = dict(authMechanism="MONGODB-X509", authSource="$external") if authenticate else {}
+    return pymongo.MongoClient(
+        f"mongodb://127.0.0.1:{port}/", directConnection=True, tls=True, tlsCAFile=ca, tlsCertificateKeyFile=pem,
+        tlsAllowInvalidHostnames=True, **{"serverSelectionTimeoutMS": 3000, **auth, **extra},
+    )  # fmt: skip
+
+
+def refusal(call):
+    """The exception ``call()`` raises (the test fails if it raises none)."""
+    try:
+        call()
+    except pymongo.errors.PyMongoError as exc:
+        return exc
+    pytest.fail(f"{call} was not refused")
+
+
+def test_secure_standins_refuse_strangers_and_admit_only_members_and_the_clusters_user(servers, tmp_path):
+    """Config server, shard (stand-ins for mongod) and router (stand-in for mongos) with TLS and x.509 membership."""
+    from importlib import resources
+
+    from mspass_cluster.security import ClusterCredentials
+
+    tls = ClusterCredentials.create(str(tmp_path / "cred"), cluster="secure").files
+    stranger = ClusterCredentials.create(str(tmp_path / "other"), cluster="stranger").files  # another CA
+    options = resolve_options(db_port=SECURE_PORT, db_shards=1, db_dir=str(tmp_path / "db"), db_command=NX_MONGOD,
+                              db_router_command=MONGOS, backend="local")  # fmt: skip
+    for role in ("db-config", "db-shard"):
+        os.makedirs(sharding.member_dbpath(options, role, 0))
+        argv = sharding.member_argv(options, role, 0, 0.25, tls)
+        argv[argv.index("--bind_ip_all")] = "--bind_ip=127.0.0.1"
+        servers.start(argv, role)
+    service = mock_service(SECURE_PORT, 1, tls)
+    router = sharding.router_argv(options, sharding.config_string("localhost", options), tls)
+    try:
+        for part in [service.config, *service.shards]:
+            started = time.monotonic()
+            while not part.ready:  # initiated and polled as a member (the member certificate, __system)
+                try:
+                    run_part(service, part)
+                except pymongo.errors.ConnectionFailure:
+                    assert time.monotonic() - started < 30, f"the {part.label} never answered"
+                time.sleep(0.2)
+        servers.start(router, "router")
+        deadline = time.monotonic() + 30
+        while not service.router.ready:
+            try:
+                service._advance_router(service.router)  # addShard etc. through the router, as a member
+            except pymongo.errors.ConnectionFailure:
+                assert time.monotonic() < deadline, "the router never answered"
+                time.sleep(0.2)
+        users = subprocess.run(
+            [sys.executable, str(resources.files("mspass_cluster") / "templates" / "db_users.py"), "--port", str(SECURE_PORT),
+             "--ca", tls.db_ca_file, "--cert", tls.db_client_pem, "--subject", tls.db_user, "--timeout", "30"],
+            capture_output=True, text=True, timeout=60,
+        )  # fmt: skip
+        assert users.returncode == 0, users.stderr
+    finally:
+        service._close_clients()
+
+    owner = tls_client(SECURE_PORT, tls.db_client_pem, tls.db_ca_file, authenticate=True)
+    owner.mspass.wf_TimeSeries.insert_many([{"i": i} for i in range(20)])
+    assert owner.mspass.wf_TimeSeries.count_documents({}) == 20  # forwarded to the shard on a member link
+    assert owner.admin.command("usersInfo", {"forAllDBs": True})["users"][0]["user"] == tls.db_user
+
+    for label, port in (("router", SECURE_PORT), ("config server", SECURE_PORT + 1), ("shard", SECURE_PORT + 2)):
+        plain = pymongo.MongoClient(f"mongodb://127.0.0.1:{port}/", directConnection=True, serverSelectionTimeoutMS=800)
+        assert isinstance(refusal(lambda: plain.admin.command("ping")), pymongo.errors.ServerSelectionTimeoutError)
+        # Another CA's client certificate (the server's own not even checked): the server ends the handshake.
+        alien = pymongo.MongoClient(f"mongodb://127.0.0.1:{port}/", directConnection=True, tls=True,
+                                    tlsCertificateKeyFile=stranger.db_client_pem, tlsAllowInvalidCertificates=True,
+                                    serverSelectionTimeoutMS=800)  # fmt: skip
+        failed = refusal(lambda: alien.admin.command("ping"))
+        assert isinstance(failed, pymongo.errors.ServerSelectionTimeoutError), label
+        assert any(w in str(failed).lower() for w in ("alert", "reset", "eof", "closed")), f"{label}: {failed}"
+        anonymous = tls_client(port, tls.db_client_pem, tls.db_ca_file)  # the CA's certificate, not authenticated
+        assert anonymous.admin.command("ping")["ok"] == 1  # mongod answers ping unauthenticated
+        refused = refusal(lambda: anonymous.mspass.wf_TimeSeries.find_one())
+        assert (refused.code, refused.details["codeName"]) == (13, "Unauthorized"), label
+        assert "requires authentication" in refused.details["errmsg"]
+        # The localhost exception is closed: the first user exists (it lives on the config server).
+        closed = refusal(lambda: anonymous["$external"].command("createUser", "CN=x,O=y", roles=[]))
+        assert closed.code == 13, f"{label}: {closed}"
+        for client in (plain, alien, anonymous):
+            client.close()
+
+    # A member is recognised by its certificate's O/OU, not by being on the CA: the client certificate is not one.
+    as_member = tls_client(SECURE_PORT + 2, tls.db_member_pem, tls.db_ca_file, authenticate=True)
+    assert as_member.admin.command("connectionStatus")["authInfo"]["authenticatedUsers"] == [
+        {"user": "__system", "db": "local"}
+    ]
+    as_member_with_client_cert = tls_client(SECURE_PORT + 2, tls.db_client_pem, tls.db_ca_file, authenticate=True)
+    assert as_member_with_client_cert.admin.command("connectionStatus")["authInfo"]["authenticatedUsers"] == [
+        {"user": tls.db_user, "db": "$external"}  # the shard-local user that closed the shard's localhost exception
+    ]
+    stranger_on_shard = tls_client(SECURE_PORT + 2, tls.db_server_pem, tls.db_ca_file, authenticate=True)
+    failed = refusal(lambda: stranger_on_shard.admin.command("ping"))  # the CA's, but neither member nor user
+    assert "Authentication failed" in str(failed) and "18" in str(failed)
+    member_like = refusal(
+        lambda: owner["$external"].command("createUser", "CN=evil,OU=mspass-member,O=mspass_cluster", roles=[])
+    )
+    assert member_like.code == 2 and "internal cluster member" in member_like.details["errmsg"]
+    for client in (owner, as_member, as_member_with_client_cert, stranger_on_shard):
+        client.close()
+    # The router reached the shard as a member: the shard's log has the router's member authentication.
+    shard_log = (tmp_path / "db-shard.log").read_text()
+    assert "'principalName': 'CN=mspass-db-member,OU=mspass-member,O=mspass_cluster'" in shard_log
+    assert "'user': '__system', 'isClusterMember': True" in shard_log
+
+
 # ------------------------------------------------------------ the test bed
 BED_PORT = 28150
 
@@ -292,6 +446,7 @@ def exit_time(log_path: str) -> str:
 
 
 @pytest.mark.timeout(900)  # three clusters in turn; a shared bed's queue can hold each for minutes
+@pytest.mark.usefixtures("security_users")
 def test_sharded_database_on_the_bed_starts_serves_stops_in_order_and_restarts_on_other_nodes(
     slurm_testbed, shared_dir
 ):
@@ -314,6 +469,10 @@ def test_sharded_database_on_the_bed_starts_serves_stops_in_order_and_restarts_o
         )
         assert on_shard.mspass.wf_TimeSeries.count_documents({}) == 200  # the data is on its primary shard
         on_shard.close()
+        # The negative control of the secure test's intruder: without security the same attacks get through.
+        db.secrets.insert_one({"secret": "the owner's"})
+        report = attack_parts({"router": (service.router.job.node, BED_PORT, ["mspass", "secrets"])})["router"]
+        assert {name for name, r in report.items() if r["succeeded"]} == {"db_list", "db_read", "db_insert", "db_drop"}
         nodes_before = {p.label: p.job.node for p in service.parts}
         logs = {p.label: p.job.log_path for p in service.parts}
     assert_nothing_left(cluster)
@@ -347,6 +506,148 @@ def test_sharded_database_on_the_bed_starts_serves_stops_in_order_and_restarts_o
     assert queued([error.job_id]) == []
     assert not [n for n in slurm_output("squeue", "--noheader", "--format=%j").split() if "-db-" in n and
                 n.startswith("mspass-") and n.split("-db-")[0] in str(error)]  # fmt: skip
+
+
+def intruder_targets(directory, token, node, port, secret):
+    """``targets.json`` for ``security_intruder.py``'s database attacks on one part (readable by the intruder)."""
+    import pwd
+
+    directory.mkdir(mode=0o755, exist_ok=True)
+    directory.chmod(0o755)
+    me = pwd.getpwuid(os.getuid())
+    path = directory / f"targets-{port}.json"
+    path.write_text(json.dumps({
+        "owner": me.pw_name, "owner_uid": me.pw_uid, "owner_home": me.pw_dir, "backend": "slurm",
+        "scheduler": "tls://127.0.0.1:1", "secret_collection": secret, "planted_collection": [secret[0], f"pwned_{token}"],
+        "db": {"host": node, "port": port, "node": node}, "files": {},
+    }))  # fmt: skip
+    path.chmod(0o644)
+    return str(path)
+
+
+def attack_parts(targets):
+    """``security_intruder.py``'s database attacks, as the intruder, in each part's node, all at once: {label: report}."""
+    import shutil
+    import tempfile
+    from concurrent.futures import ThreadPoolExecutor
+    from pathlib import Path
+
+    from test_security import intrude
+
+    directory = Path(tempfile.mkdtemp(prefix="mspass-shard-intruder-", dir="/tmp"))  # pytest's are 0700
+
+    token = f"{os.getpid()}"
+    argv = ["--token", token, "--only", "db_list,db_read,db_insert,db_drop"]
+
+    def one(item):
+        label, (node, port, secret) = item
+        path = intruder_targets(directory, token, node, port, secret)
+        return label, intrude(["attack", path, *argv, "--where", f"node:{node}"], netns=node)
+
+    try:
+        with ThreadPoolExecutor(len(targets)) as pool:
+            return dict(pool.map(one, targets.items()))
+    finally:
+        shutil.rmtree(directory)
+
+
+@pytest.mark.timeout(900)
+@pytest.mark.usefixtures("security_users")
+def test_secure_sharded_database_serves_its_owner_refuses_an_intruder_and_restarts(slurm_testbed, shared_dir, caplog):
+    """The default security with 2 shards: MsPASS through the router over TLS; another Unix user gets nothing."""
+    from conftest import require_mspasspy
+
+    require_mspasspy()
+    from mspasspy.db.database import Database
+    from test_mspasspy import synthetic_timeseries
+
+    options = bed_options(shared_dir, security=True, db_port=28550)
+    with MsPASSCluster(**options) as cluster:
+        service = cluster.database
+        router_node = service.router.job.node
+        assert service.address == f"mongodb://{router_node}:28550/"
+        assert cluster.db_address == service.uri  # the router's, with TLS and x.509: what clients are handed
+        assert service.uri.startswith(service.address + "?tls=true&") and "MONGODB-X509" in service.uri
+        steps = [what for what, _ in service.timeline]
+        assert "the cluster's user authenticates through the router" in steps
+        assert steps.index("the cluster's user authenticates through the router") > steps.index(
+            "router told the config servers"
+        )
+        db = Database(cluster.get_db_client(), "mspass")
+        ts = synthetic_timeseries("AAK", "BHZ", 0)
+        wf_id = db.save_data(ts, storage_mode="gridfs", return_data=True)["_id"]
+        back = db.read_data(wf_id, collection="wf_TimeSeries")
+        assert back.live and list(back.data) == list(ts.data)
+        # A worker reads through the router with the cluster's certificate (a Database pickled to it).
+        assert cluster.get_client().submit(lambda d: d.wf_TimeSeries.count_documents({}), db).result() == 1
+        db.secrets.insert_one({"secret": "the owner's"})
+        primary = int(db.client.config.databases.find_one({"_id": "mspass"})["primary"][len("shard") :])
+        shard = service.shards[primary]
+        reports = attack_parts(
+            {
+                "router": (router_node, 28550, ["mspass", "secrets"]),
+                "shard": (shard.job.node, 28552 + primary, ["mspass", "secrets"]),
+                "config server": (service.config.job.node, 28551, ["config", "shards"]),
+            },
+        )
+        for label, report in reports.items():
+            assert set(report) == {"db_list", "db_read", "db_insert", "db_drop"}, label
+            won = {name: r["evidence"] for name, r in report.items() if r["succeeded"]}
+            assert won == {}, f"the intruder got through the {label}: {won}"
+        assert db.secrets.find_one()["secret"] == "the owner's" and db.wf_TimeSeries.count_documents({}) == 1
+        nodes_before = {p.label: p.job.node for p in service.parts}
+
+        # Every part, named, with its job and node: print(cluster) and mspass-cluster status.
+        shown = str(cluster)
+        for part in service.parts:
+            row = next(line for line in shown.splitlines() if line.strip().startswith(part.label + " "))
+            assert part.job.job_id in row and part.job.node in row and "ready" in row, row
+        listed = io.StringIO()
+        with contextlib.redirect_stdout(listed):
+            assert cli.main(["status"]) == 0
+        for part in service.parts:
+            row = next(line for line in listed.getvalue().splitlines() if line.split()[0] == part.job.job_id)
+            assert row.endswith(f"({part.label})") and part.job.name in row, row
+
+        # A part that ends is surfaced: the heartbeat asks Slurm at once; the error names the part, job and log.
+        gone = service.shards[1 - primary]
+        gone_job = gone.job
+        caplog.set_level(logging.ERROR, logger="mspass_cluster")
+        subprocess.run(["scancel", gone.job.job_id], check=True, timeout=30)
+        deadline = time.monotonic() + 60
+        while service.lost() is None and time.monotonic() < deadline:
+            time.sleep(0.1)
+        error = service.lost()
+        assert error is not None, f"the {gone.label}'s end was not noticed: {gone.job.describe()}"
+        text = str(error)
+        assert f"(the {gone.label} of the sharded database)" in text and gone.job.job_id in text
+        assert "Last lines of the log:" in text and gone.job.log_path in text and error.role == "db-shard"
+        assert any(r.levelno == logging.ERROR and gone.job.job_id in r.getMessage() for r in caplog.records)
+        assert "running, but its database is lost" in str(cluster) and "lost (db-shard" in str(cluster)
+        with pytest.raises(JobFailedError, match=gone.label):
+            cluster.get_db_client()
+        assert "cluster.restart_database()" in text  # what to do
+
+        # restart_database() brings it back: every part started again on the same data, re-pointed, data kept.
+        cluster.restart_database()
+        assert service.lost() is None and gone_job.job_id not in {p.job.job_id for p in service.parts}
+        assert all(p.job.ready for p in service.parts)
+        assert "lost" not in str(cluster).splitlines()[0]
+        db = Database(cluster.get_db_client(), "mspass")
+        assert db.read_data(wf_id, collection="wf_TimeSeries").live and db.secrets.count_documents({}) == 1
+        assert cluster.get_client().submit(lambda d: d.wf_TimeSeries.count_documents({}), db).result() == 1
+        nodes_before = {p.label: p.job.node for p in service.parts}
+    assert_nothing_left(cluster)
+
+    # Restart on the same db_dir, the config server elsewhere: members reconfigured as members, the user kept.
+    away = [f"--exclude={nodes_before['config server']}"]
+    with MsPASSCluster(**{**options, "db_extra_directives": away}) as again:
+        assert again.database.host_of(again.database.config.job) != nodes_before["config server"]
+        assert "config server" in again.database.moved
+        db = Database(again.get_db_client(), "mspass")
+        back = db.read_data(wf_id, collection="wf_TimeSeries")
+        assert back.live and list(back.data) == list(ts.data)
+    assert_nothing_left(again)
 
 
 def test_a_shard_job_that_fails_stops_the_start_with_its_role_job_and_log(slurm_testbed, shared_dir):
@@ -444,15 +745,32 @@ def run_steps(service, recorder_parts=None):
     raise StepFailed("test", "the router never got ready")
 
 
-def mock_service():
+def mock_service(port=None, shards=2, tls=None):
     import logging
     from types import SimpleNamespace
 
     from mspass_cluster.services.sharded import ShardedDatabaseService
 
-    options = resolve_options(db_port=MOCK_PORT, db_shards=2, security=False, backend="local")
+    options = resolve_options(db_port=port or MOCK_PORT, db_shards=shards, security=False, backend="local")
     launcher = SimpleNamespace(detail=logging.DEBUG, context=SimpleNamespace(heartbeat=None), backend=None)
-    return ShardedDatabaseService(options, launcher, "c-1")
+    service = ShardedDatabaseService(options, launcher, "c-1", tls=tls)
+    if tls is not None:
+        fake_jobs(service)
+    return service
+
+
+def fake_jobs(service):
+    """Every part 'runs' on localhost (no Slurm)."""
+    from types import SimpleNamespace
+
+    for part in service.parts:
+        part.job = SimpleNamespace(node="localhost", job_id=f"9{part.index}", role=part.role, unit="job",
+                                   name=part.name, log_path="/dev/null", state=SimpleNamespace(value="RUNNING"))  # fmt: skip
+    service._started = time.monotonic()
+
+
+def run_part(service, part):
+    service._advance_member(part)
 
 
 def test_the_exact_command_sequence_initiate_poll_primary_then_route():

@@ -34,7 +34,7 @@ def credentials(tmp_path):
 def test_credentials_are_private_files_and_the_ca_key_is_nowhere(credentials):
     assert stat.S_IMODE(os.stat(credentials.directory).st_mode) == 0o700
     names = sorted(os.listdir(credentials.directory))
-    assert names == ["ca.pem", "db-client.pem", "db-server.pem", "worker.pem"]
+    assert names == ["ca.pem", "db-client.pem", "db-member.pem", "db-server.pem", "worker.pem"]
     for name in names:
         path = os.path.join(credentials.directory, name)
         assert stat.S_IMODE(os.stat(path).st_mode) == 0o600

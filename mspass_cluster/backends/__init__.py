@@ -275,4 +275,4 @@ def preview_script(role: str, options: ClusterOptions) -> str:
     name = f"{options.job_name}-preview"
     secure = {"tls": CredentialFiles.placeholder(), "scheduler_address": SECURE_SCHEDULER_PLACEHOLDER}
     context = ScriptContext(options, "preview", name, local=backend == "local", **(secure if options.security else {}))
-    return context.render(role, name + ("-db" if role == "db" else "-worker-0"))[0]
+    return context.render(role, name + ("-worker-0" if role == "worker" else f"-{role}"))[0]

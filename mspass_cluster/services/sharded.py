@@ -20,13 +20,27 @@ step per call):
    missing from ``listShards`` is added (``addShard``), then ``listShards``
    must hold them all;
 6. ``enableSharding`` of ``db_shard_database`` and ``shardCollection`` of
-   each of ``db_shard_collections``.
+   each of ``db_shard_collections``;
+7. with ``security``: the cluster's client user, which the router's job
+   creates through the router on its own node (MongoDB's localhost
+   exception; the users live on the config server), authenticates through
+   the router. Steps 1 to 6 run as a member (the member certificate, x.509
+   membership: MongoDB's ``__system``), since a replica set must be
+   initiated before it can hold a user; each shard also gets the client
+   user as a shard-local user once PRIMARY, which closes its own localhost
+   exception.
 
 A command that fails (other than the states a starting server passes
 through) fails the start at once with the part's role, job and the
 server's reply; a job that ends fails it with its log. Stopping is router,
 shards, config server, each with SIGTERM (a clean shutdown) and time to
 finish, in that order.
+
+Once running, every part's server is watched (pymongo's heartbeat), so a
+part whose job ends is known within seconds: the database is then lost
+(:meth:`lost`, naming the part, its job and its log) until
+``restart_database()`` (:meth:`restart`) stops the other parts and starts
+them all again on the same data.
 """
 
 from __future__ import annotations
@@ -42,10 +56,11 @@ from pymongo.errors import ConnectionFailure, OperationFailure
 
 from .. import dbdir, sharding
 from ..config import parse_walltime
-from ..db import connection_string
-from ..errors import ConfigError, JobFailedError
+from ..db import connection_string, ping, watch_server
+from ..errors import JobFailedError
 from ..files import file_mode, write_file
 from ..jobs import JOB_STOP_TIMEOUT, JobPhase, TrackedJob, server_exit_status, tail
+from ..security import db_client_uri
 from .database import DatabaseService
 
 __all__ = ["ShardedDatabaseService"]
@@ -99,15 +114,19 @@ class ShardedDatabaseService(DatabaseService):
     """A sharded database: a config server, ``db_shards`` shards and a router, each a job.
 
     Parameters are those of :class:`DatabaseService`. Raises ConfigError for
-    options a sharded database cannot honour (``security``, node-local
-    storage), before anything is submitted.
+    options a sharded database cannot honour (node-local storage), before
+    anything is submitted. With ``tls`` (``security``) the cluster reaches
+    the config server and the shards as a member (the member certificate,
+    MONGODB-X509: MongoDB's ``__system``), and is ready once this cluster's
+    client user, which the router's job creates on its node, authenticates
+    through the router.
     """
 
     role = sharding.ROUTER_ROLE
 
     def __init__(self, options, launcher, cluster_name, local=False, tls=None):
-        sharding.check_options(options, secure=tls is not None)
-        super().__init__(options, launcher, cluster_name, local=local, tls=None)
+        sharding.check_options(options)
+        super().__init__(options, launcher, cluster_name, local=local, tls=tls)
         self.config = Part(sharding.CONFIG_ROLE, name=sharding.job_name(cluster_name, sharding.CONFIG_ROLE))
         self.shards = [
             Part(sharding.SHARD_ROLE, i, sharding.job_name(cluster_name, sharding.SHARD_ROLE, i))
@@ -117,7 +136,10 @@ class ShardedDatabaseService(DatabaseService):
         self._failure: JobFailedError | None = None
         #: The router's job has its --configdb (written once the config server and every shard are PRIMARY).
         self._router_told = False
+        #: With security: the client user (made by the router's job) authenticated through the router.
+        self._user_ready = False
         self._lost: JobFailedError | None = None
+        self._member_watchers: list = []
         self._started: float | None = None
         #: (what, seconds since submit) of each step done, in order (the benchmark reads it).
         self.timeline: list[tuple[str, float]] = []
@@ -199,9 +221,22 @@ class ShardedDatabaseService(DatabaseService):
             self._mark("router told the config servers")
         if self._failure is None and self._router_told and self._running(self.router) and not self.router.ready:
             await self._step(self.router, self._advance_router)
+        if self.router.ready and self.uri is None and self.tls is not None and not self._user_ready:
+            uri = self.uri_for(self.host_of(self.router.job))
+            refused = await asyncio.to_thread(ping, uri, STEP_TIMEOUT)
+            if refused is not None:
+                self.router.waiting = (
+                    "this cluster's user is being set up on the router's node"
+                    if "AuthenticationFailed" in refused
+                    else f"the cluster's client is refused: {refused}"
+                )
+                return False
+            self._user_ready = True
+            self._mark("the cluster's user authenticates through the router")
         if self.router.ready and self.uri is None:
             host = self.host_of(self.router.job)
-            self.uri = self.address = connection_string(host, self.options.db_port)
+            self.uri = self.uri_for(host)
+            self.address = connection_string(host, self.options.db_port)
             self.router.job.ready = True
             for part in (self.config, *self.shards):
                 part.job.ready = True
@@ -227,8 +262,21 @@ class ShardedDatabaseService(DatabaseService):
         if part.client is None:
             host = self.host_of(part.job)
             port = sharding.member_port(self.options, part.role, part.index)
+            member = {}
+            if self.tls is not None:
+                # As a member (x.509 membership, MongoDB's __system): replSetInitiate, addShard and the
+                # restore steps need a member's privileges before any user exists.
+                member = {
+                    "tls": True,
+                    "tlsCAFile": self.tls.db_ca_file,
+                    "tlsCertificateKeyFile": self.tls.db_member_pem,
+                    "tlsAllowInvalidHostnames": True,
+                    "authMechanism": "MONGODB-X509",
+                    "authSource": "$external",
+                }
             part.client = pymongo.MongoClient(
                 f"mongodb://{host}:{port}/",
+                **member,
                 directConnection=part.role != sharding.ROUTER_ROLE,
                 serverSelectionTimeoutMS=int(STEP_TIMEOUT * 1000),
                 connectTimeoutMS=int(STEP_TIMEOUT * 1000),
@@ -283,12 +331,31 @@ class ShardedDatabaseService(DatabaseService):
                 raise StepFailed("replSetGetStatus", exc.details) from exc
             return
         if status.get("myState") == 1:
+            if self.tls is not None and part.role == sharding.SHARD_ROLE:
+                self._shard_local_user(part)
             part.ready = True
             part.waiting = "PRIMARY"
             self._mark(f"{part.label} PRIMARY")
         else:
             state = next((m.get("stateStr") for m in status.get("members", []) if m.get("self")), status.get("myState"))
             part.waiting = f"{state}, not PRIMARY yet"
+
+    def _shard_local_user(self, part: Part) -> None:
+        """This cluster's user on a shard too, which closes the shard's own localhost exception.
+
+        MongoDB applies the localhost exception to each shard separately (its
+        users are not the cluster's, which live on the config server) and
+        recommends a shard-local user for that reason.
+        """
+        external = self._client(part)["$external"]
+        if external.command("usersInfo", self.tls.db_user)["users"]:
+            return
+        try:
+            external.command("createUser", self.tls.db_user, roles=[{"role": "root", "db": "admin"}])
+        except OperationFailure as exc:
+            if exc.code != 51003:  # made meanwhile: fine
+                raise StepFailed(f"createUser {self.tls.db_user} (shard-local)", exc.details) from exc
+        self._mark(f"{part.label}: shard-local user")
 
     def _point_registry(self, part: Part) -> None:
         """After a move to other nodes: ``config.shards`` and each shard's ``shardIdentity`` name the new hosts."""
@@ -384,6 +451,8 @@ class ShardedDatabaseService(DatabaseService):
                 parts.append(f"{part.job.describe()}, waiting for the config server and every shard to be PRIMARY")
             else:
                 parts.append(f"{part.job.describe()}, {part.waiting}")
+        if not parts and self.router.ready:  # security: the user the router's job makes
+            parts.append(f"{self.router.job.describe()}, {self.router.waiting}")
         return "; ".join(parts)
 
     def startup_failure(self, coming_back: bool = False) -> JobFailedError | None:
@@ -412,14 +481,46 @@ class ShardedDatabaseService(DatabaseService):
         part = next(p for p in self.parts if p.job is job)
         job.error = job.failure(
             f"ended while the cluster was running (the {part.label} of the sharded database)",
-            "A sharded database needs every part: close this cluster and start a new one with the same db_dir "
-            f"({self.options.db_dir}); the data stays there.",
+            f"A sharded database needs every part, and the {part.label} is not brought back on its own: call "
+            "cluster.restart_database(), which stops the other parts cleanly and starts them all again on the same "
+            f"db_dir ({self.options.db_dir}), data kept.",
         )
         self._lost = job.error
         logger.error("%s", job.error)
 
     def lost(self) -> JobFailedError | None:
         return self._lost
+
+    @property
+    def lost_job(self) -> TrackedJob | None:
+        """The job of the part whose end lost the sharded database, or None."""
+        return next((p.job for p in self.parts if self._lost is not None and p.job.error is self._lost), None)
+
+    async def _watch(self, uri: str) -> None:
+        """The router's heartbeat, and each config server's and shard's: a part that goes away rings the alarm."""
+        await super()._watch(uri)
+        loop = asyncio.get_running_loop()
+
+        def failed():
+            try:
+                loop.call_soon_threadsafe(self.alarm.set)
+            except RuntimeError:  # the loop is closed: nobody left to tell
+                pass
+
+        for part in (self.config, *self.shards):
+            host, port = self.host_of(part.job), sharding.member_port(self.options, part.role, part.index)
+            member_uri = (
+                connection_string(host, port)
+                if self.tls is None
+                else db_client_uri(host, port, self.tls.db_ca_file, self.tls.db_member_pem)
+            )
+            self._member_watchers.append(await asyncio.to_thread(watch_server, member_uri, failed))
+
+    def _unwatch(self) -> None:
+        super()._unwatch()
+        watchers, self._member_watchers = self._member_watchers, []
+        for watcher in watchers:
+            watcher.close()
 
     async def check(self) -> None:
         ids = [j.job_id for j in self.jobs if not j.ended]
@@ -430,14 +531,49 @@ class ShardedDatabaseService(DatabaseService):
             raise self._lost
 
     async def tend(self) -> bool:
-        """A sharded database is not brought back while the cluster runs (``db_restarts`` applies to ``db``)."""
-        return False
+        """One step of a start again (:meth:`restart`); True once the router answers again.
+
+        A lost part is not brought back on its own (``db_restarts`` applies
+        to the one-job database); ``restart_database()`` does it.
+        """
+        async with self._lock:
+            if not self.moving:
+                return False
+            error = self.startup_failure(coming_back=True)
+            if error is not None:
+                self.moving = False
+                self._lost = error
+                logger.error("The sharded database could not be brought back.\n%s", error)
+                return False
+            return await self.probe()
 
     async def restart(self) -> None:
-        raise ConfigError(
-            "restart_database() is not supported for a sharded database (db_shards): close the cluster and start "
-            "a new one with the same db_dir; it reconfigures the parts on their new nodes and keeps the data."
-        )
+        """Stop every part still running (router, shards, config server) cleanly, then start them all again.
+
+        The same start as the first (:meth:`probe`): on the same ``db_dir``,
+        each replica set reconfigured to its node if it moved and the shard
+        registry pointed at the new hosts, so that a lost part comes back with
+        its data; the cluster re-points what it published to the router once
+        it answers (:meth:`tend`).
+        """
+        async with self._lock:
+            await self.stop()
+            self.uri = self.address = None
+            self.moving = True
+            self._moved_since = time.monotonic()
+            for part in self.parts:
+                if part.job is not None:
+                    part.job.error = None
+                part.job, part.ready, part.seen_running, part.waiting = None, False, False, "not submitted yet"
+            self._failure = self._lost = None
+            self._router_told = self._user_ready = False
+            self.moved = []
+            self.timeline = []
+            try:
+                await self.submit()
+            except BaseException:
+                self.moving = False  # nothing is coming back: calls must not wait for it
+                raise
 
     def warn_before_walltime(self) -> None:
         """Warn once, minutes ahead, that the parts reach ``db_walltime`` (the sharded database then stops)."""
