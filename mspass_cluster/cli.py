@@ -74,7 +74,7 @@ __all__ = ["main", "render_submit_script"]
 #: Job names this package gives: clusters' roles, and submitted notebooks.
 OWN_JOB = re.compile(
     r"^(?P<prefix>[A-Za-z0-9_.-]+?)-(?P<cluster>[0-9a-f]{8})-"
-    r"(shared-db|db|db-config|db-shard\d+|db-router|worker-\d+|frontend)$|^mspass-nb-"
+    r"(shared-db|db|db-config|db-shard\d+|db-router|worker-\d+|workers|frontend)$|^mspass-nb-"
 )
 
 #: Shortest prefix of a cluster id that ``down`` accepts, so that one stray character cannot select a cluster.

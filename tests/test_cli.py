@@ -304,7 +304,7 @@ def test_help_is_plain_text_with_examples_and_defaults():
 
 @pytest.fixture
 def held_clusters(slurm_testbed):
-    """Two held 'clusters' of this test (db and worker jobs named as MsPASSCluster names them).
+    """Two held 'clusters' of this test (db and worker-array jobs named as MsPASSCluster names them).
 
     The ids share their first four characters; the name prefix holds a word unique to this test.
     """
@@ -315,7 +315,7 @@ def held_clusters(slurm_testbed):
         second = first[:4] + secrets.token_hex(2)
     jobs = {}
     for cluster in (first, second):
-        for role in ("db", "worker-0"):
+        for role in ("db", "workers"):
             name = f"t-{word}-{cluster}-{role}"
             out = subprocess.run(
                 [
@@ -381,17 +381,17 @@ def test_down_refuses_an_ambiguous_prefix_and_cancels_by_a_unique_one(held_clust
     out = run_cli("down", first[:6] if first[:6] != second[:6] else first, "--yes")
     assert out.returncode == 0, out.stderr
     assert "Cancelled 2 job(s)." in out.stdout
-    mine = [jobs[(first, "db")], jobs[(first, "worker-0")]]
+    mine = [jobs[(first, "db")], jobs[(first, "workers")]]
     assert wait_gone(mine) == []
-    assert sorted(queued([jobs[(second, "db")], jobs[(second, "worker-0")]])) == sorted(
-        [jobs[(second, "db")], jobs[(second, "worker-0")]]
+    assert sorted(queued([jobs[(second, "db")], jobs[(second, "workers")]])) == sorted(
+        [jobs[(second, "db")], jobs[(second, "workers")]]
     )
 
 
 @pytest.mark.slurm
 def test_down_by_job_id_cancels_that_job_only(held_clusters):
     _, first, second, jobs = held_clusters
-    target = jobs[(second, "worker-0")]
+    target = jobs[(second, "workers")]
     out = run_cli("down", target, "--yes")
     assert out.returncode == 0, out.stderr
     assert wait_gone([target]) == []
@@ -438,7 +438,7 @@ def test_status_shows_cluster_ids(held_clusters):
     out = run_cli("status")
     assert out.returncode == 0
     rows = {line.split()[0]: line.split() for line in out.stdout.splitlines()[1:]}
-    assert rows[jobs[(first, "db")]][1] == first and rows[jobs[(second, "worker-0")]][1] == second
+    assert rows[jobs[(first, "db")]][1] == first and rows[jobs[(second, "workers")]][1] == second
 
 
 def test_a_submitted_notebook_runs_its_cluster_on_the_jobs_own_nodes_by_default(tmp_path, capsys):
