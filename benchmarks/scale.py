@@ -180,11 +180,13 @@ class ScaleRun:
         numbers), and with the way out its message gives,
         ``worker_submission="steps"`` (one job for every worker node).
         """
-        records = []
-        for tool in self.tools:
-            records.append(self.one(tool, nodes, timeout=cap))
+        # dask-jobqueue last: the jobs it leaves fill the controller for MinJobAge after they end.
         mspass = next(t for t in self.tools if t.name == "mspass")
-        records.append(self.one(mspass, nodes, label="mspass (worker_submission='steps')", worker_submission="steps"))
+        records = [
+            self.one(mspass, nodes, timeout=cap),
+            self.one(mspass, nodes, label="mspass (worker_submission='steps')", worker_submission="steps"),
+        ]
+        records += [self.one(tool, nodes, timeout=cap) for tool in self.tools if tool is not mspass]
         return records
 
 

@@ -87,6 +87,9 @@ class SlurmBackend:
                 break
             except SubmitError as exc:
                 words = _words(exc)
+                full = await self._controller_full(what)
+                if full is not None:  # no try will pass until jobs leave: say so now
+                    raise SubmitError.explaining(exc, full) from exc
                 if attempt + 1 == tries or not slurm.refused_for_load(words):
                     self._refused(exc, words, what, script_path)
                 # An sbatch that timed out may have queued the job all the same: never submit it twice.
@@ -112,6 +115,27 @@ class SlurmBackend:
             raise SubmitError(
                 argv, 0, result.stdout, result.stderr, reason=f"sbatch printed no job id for the {what}."
             ) from exc
+
+    async def _controller_full(self, what: str) -> str | None:
+        """Why no submission can pass now when the controller holds as many jobs as ``MaxJobCount`` allows, else None.
+
+        ``sbatch`` then waits and retries by itself ("Slurm temporarily unable
+        to accept job, sleeping and retrying") until it times out, which
+        looks like a busy controller; the count tells them apart.
+        """
+        limits = await self.site_limits()
+        if not limits.max_job_count:
+            return None
+        held = await self.jobs_held()
+        if held is None or held < limits.max_job_count:
+            return None
+        age = f"{limits.min_job_age} s" if limits.min_job_age else "MinJobAge"
+        return (
+            f"Slurm did not take the {what}: its controller holds {held} jobs, as many as it may "
+            f"(MaxJobCount={limits.max_job_count}: every user's jobs and array tasks, ended ones kept for {age}). "
+            "Nothing is wrong with the cluster's options; no job can be queued until some leave. Try again "
+            "then, with fewer worker nodes, or with worker_submission='steps' (every worker node in one job)."
+        )
 
     async def _queued_as(self, job_name: str | None) -> str | None:
         """The id of a job of ours named ``job_name`` that Slurm holds (an array's own id), or None."""
