@@ -325,6 +325,54 @@ else exec scontrol "$@"; fi
     assert_nothing_left(cluster)
 
 
+def test_a_full_controller_is_named_as_such_not_as_a_busy_one(slurm_testbed, shared_dir):
+    """Stand-ins: `scontrol show config` says MaxJobCount is what the bed holds now, and `sbatch` answers as
+    Slurm does then ("temporarily unable to accept job"), which alone reads as load and would be retried."""
+    # One held job of this test, so that the controller holds at least one (MaxJobCount=0 means no limit).
+    filler = subprocess.run(
+        ["sbatch", "--parsable", "--hold", "--time=1", "--output=/dev/null", "--wrap", "true"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=True,
+    ).stdout.strip()
+    try:
+        _refused_as_full(shared_dir)
+    finally:
+        subprocess.run(["scancel", filler], check=False, timeout=30)
+
+
+def _refused_as_full(shared_dir):
+    held = len(slurm_output("squeue", "--noheader", "--array", "--states=all", "--format=%i").split())
+    shims = {
+        "scontrol": _shim(
+            shared_dir,
+            "scontrol",
+            f"""if [ "$*" = "show config" ]; then
+    scontrol show config | sed 's/^MaxJobCount .*/MaxJobCount             = {held}/'
+else exec scontrol "$@"; fi
+""",
+        ),
+        "sbatch": _shim(
+            shared_dir,
+            "sbatch",
+            "echo 'sbatch: error: Slurm temporarily unable to accept job, sleeping and retrying' >&2\n"
+            "echo 'sbatch: error: Batch job submission failed: Resource temporarily unavailable' >&2\nexit 1\n",
+        ),
+    }
+
+    class Both(CommandRunner):
+        async def arun(self, argv, **kwargs):
+            argv = [str(shims.get(str(a), a)) if i == 0 else a for i, a in enumerate(argv)]
+            return await super().arun(argv, **kwargs)
+
+    started = time.monotonic()
+    with pytest.raises(SubmitError, match=rf"its controller holds {held} jobs, as many as it may") as info:
+        MsPASSCluster(nodes=1, work_dir=str(shared_dir), db_port=28206, command_runner=Both(), **SMALL)
+    assert "worker_submission='steps'" in str(info.value)
+    assert time.monotonic() - started < 20, "retried as if the controller were only busy"
+
+
 # ------------------------------------------- worker_submission="steps": one job, nodes as srun steps
 def _steps_of(job_id: str) -> list[str]:
     """Names of the running steps of job ``job_id`` (``squeue --steps``), Slurm's own batch/extern ones left out."""
