@@ -704,8 +704,7 @@ def _db_server_argv(tmp: str, secure: bool) -> tuple:
     connection string, ``files`` the credentials' files (None when open).
     """
     from mspass_cluster.db import connection_string
-    from mspass_cluster.roles import db_security_args
-    from mspass_cluster.security import ClusterCredentials
+    from mspass_cluster.security import ClusterCredentials, db_security_args
 
     dbpath = os.path.join(tmp, "data")
     os.mkdir(dbpath)

@@ -34,7 +34,7 @@ from ._version import __version__
 from .config import ClusterOptions, parse_walltime
 from .files import cluster_umask, directory_bytes
 from .guardrails import worker_timeout_environment
-from .security import CredentialFiles
+from .security import CredentialFiles, db_security_args
 from .slurm import build_directives, format_array_indices
 
 __all__ = [
@@ -206,17 +206,6 @@ def db_argv(
     ]
 
 
-def db_security_args(tls: CredentialFiles) -> list[str]:
-    """mongod's options for TLS with client certificates and access control."""
-    return [
-        "--auth",
-        "--tlsMode",
-        "requireTLS",
-        "--tlsCertificateKeyFile",
-        tls.db_server_pem,
-        "--tlsCAFile",
-        tls.db_ca_file,
-    ]
 
 
 def db_users_lines(options: ClusterOptions, tls: CredentialFiles, wrap=None) -> list[str]:

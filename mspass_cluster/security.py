@@ -42,7 +42,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-__all__ = ["ClusterCredentials", "CredentialFiles", "db_client_uri", "DB_CLIENT_OU", "DB_MEMBER_OU"]
+__all__ = ["ClusterCredentials", "CredentialFiles", "db_client_uri", "DB_CLIENT_OU", "DB_MEMBER_OU", "db_security_args"]
 
 #: Organisation of every certificate; the roles differ in their OU.
 ORGANISATION = "mspass_cluster"
@@ -329,3 +329,19 @@ def db_client_uri(host: str, port: int, ca_file: str, client_pem: str) -> str:
         safe="",
     )
     return f"mongodb://{host}:{port}/?{query}"
+
+
+def db_security_args(tls: CredentialFiles, auth: bool = True) -> list[str]:
+    """mongod's options for TLS with client certificates and (``auth``) access control.
+
+    ``mongos`` has no ``--auth`` (its users live on the config server): ``auth=False`` for the router.
+    """
+    return [
+        *(["--auth"] if auth else []),
+        "--tlsMode",
+        "requireTLS",
+        "--tlsCertificateKeyFile",
+        tls.db_server_pem,
+        "--tlsCAFile",
+        tls.db_ca_file,
+    ]

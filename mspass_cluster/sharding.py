@@ -40,7 +40,7 @@ import shlex
 
 from .config import ClusterOptions
 from .errors import ConfigError
-from .security import CredentialFiles
+from .security import CredentialFiles, db_security_args
 
 __all__ = [
     "CONFIG_ROLE",
@@ -123,13 +123,7 @@ def security_args(tls: CredentialFiles | None, router: bool = False) -> list[str
     if tls is None or not tls.db_server_pem:
         return []
     return [
-        *([] if router else ["--auth"]),
-        "--tlsMode",
-        "requireTLS",
-        "--tlsCertificateKeyFile",
-        tls.db_server_pem,
-        "--tlsCAFile",
-        tls.db_ca_file,
+        *db_security_args(tls, auth=not router),
         "--clusterAuthMode",
         "x509",
         "--tlsClusterFile",
