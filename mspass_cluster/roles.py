@@ -206,8 +206,6 @@ def db_argv(
     ]
 
 
-
-
 def db_users_lines(options: ClusterOptions, tls: CredentialFiles, wrap=None) -> list[str]:
     """Shell lines that create the database's one user once the server listens, or stop the server.
 
