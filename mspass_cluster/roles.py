@@ -612,38 +612,11 @@ def build_job_script(
         copy_back_notice = (
             [dbstorage.signal_directive(db_data_bytes, parse_walltime(options.db_walltime))] if node_local else []
         )
-        directives = build_directives(
-            job_name=job_name,
-            output=output,
-            walltime=options.db_walltime,
-            cores=options.db_cores,
-            memory=options.db_memory,
-            exclusive=False,
-            partition=options.db_partition,
-            account=options.account,
-            qos=options.qos,
-            extra=[
-                *copy_back_notice,
-                *options.job_extra_directives,
-                *options.db_extra_directives,
-                *extra_directives,
-            ],
-        )
+        directives = db_directives(options, job_name, output, extra_directives, first=copy_back_notice)
         setup = [cd, *open_files_lines(role)]
         argv = db_argv(options, local, tls, containers.RawShell('"$db_job_dir/data"') if node_local else None)
     elif role in sharding.SHARDED_ROLES:
-        directives = build_directives(
-            job_name=job_name,
-            output=output,
-            walltime=options.db_walltime,
-            cores=options.db_cores,
-            memory=options.db_memory,
-            exclusive=False,
-            partition=options.db_partition,
-            account=options.account,
-            qos=options.qos,
-            extra=[*options.job_extra_directives, *options.db_extra_directives, *extra_directives],
-        )
+        directives = db_directives(options, job_name, output, extra_directives)
         setup = [cd, *open_files_lines("db")]
         if role == sharding.ROUTER_ROLE:
             setup += sharding.router_wait_lines(options, job_name)
@@ -707,6 +680,26 @@ def build_job_script(
         umask=cluster_umask(options),
     )
     return script, output
+
+
+def db_directives(options: ClusterOptions, job_name: str, output: str, extra=(), first=()) -> list:
+    """The ``#SBATCH`` lines of a database job (the single database, or a sharded part): never exclusive.
+
+    ``first`` (a notice before the walltime) goes before the user's ``job_extra_directives`` and
+    ``db_extra_directives``, ``extra`` (this job's own) after them.
+    """
+    return build_directives(
+        job_name=job_name,
+        output=output,
+        walltime=options.db_walltime,
+        cores=options.db_cores,
+        memory=options.db_memory,
+        exclusive=False,
+        partition=options.db_partition,
+        account=options.account,
+        qos=options.qos,
+        extra=[*first, *options.job_extra_directives, *options.db_extra_directives, *extra],
+    )
 
 
 def worker_directives(options: ClusterOptions, job_name: str, output: str, extra=(), output_codes: str = "j") -> list:
