@@ -171,14 +171,19 @@ class ShardedDatabaseService(DatabaseService):
         logger.log(self.launcher.detail, "Sharded database: %s (%.1f s)", what, seconds)
 
     # ------------------------------------------------------------ start
-    async def submit(self) -> None:
+    def _claim(self, db_job: str | None = None) -> None:
+        """Mark ``db_dir`` as this cluster's (and, once known, which job holds it), see :func:`dbdir.claim`."""
         dbdir.claim(
             self.options.db_dir,
             self.cluster_name,
             heartbeat=self.launcher.context.heartbeat,
             orphan_timeout=self.options.orphan_timeout,
             mode=file_mode(self.options),
+            db_job=db_job,
         )
+
+    async def submit(self) -> None:
+        self._claim()
         self._started = time.monotonic()
         # All at once, the router too: it waits in the queue with the others, then for its configdb file.
         configdb = sharding.configdb_file(self.options, self.router.name)
@@ -188,14 +193,7 @@ class ShardedDatabaseService(DatabaseService):
         for part, job in zip(self.parts, jobs):
             part.job, part.waiting = job, "its job to run"
         self.job = self.router.job
-        dbdir.claim(
-            self.options.db_dir,
-            self.cluster_name,
-            heartbeat=self.launcher.context.heartbeat,
-            orphan_timeout=self.options.orphan_timeout,
-            mode=file_mode(self.options),
-            db_job=f"{self.config.job.unit} {self.config.job.job_id}",
-        )
+        self._claim(f"{self.config.job.unit} {self.config.job.job_id}")
 
     async def probe(self) -> bool:
         """Advance every part one step; True once the router is configured and answers."""
