@@ -45,7 +45,6 @@ def one_start(work_dir: str, shards: int, port: int) -> dict:
     cluster = MsPASSCluster(
         nodes=1,
         work_dir=work_dir,
-        security=False,
         walltime="15",
         exclusive=False,
         cores=1,
